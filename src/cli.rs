@@ -1,0 +1,107 @@
+//! Command line (clap derive). The doc comments are the `--help` text.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::Exit;
+use crate::ops;
+use crate::profile::Profile;
+
+/// End-to-end encrypted backups to a server you do not trust.
+///
+/// The server stores one sparse file: a LUKS2 container with an ext4 filesystem inside,
+/// reached over SSHFS. The key never leaves this machine; the server only sees ciphertext.
+/// Each run adds an rsync --link-dest snapshot (a full tree; unchanged files are hard links).
+///
+/// PROFILE is a path to a YAML profile, or a name looked up as
+/// /etc/e2ebackup/profiles/NAME.yaml.
+///
+/// Exit status: 0 success; 1 failed, teardown complete; 2 invalid usage or profile;
+/// 3 snapshot committed with warnings; 4 another run holds the lock; 5 failed and teardown
+/// incomplete (manual action printed); 6 refused for security; 130 interrupted.
+#[derive(Debug, Parser)]
+#[command(name = "e2ebackup", version, max_term_width = 100)]
+pub struct Cli {
+    /// More output (-v: commands run; -vv: debug)
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only warnings and errors
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the encrypted container on the server (once)
+    Init { profile: String },
+    /// Take a snapshot now (what cron or the systemd timer runs)
+    Run { profile: String },
+    /// Check a profile and the local prerequisites without changing anything
+    Validate {
+        profile: String,
+        /// Also connect to the server (host key, login, directory, free space)
+        #[arg(long)]
+        connect: bool,
+    },
+    /// Show what is mounted or open, the lock, and the last run
+    Status {
+        profile: String,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Finish the teardown of a run that was killed (also done by every command first)
+    Cleanup { profile: String },
+}
+
+impl Command {
+    fn profile(&self) -> &str {
+        match self {
+            Command::Init { profile }
+            | Command::Run { profile }
+            | Command::Validate { profile, .. }
+            | Command::Status { profile, .. }
+            | Command::Cleanup { profile } => profile,
+        }
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { Exit::Usage.into() } else { Exit::Ok.into() };
+        }
+    };
+    crate::logging::set_level(if cli.quiet { -1 } else { cli.verbose as i8 });
+    if let Err(e) = crate::signals::install() {
+        return ops::fail(e).into();
+    }
+    let profile = match Profile::resolve(cli.command.profile()) {
+        Ok(p) => p,
+        Err(e) => return ops::fail(e).into(),
+    };
+    let code = match &cli.command {
+        Command::Init { .. } => ops::init::init(&profile),
+        Command::Run { .. } => ops::run::run(&profile),
+        Command::Validate { connect, .. } => ops::maintenance::validate(&profile, *connect),
+        Command::Status { json, .. } => ops::status::status(&profile, *json),
+        Command::Cleanup { .. } => ops::maintenance::cleanup(&profile),
+    };
+    code.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

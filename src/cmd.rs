@@ -1,0 +1,249 @@
+//! One way to run external programs: resolved from fixed directories, logged, interruptible,
+//! and with errors that carry argv, exit status and the tail of stderr.
+//!
+//! cron and systemd give a minimal PATH, and a backup tool running as root must not pick up
+//! an `rsync` from a writable directory, so programs are looked up only in the standard
+//! system directories. No secret is ever passed in argv or the environment: keys go to
+//! libcryptsetup in memory, and commands only ever see device paths.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::{debug, signals};
+
+const SEARCH: &[&str] = &["/usr/sbin", "/usr/bin", "/sbin", "/bin"];
+
+/// Absolute path of a system program, or an error naming the package to install.
+pub fn which(program: &str) -> Result<PathBuf> {
+    for dir in SEARCH {
+        let p = Path::new(dir).join(program);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "required program `{program}` not found in {} (install the Debian package {})",
+        SEARCH.join(":"),
+        package_for(program)
+    )
+}
+
+fn package_for(program: &str) -> &'static str {
+    match program {
+        "sshfs" => "sshfs",
+        "ssh" => "openssh-client",
+        "rsync" => "rsync",
+        "mkfs.ext4" | "e2fsck" | "resize2fs" | "dumpe2fs" | "tune2fs" => "e2fsprogs",
+        "fusermount" | "fusermount3" => "fuse3",
+        "nbd-client" => "nbd-client",
+        "fstrim" => "util-linux",
+        _ => "providing it",
+    }
+}
+
+/// A command about to run.
+#[derive(Debug, Clone)]
+pub struct Cmd {
+    program: PathBuf,
+    args: Vec<String>,
+    /// Exit codes that are not failures (rsync 24 = vanished files, for instance).
+    ok_codes: Vec<i32>,
+}
+
+/// What a finished command produced.
+#[derive(Debug)]
+pub struct Done {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Cmd {
+    pub fn new(program: &str) -> Result<Cmd> {
+        Ok(Cmd {
+            program: which(program)?,
+            args: Vec::new(),
+            ok_codes: vec![0],
+        })
+    }
+
+    pub fn arg(mut self, a: impl AsRef<std::ffi::OsStr>) -> Cmd {
+        self.args.push(a.as_ref().to_string_lossy().into_owned());
+        self
+    }
+
+    pub fn args<I, S>(mut self, it: I) -> Cmd
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        for a in it {
+            self = self.arg(a);
+        }
+        self
+    }
+
+    pub fn ok_codes(mut self, codes: &[i32]) -> Cmd {
+        self.ok_codes = codes.to_vec();
+        self
+    }
+
+    pub fn argv(&self) -> Vec<String> {
+        let mut v = vec![self.program.display().to_string()];
+        v.extend(self.args.iter().cloned());
+        v
+    }
+
+    fn describe(&self) -> String {
+        self.argv().join(" ")
+    }
+
+    fn expr(&self) -> duct::Expression {
+        duct::cmd(&self.program, &self.args)
+            .stdin_null()
+            .stdout_capture()
+            .stderr_capture()
+            .unchecked()
+            .env("LC_ALL", "C")
+            .before_spawn(|c| {
+                use std::os::unix::process::CommandExt;
+                // If e2ebackup is killed (even with SIGKILL), its children die with it:
+                // an orphaned rsync would keep the filesystem busy and block the next run's
+                // recovery. sshfs is unaffected: its daemon is a grandchild (prctl is not
+                // inherited across fork).
+                // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+                unsafe {
+                    c.pre_exec(|| {
+                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                        Ok(())
+                    });
+                }
+                Ok(())
+            })
+    }
+
+    /// Run to completion without interruption (used by teardown, which must not be cut short).
+    pub fn run_uninterruptible(&self) -> Result<Done> {
+        debug!("$ {}", self.describe());
+        let out = self
+            .expr()
+            .run()
+            .with_context(|| format!("cannot start `{}`", self.describe()))?;
+        self.finish(out)
+    }
+
+    /// Run to completion; on SIGINT/SIGTERM/SIGHUP stop the child and return Interrupted.
+    pub fn run(&self) -> Result<Done> {
+        signals::check()?;
+        debug!("$ {}", self.describe());
+        let handle = self
+            .expr()
+            .start()
+            .with_context(|| format!("cannot start `{}`", self.describe()))?;
+        loop {
+            if let Some(out) = handle.wait_timeout(Duration::from_millis(100))? {
+                let out = Output {
+                    status: out.status,
+                    stdout: out.stdout.clone(),
+                    stderr: out.stderr.clone(),
+                };
+                return self.finish(out);
+            }
+            if let Err(e) = signals::check() {
+                stop(&handle);
+                return Err(e.context(format!("while running `{}`", self.describe())));
+            }
+        }
+    }
+
+    fn finish(&self, out: Output) -> Result<Done> {
+        let code = out.status.code().unwrap_or(-1);
+        let done = Done {
+            code,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        if self.ok_codes.contains(&code) {
+            return Ok(done);
+        }
+        Err(anyhow!(
+            "`{}` failed with {}: {}",
+            self.describe(),
+            match out.status.code() {
+                Some(c) => format!("exit status {c}"),
+                None => "a signal".to_string(),
+            },
+            tail(&done.stderr, 12)
+        ))
+    }
+}
+
+/// Stop a child gently (SIGTERM, so rsync can clean up its temp files), then for good.
+fn stop(handle: &duct::Handle) {
+    for pid in handle.pids() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = handle.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = handle.kill();
+    let _ = handle.wait();
+}
+
+/// The last `n` non-empty lines of `s`, for error messages.
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    let start = lines.len().saturating_sub(n);
+    let t = lines[start..].join("\n");
+    if t.is_empty() {
+        "(no error output)".into()
+    } else {
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_names_the_command_and_stderr() {
+        let err = Cmd::new("sh")
+            .unwrap()
+            .args(["-c", "echo boom >&2; exit 3"])
+            .run()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/sh -c"), "{err}");
+        assert!(err.contains("exit status 3"), "{err}");
+        assert!(err.contains("boom"), "{err}");
+    }
+
+    #[test]
+    fn accepted_codes_are_not_errors() {
+        let d = Cmd::new("sh")
+            .unwrap()
+            .args(["-c", "echo hi; exit 24"])
+            .ok_codes(&[0, 24])
+            .run()
+            .unwrap();
+        assert_eq!(d.code, 24);
+        assert_eq!(d.stdout.trim(), "hi");
+    }
+
+    #[test]
+    fn missing_program_names_a_package() {
+        let e = which("sshfs-does-not-exist").unwrap_err().to_string();
+        assert!(e.contains("not found"), "{e}");
+    }
+}

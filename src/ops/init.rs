@@ -1,0 +1,151 @@
+//! `e2ebackup init PROFILE`: create the container once.
+//!
+//! Order matters for "bad input changes nothing": every check that can fail for a reason
+//! the user must fix (profile, host key, server directory, existing container, existing
+//! header backup, free space) runs before anything is created. The container is built
+//! under a temporary name and renamed only when it is complete and closed, so a failed or
+//! interrupted init leaves no half-made container that a later run could mistake for one.
+
+use anyhow::{Context, Result};
+
+use crate::error::{usage, Exit};
+use crate::ops::{finish, LastRun};
+use crate::profile::{Profile, Size};
+use crate::session::Session;
+use crate::stack::{ext4, luks, mount};
+use crate::teardown::Undo;
+use crate::{info, warn};
+
+pub fn init(p: &Profile) -> Exit {
+    let started = super::now();
+    let mut s = match Session::begin(p, "init") {
+        Ok(s) => s,
+        Err(e) => return super::fail(e),
+    };
+    let result = work(p, &mut s);
+    let (code, complete) = finish(s, &result);
+    super::record_last_run(
+        p,
+        &LastRun {
+            command: "init".into(),
+            started,
+            finished: super::now(),
+            exit_code: code as i32,
+            result: super::result_word(code).into(),
+            error: result.as_ref().err().map(|e| format!("{e:#}")),
+            snapshot: None,
+            teardown_complete: complete,
+            files_transferred: None,
+            bytes_transferred: None,
+        },
+    );
+    if code == Exit::Ok {
+        info!(
+            "container {} created on {}; keep {} and {} safe (without the keyfile the data is lost)",
+            p.remote_container(),
+            p.server.host,
+            p.container.keyfile.0.display(),
+            p.header_backup().display()
+        );
+    }
+    code
+}
+
+fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
+    let header = p.header_backup();
+    if header.exists() {
+        return Err(usage(format!(
+            "a LUKS header backup already exists at {}: it belongs to an existing container. \
+             Move it away (and keep it) before creating a new container.",
+            header.display()
+        )));
+    }
+    let facts = s.connect()?.clone();
+    if facts.container_size.is_some() {
+        return Err(usage(format!(
+            "{} already exists on {}; refusing to overwrite it",
+            p.remote_container(),
+            p.server.host
+        )));
+    }
+    let inodes = p.inode_count();
+    let need = ext4::estimate_init_bytes(p.container.size.0, inodes);
+    match facts.free_bytes {
+        Some(free) if free < need + (64 << 20) => {
+            return Err(anyhow::anyhow!(
+                "{}:{} has {} free; init writes about {} (LUKS header, inode tables, journal)",
+                p.server.host,
+                p.server.path,
+                Size(free),
+                Size(need)
+            ))
+        }
+        Some(free) if free < p.container.size.0 => warn!(
+            "the server has {} free, less than the container's size {}: the sparse file can fill the server's disk",
+            Size(free),
+            p.container.size
+        ),
+        Some(_) => {}
+        None => warn!("cannot tell the server's free space (no shell access?); continuing"),
+    }
+
+    let keyfile = &p.container.keyfile.0;
+    let key = if keyfile.exists() {
+        info!("using the existing keyfile {}", keyfile.display());
+        luks::read_keyfile(keyfile)?
+    } else {
+        info!("creating keyfile {} (4096 random bytes, mode 0400)", keyfile.display());
+        luks::create_keyfile(keyfile)?
+    };
+
+    s.mount_server("init")?;
+    let final_path = s.container_path();
+    let partial = final_path.with_file_name(format!("{}.init-partial", p.container.file.0));
+    s.stack.push(Undo::RemoveFile {
+        path: partial.clone(),
+    })?;
+    let mark = s.stack.len();
+    info!("creating sparse container {} ({})", p.remote_container(), p.container.size);
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&partial)
+            .with_context(|| format!("creating {}", partial.display()))?;
+        f.set_len(p.container.size.0)
+            .with_context(|| format!("sizing {}", partial.display()))?;
+    }
+    let dev = s.attach(&partial, false)?;
+    info!("formatting LUKS2 (aes-xts-plain64, 4096-byte sectors, keyfile slot with PBKDF2)");
+    crate::signals::check()?;
+    luks::format(&dev, &key, &format!("e2ebackup-{}", p.name))?;
+    let header_tmp = header.with_file_name(format!(
+        "{}.new",
+        header.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let _ = std::fs::remove_file(&header_tmp);
+    luks::backup_header(&dev, &header_tmp)?;
+    let mapper = s.unlock(&key, false, false)?;
+    info!("creating ext4 ({inodes} inodes, no lazy init)");
+    ext4::mkfs(&mapper, &format!("e2eb-{}", &p.name.chars().take(11).collect::<String>()), inodes)?;
+    let root = s.mount_fs(false)?;
+    crate::snapshots::create_layout(&root)?;
+    mount::syncfs(&root)?;
+    s.loopdev = None;
+    s.fs_root = None;
+    let r = s.stack.unwind_to(mark, &mut crate::stack::Real);
+    if !r.complete() {
+        r.print();
+        anyhow::bail!("could not close the new container cleanly; it was not committed");
+    }
+    std::fs::rename(&partial, &final_path)
+        .with_context(|| format!("renaming {} to {}", partial.display(), final_path.display()))?;
+    std::fs::rename(&header_tmp, &header)
+        .with_context(|| format!("renaming {} to {}", header_tmp.display(), header.display()))?;
+    if let Some(remote) = &s.remote {
+        if let Some(a) = remote.allocated_bytes(&p.remote_container()) {
+            info!("server allocation of the new container: {} ({a} bytes)", Size(a));
+        }
+    }
+    Ok(Exit::Ok)
+}

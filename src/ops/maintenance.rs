@@ -1,0 +1,99 @@
+//! `cleanup` (finish a killed run's teardown) and `validate` (check without touching).
+
+use std::path::Path;
+
+use crate::error::Exit;
+use crate::profile::Profile;
+use crate::stack::{lock, ssh};
+use crate::{info, session, warn};
+
+pub fn cleanup(p: &Profile) -> Exit {
+    let _l = match lock::lock_local(&p.name) {
+        Ok(l) => l,
+        Err(e) => return super::fail(e),
+    };
+    match session::recover(p, true) {
+        Ok(None) => {
+            info!("nothing to clean up for profile `{}`", p.name);
+            Exit::Ok
+        }
+        Ok(Some(r)) if r.complete() => {
+            info!("teardown finished ({} step(s))", r.done.len());
+            Exit::Ok
+        }
+        Ok(Some(_)) => Exit::TeardownIncomplete,
+        Err(e) => super::fail(e),
+    }
+}
+
+/// Checks that need no network; with `connect`, also the SSH preflight (read-only).
+pub fn validate(p: &Profile, connect: bool) -> Exit {
+    let mut problems: Vec<String> = Vec::new();
+    for prog in ["sshfs", "ssh", "rsync", "mkfs.ext4", "e2fsck"] {
+        if let Err(e) = crate::cmd::which(prog) {
+            problems.push(format!("{e:#}"));
+        }
+    }
+    for dev in ["/dev/fuse", "/dev/loop-control"] {
+        if !Path::new(dev).exists() {
+            problems.push(format!("{dev} is missing (kernel module not loaded?)"));
+        }
+    }
+    if !Path::new("/dev/mapper/control").exists() {
+        problems.push("/dev/mapper/control is missing: no device-mapper (modprobe dm_crypt)".into());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        problems.push("e2ebackup must run as root (it attaches loop devices and opens LUKS)".into());
+    }
+    let kf = &p.container.keyfile.0;
+    if kf.exists() {
+        if let Err(e) = crate::stack::luks::read_keyfile(kf) {
+            problems.push(format!("container.keyfile: {e:#}"));
+        }
+    } else {
+        warn!("container.keyfile {} does not exist yet (`init` creates it)", kf.display());
+    }
+    if !p.server.identity_file.0.is_file() {
+        problems.push(format!("server.identity_file {} does not exist", p.server.identity_file.0.display()));
+    }
+    match std::fs::read_to_string(&p.server.known_hosts.0) {
+        Ok(t) => {
+            let hashed = t.lines().any(|l| l.starts_with('|'));
+            if ssh::pinned_key_types(&t, &p.server.host, p.server.port).is_empty() && !hashed {
+                problems.push(format!(
+                    "server.known_hosts {} pins no key for {}:{}",
+                    p.server.known_hosts.0.display(),
+                    p.server.host,
+                    p.server.port
+                ));
+            }
+        }
+        Err(e) => problems.push(format!("server.known_hosts {}: {e}", p.server.known_hosts.0.display())),
+    }
+    for s in &p.backup.sources {
+        if !s.0.exists() {
+            warn!("backup source {} does not exist (a run would fail)", s.0.display());
+        }
+    }
+    if !problems.is_empty() {
+        for pr in &problems {
+            crate::logging::emit(-2, "ERROR: ", format_args!("{}: {pr}", p.source_file.display()));
+        }
+        return Exit::Usage;
+    }
+    if connect {
+        match ssh::Remote::connect(&p.server).and_then(|r| r.facts(&p.server.path, &p.remote_container())) {
+            Ok(f) => {
+                info!(
+                    "server reachable; container {}; fsync@openssh.com {}; free {}",
+                    if f.container_size.is_some() { "exists" } else { "not created yet" },
+                    if f.fsync_supported { "supported" } else { "NOT supported" },
+                    f.free_bytes.map(|b| crate::profile::Size(b).to_string()).unwrap_or_else(|| "unknown".into())
+                );
+            }
+            Err(e) => return super::fail(e),
+        }
+    }
+    println!("{}: OK", p.source_file.display());
+    Exit::Ok
+}

@@ -1,0 +1,102 @@
+//! `e2ebackup status PROFILE`: what is mounted or open, who holds the lock, the last run.
+//! Read-only: it takes no lock (taking it would make a concurrent `run` exit 4).
+
+use serde::Serialize;
+
+use crate::error::Exit;
+use crate::profile::Profile;
+use crate::session;
+use crate::stack::{lock, luks, mount};
+use crate::teardown::Journal;
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub profile: String,
+    pub lock_holder_pid: Option<u32>,
+    pub sshfs_mounted: bool,
+    pub luks_open: bool,
+    pub filesystem_mounted: bool,
+    pub pending_teardown: Vec<String>,
+    pub mounted_by_mount_command: bool,
+    pub last_run: Option<super::LastRun>,
+}
+
+pub fn gather(p: &Profile) -> Status {
+    let holder = std::fs::read_to_string(lock::local_lock_path(&p.name))
+        .ok()
+        .and_then(|s| s.trim().strip_prefix("pid ").and_then(|x| x.parse::<u32>().ok()))
+        .filter(|pid| lock::pid_start(*pid).is_some() && holder_has_lock(p));
+    let journal = Journal::read(&session::journal_path(p)).ok().flatten();
+    Status {
+        profile: p.name.clone(),
+        lock_holder_pid: holder,
+        sshfs_mounted: mount::mounted_at(&session::sshfs_dir(p)).ok().flatten().is_some(),
+        luks_open: luks::is_active(&p.mapping_name()),
+        filesystem_mounted: mount::mounted_at(&session::fs_dir(p)).ok().flatten().is_some(),
+        pending_teardown: journal
+            .as_ref()
+            .map(|j| j.records.iter().rev().map(|r| r.to_string()).collect())
+            .unwrap_or_default(),
+        mounted_by_mount_command: journal.as_ref().is_some_and(|j| j.persistent),
+        last_run: super::read_last_run(p),
+    }
+}
+
+/// Whether some process holds the local flock (probe with a shared, non-blocking lock that
+/// is released at once; it never blocks a run for longer than the probe itself).
+fn holder_has_lock(p: &Profile) -> bool {
+    let Ok(f) = std::fs::File::open(lock::local_lock_path(&p.name)) else {
+        return false;
+    };
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock) {
+        Ok(_) => false,
+        Err(_) => true,
+    }
+}
+
+pub fn status(p: &Profile, json: bool) -> Exit {
+    let st = gather(p);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
+        return Exit::Ok;
+    }
+    println!("profile:        {} ({})", st.profile, p.source_file.display());
+    println!("container:      {}@{}:{}", p.server.user, p.server.host, p.remote_container());
+    println!(
+        "lock:           {}",
+        match st.lock_holder_pid {
+            Some(pid) => format!("held by pid {pid}"),
+            None => "free".into(),
+        }
+    );
+    println!("sshfs mounted:  {}", yes(st.sshfs_mounted));
+    println!("LUKS open:      {}", yes(st.luks_open));
+    println!("fs mounted:     {}{}", yes(st.filesystem_mounted), if st.mounted_by_mount_command { " (by `e2ebackup mount`)" } else { "" });
+    if !st.pending_teardown.is_empty() && st.lock_holder_pid.is_none() {
+        println!("pending teardown (run `e2ebackup cleanup {}`):", p.name);
+        for r in &st.pending_teardown {
+            println!("  - {r}");
+        }
+    }
+    match &st.last_run {
+        Some(l) => {
+            println!("last run:       {} {} -> {} (exit {})", l.command, l.started, l.result, l.exit_code);
+            if let Some(s) = &l.snapshot {
+                println!("last snapshot:  {s}");
+            }
+            if let Some(e) = &l.error {
+                println!("last error:     {e}");
+            }
+        }
+        None => println!("last run:       never"),
+    }
+    Exit::Ok
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}

@@ -1,0 +1,507 @@
+//! The YAML profile: parsed into a raw serde struct, validated into a typed [`Profile`].
+//!
+//! Everything after this module trusts a `Profile`: sizes are [`Size`], paths are absolute
+//! where they must be, the name is safe to use in device-mapper names and file names.
+//! Validation that concerns one value happens inside deserialisation (newtypes with
+//! `try_from`), so the YAML parser's error carries the file, line and column of the bad value;
+//! unknown keys are refused the same way (`deny_unknown_fields`), naming the line and the key.
+//! Loading a profile never touches anything but the profile file itself.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use serde::Deserialize;
+
+use crate::error::usage;
+use crate::retention;
+
+/// Where profile names are looked up.
+pub const PROFILE_DIR: &str = "/etc/e2ebackup/profiles";
+
+/// A byte size written as `2G`, `512M`, `1T`, `1.5G`, `2GiB` or plain bytes (binary units).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "serde_yaml::Value")]
+pub struct Size(pub u64);
+
+impl Size {
+    pub fn parse(s: &str) -> Result<Size, String> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let unit = unit.trim();
+        let mult: u64 = match unit.trim_end_matches("iB").trim_end_matches('B') {
+            "" => 1,
+            "K" | "k" => 1 << 10,
+            "M" => 1 << 20,
+            "G" => 1 << 30,
+            "T" => 1 << 40,
+            "P" => 1 << 50,
+            _ => return Err(format!("`{s}`: unknown unit `{unit}` (use K, M, G, T)")),
+        };
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size (examples: 2G, 512M, 1.5T)"))?;
+        let bytes = n * mult as f64;
+        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 / 2.0 {
+            return Err(format!("`{s}` is out of range"));
+        }
+        Ok(Size(bytes as u64))
+    }
+}
+
+impl TryFrom<serde_yaml::Value> for Size {
+    type Error = String;
+    fn try_from(v: serde_yaml::Value) -> Result<Self, String> {
+        match v {
+            serde_yaml::Value::Number(n) => n
+                .as_u64()
+                .map(Size)
+                .ok_or_else(|| format!("{n} is not a size")),
+            serde_yaml::Value::String(s) => Size::parse(&s),
+            other => Err(format!("expected a size like 2G, got {other:?}")),
+        }
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: &[(&str, u64)] = &[("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)];
+        for (u, m) in UNITS {
+            if self.0 >= *m && self.0 % m == 0 {
+                return write!(f, "{}{u}", self.0 / m);
+            }
+        }
+        for (u, m) in UNITS {
+            if self.0 >= *m {
+                return write!(f, "{:.1}{u}", self.0 as f64 / *m as f64);
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
+/// An absolute local path.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct AbsPath(pub PathBuf);
+
+impl TryFrom<String> for AbsPath {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let p = PathBuf::from(&s);
+        if !p.is_absolute() {
+            return Err(format!("`{s}` must be an absolute path"));
+        }
+        if p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(format!("`{s}` must not contain `..`"));
+        }
+        Ok(AbsPath(p))
+    }
+}
+
+/// A container file name: one plain path component inside `server.path`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct FileName(pub String);
+
+impl TryFrom<String> for FileName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.is_empty() || s.contains('/') || s == "." || s == ".." || s.starts_with('.') {
+            return Err(format!(
+                "`{s}` must be a plain file name inside server.path (no `/`, not hidden)"
+            ));
+        }
+        if s.chars().any(|c| c.is_control()) {
+            return Err(format!("`{s}` contains control characters"));
+        }
+        Ok(FileName(s))
+    }
+}
+
+/// A retention duration like `7d`, `36h`, `1y6m`, stored as seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Within(pub u64);
+
+impl TryFrom<String> for Within {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        retention::parse_duration(&s).map(Within)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// Host name or address of the backup server.
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    pub user: String,
+    /// Private key used for SSH and SSHFS (never a password: this runs unattended).
+    pub identity_file: AbsPath,
+    /// Pinned host keys in OpenSSH known_hosts format. Unknown or changed keys are refused.
+    pub known_hosts: AbsPath,
+    /// Directory on the server that holds the container.
+    pub path: String,
+    /// Seconds to wait for the TCP connection and each SSH operation.
+    #[serde(default = "default_timeout")]
+    pub timeout: u32,
+}
+
+fn default_port() -> u16 {
+    22
+}
+fn default_timeout() -> u32 {
+    30
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Container {
+    /// Container file name, relative to `server.path`.
+    pub file: FileName,
+    /// Apparent size of the sparse container file.
+    pub size: Size,
+    /// 4096 random bytes that unlock the container; created by `init` if absent.
+    pub keyfile: AbsPath,
+    /// Client-side copy of the LUKS2 header. Default: `<keyfile>.header`.
+    #[serde(default)]
+    pub header_backup: Option<AbsPath>,
+    /// Bytes of container per inode for mkfs.ext4 (default 65536, a quarter of mke2fs's
+    /// default inode table; see docs/design.md for the sizing).
+    #[serde(default)]
+    pub bytes_per_inode: Option<Size>,
+    /// Exact inode count for mkfs.ext4, overriding `bytes_per_inode`.
+    #[serde(default)]
+    pub inodes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backup {
+    /// Absolute paths to back up; stored as `snapshots/<id>/<path>`.
+    pub sources: Vec<AbsPath>,
+    /// rsync exclude patterns (a leading `/` anchors at the file system root).
+    #[serde(default)]
+    pub excludes: Vec<String>,
+    /// Do not cross file system boundaries below each source (rsync -x).
+    #[serde(default)]
+    pub one_file_system: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRaw {
+    pub keep_last: Option<u32>,
+    pub keep_hourly: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
+    pub keep_within: Option<Within>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    server: Server,
+    container: Container,
+    backup: Backup,
+    #[serde(default)]
+    retention: Option<RetentionRaw>,
+}
+
+/// A validated profile.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    /// Profile name (file stem): used for lock, state, mount point and mapping names.
+    pub name: String,
+    pub source_file: PathBuf,
+    pub server: Server,
+    pub container: Container,
+    pub backup: Backup,
+    pub retention: retention::Policy,
+}
+
+/// Minimum container: the 16 MiB LUKS2 header plus room for an ext4 journal and data.
+pub const MIN_SIZE: u64 = 64 << 20;
+
+impl Profile {
+    /// Resolve PROFILE (a path, or a name under /etc/e2ebackup/profiles) and load it.
+    pub fn resolve(arg: &str) -> Result<Profile> {
+        let path = if arg.contains('/') || arg.ends_with(".yaml") || arg.ends_with(".yml") {
+            PathBuf::from(arg)
+        } else {
+            Path::new(PROFILE_DIR).join(format!("{arg}.yaml"))
+        };
+        Profile::load(&path)
+    }
+
+    pub fn load(path: &Path) -> Result<Profile> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| usage(format!("cannot read profile {}: {e}", path.display())))?;
+        Profile::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Profile> {
+        let raw: Raw = serde_yaml::from_str(text)
+            .map_err(|e| usage(format!("{}: {}", path.display(), e)))?;
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("")
+            .to_string();
+        let bad = |msg: String| usage(format!("{}: {msg}", path.display()));
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(bad(format!(
+                "profile name `{name}` (the file name) must be 1-64 characters of A-Z a-z 0-9 - _"
+            )));
+        }
+        let s = &raw.server;
+        if s.host.is_empty() || s.host.chars().any(|c| c.is_whitespace() || c == '@') {
+            return Err(bad(format!("server.host: `{}` is not a host name", s.host)));
+        }
+        if s.user.is_empty() || s.user.chars().any(|c| c.is_whitespace() || c == '@' || c == ':') {
+            return Err(bad(format!("server.user: `{}` is not a user name", s.user)));
+        }
+        if s.path.is_empty() || s.path.chars().any(|c| c.is_control()) {
+            return Err(bad("server.path: must be a directory on the server".into()));
+        }
+        if s.timeout == 0 {
+            return Err(bad("server.timeout: must be at least 1 second".into()));
+        }
+        let c = &raw.container;
+        if c.size.0 < MIN_SIZE {
+            return Err(bad(format!(
+                "container.size: {} is too small (minimum {})",
+                c.size,
+                Size(MIN_SIZE)
+            )));
+        }
+        if c.size.0 % (1 << 20) != 0 {
+            return Err(bad(format!(
+                "container.size: {} must be a whole number of MiB",
+                c.size.0
+            )));
+        }
+        if let Some(b) = c.bytes_per_inode {
+            if !(4096..=(64 << 20)).contains(&b.0) {
+                return Err(bad("container.bytes_per_inode: must be between 4K and 64M".into()));
+            }
+        }
+        if raw.backup.sources.is_empty() {
+            return Err(bad("backup.sources: list at least one directory".into()));
+        }
+        for (i, a) in raw.backup.sources.iter().enumerate() {
+            for b in &raw.backup.sources[i + 1..] {
+                if a.0.starts_with(&b.0) || b.0.starts_with(&a.0) {
+                    return Err(bad(format!(
+                        "backup.sources: `{}` and `{}` overlap",
+                        a.0.display(),
+                        b.0.display()
+                    )));
+                }
+            }
+        }
+        for e in &raw.backup.excludes {
+            if e.is_empty() || e.contains('\n') {
+                return Err(bad("backup.excludes: empty or multi-line pattern".into()));
+            }
+        }
+        let r = raw.retention.unwrap_or_default();
+        let retention = retention::Policy {
+            keep_last: r.keep_last,
+            keep_hourly: r.keep_hourly,
+            keep_daily: r.keep_daily,
+            keep_weekly: r.keep_weekly,
+            keep_monthly: r.keep_monthly,
+            keep_yearly: r.keep_yearly,
+            keep_within: r.keep_within.map(|w| w.0),
+        };
+        Ok(Profile {
+            name,
+            source_file: path.to_path_buf(),
+            server: raw.server,
+            container: raw.container,
+            backup: raw.backup,
+            retention,
+        })
+    }
+
+    pub fn header_backup(&self) -> PathBuf {
+        match &self.container.header_backup {
+            Some(p) => p.0.clone(),
+            None => {
+                let mut s = self.container.keyfile.0.clone().into_os_string();
+                s.push(".header");
+                PathBuf::from(s)
+            }
+        }
+    }
+
+    /// Device-mapper name of the opened container.
+    pub fn mapping_name(&self) -> String {
+        format!("e2ebackup-{}", self.name)
+    }
+
+    /// Per-profile runtime directory (mount points, undo journal): gone after a reboot,
+    /// exactly like the mounts it describes.
+    pub fn run_dir(&self) -> PathBuf {
+        Path::new(crate::RUN_DIR).join(&self.name)
+    }
+
+    /// Persistent per-profile state (last run, committed generation).
+    pub fn state_dir(&self) -> PathBuf {
+        Path::new(crate::STATE_DIR).join(&self.name)
+    }
+
+    /// The container path as seen on the server.
+    pub fn remote_container(&self) -> String {
+        format!(
+            "{}/{}",
+            self.server.path.trim_end_matches('/'),
+            self.container.file.0
+        )
+    }
+
+    /// Inode count for mkfs.ext4.
+    pub fn inode_count(&self) -> u64 {
+        if let Some(n) = self.container.inodes {
+            return n;
+        }
+        let per = self.container.bytes_per_inode.map(|s| s.0).unwrap_or(65536);
+        (self.container.size.0 / per).max(16384)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+server:
+  host: 127.0.0.1
+  user: backupuser
+  identity_file: /etc/e2ebackup/demo/id_ed25519
+  known_hosts: /etc/e2ebackup/demo/known_hosts
+  path: /srv/backup
+container:
+  file: demo.luks
+  size: 2G
+  keyfile: /etc/e2ebackup/demo/container.key
+backup:
+  sources: [/home, /etc]
+  excludes: [\"*.tmp\"]
+";
+
+    fn parse(text: &str) -> Result<Profile> {
+        Profile::parse(Path::new("/etc/e2ebackup/profiles/demo.yaml"), text)
+    }
+
+    #[test]
+    fn good_profile_gets_defaults() {
+        let p = parse(GOOD).unwrap();
+        assert_eq!(p.name, "demo");
+        assert_eq!(p.server.port, 22);
+        assert_eq!(p.container.size, Size(2 << 30));
+        assert_eq!(p.remote_container(), "/srv/backup/demo.luks");
+        assert_eq!(
+            p.header_backup(),
+            PathBuf::from("/etc/e2ebackup/demo/container.key.header")
+        );
+        assert_eq!(p.inode_count(), 32768);
+        assert!(p.retention.is_empty());
+        assert_eq!(p.mapping_name(), "e2ebackup-demo");
+    }
+
+    fn err(text: &str) -> String {
+        let e = parse(text).unwrap_err();
+        assert_eq!(crate::error::exit_for(&e), crate::error::Exit::Usage);
+        format!("{e:#}")
+    }
+
+    #[test]
+    fn typo_names_file_line_and_key() {
+        let e = err(&GOOD.replace("  user:", "  usr:"));
+        assert!(e.contains("demo.yaml"), "{e}");
+        assert!(e.contains("usr"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn bad_size_names_line() {
+        let e = err(&GOOD.replace("size: 2G", "size: 2Q"));
+        assert!(e.contains("unknown unit"), "{e}");
+        assert!(e.contains("line 9"), "{e}");
+        let e = err(&GOOD.replace("size: 2G", "size: 10M"));
+        assert!(e.contains("too small"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_and_bad_names_refused() {
+        let e = err(&GOOD.replace("/etc/e2ebackup/demo/container.key", "container.key"));
+        assert!(e.contains("absolute"), "{e}");
+        let e = err(&GOOD.replace("file: demo.luks", "file: ../x"));
+        assert!(e.contains("plain file name"), "{e}");
+        let e = err(&GOOD.replace("[/home, /etc]", "[/home, /home/alice]"));
+        assert!(e.contains("overlap"), "{e}");
+        let e = err(&GOOD.replace("[/home, /etc]", "[]"));
+        assert!(e.contains("at least one"), "{e}");
+        let bad_name = Profile::parse(Path::new("/tmp/bad name.yaml"), GOOD).unwrap_err();
+        assert!(format!("{bad_name:#}").contains("profile name"));
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let e = err(&GOOD.replace("  path: /srv/backup\n", ""));
+        assert!(e.contains("path"), "{e}");
+    }
+
+    #[test]
+    fn retention_parsed() {
+        let p = parse(&format!(
+            "{GOOD}retention:\n  keep_daily: 7\n  keep_within: 2d\n"
+        ))
+        .unwrap();
+        assert_eq!(p.retention.keep_daily, Some(7));
+        assert_eq!(p.retention.keep_within, Some(2 * 86400));
+        let e = err(&format!("{GOOD}retention:\n  keep_dayly: 7\n"));
+        assert!(e.contains("keep_dayly"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(Size::parse("512M").unwrap(), Size(512 << 20));
+        assert_eq!(Size::parse("1.5G").unwrap(), Size(3 << 29));
+        assert_eq!(Size::parse("2GiB").unwrap(), Size(2 << 30));
+        assert_eq!(Size::parse("4096").unwrap(), Size(4096));
+        assert!(Size::parse("G").is_err());
+        assert!(Size::parse("-1G").is_err());
+        assert_eq!(Size(2 << 30).to_string(), "2G");
+        assert_eq!(Size(3 << 29).to_string(), "1.5G");
+    }
+
+    #[test]
+    fn example_profiles_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|e| e == "yaml") {
+                Profile::load(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 1, "no example profiles in {}", dir.display());
+    }
+}

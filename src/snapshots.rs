@@ -1,0 +1,236 @@
+//! Snapshots inside the container: the on-disk layout, and taking one with rsync.
+//!
+//! Layout (docs/layout.md; plain directories so a person can restore with `cp -a`):
+//! ```text
+//!   FORMAT                          "e2ebackup container format 1"
+//!   snapshots/<id>/<absolute path>  complete snapshots, <id> = UTC time 20261122T123005Z
+//!   .partial/<id>/...               a snapshot being written
+//! ```
+//! A snapshot is written under `.partial/` and renamed into `snapshots/` only after rsync
+//! succeeded and the filesystem was synced, so a run that is interrupted, killed or fails
+//! never leaves anything that looks complete; rename within one filesystem is atomic.
+//! Unchanged files are hard links to the newest complete snapshot (`--link-dest`), so every
+//! snapshot is a full tree while only changed files take space.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::cmd::Cmd;
+use crate::profile::Profile;
+use crate::snapid::SnapshotId;
+use crate::stack::mount;
+use crate::{info, warn};
+
+pub const FORMAT_LINE: &str = "e2ebackup container format 1";
+pub const SNAPSHOTS: &str = "snapshots";
+pub const PARTIAL: &str = ".partial";
+
+/// Create the layout in a freshly made filesystem.
+pub fn create_layout(root: &Path) -> Result<()> {
+    std::fs::create_dir(root.join(SNAPSHOTS))?;
+    std::fs::create_dir(root.join(PARTIAL))?;
+    std::fs::write(root.join("FORMAT"), format!("{FORMAT_LINE}\n"))?;
+    // lost+found stays: e2fsck wants it.
+    mount::syncfs(root)
+}
+
+/// Refuse a filesystem that is not ours (wrong container, or a damaged one).
+pub fn check_layout(root: &Path) -> Result<()> {
+    let f = std::fs::read_to_string(root.join("FORMAT")).unwrap_or_default();
+    if f.trim() != FORMAT_LINE || !root.join(SNAPSHOTS).is_dir() {
+        bail!(
+            "the container's filesystem does not hold an e2ebackup layout (FORMAT file missing or unknown: {:?})",
+            f.trim()
+        );
+    }
+    Ok(())
+}
+
+/// Complete snapshots, oldest first. Entries that are not snapshot ids are reported, not used.
+pub fn list(root: &Path) -> Result<Vec<SnapshotId>> {
+    let dir = root.join(SNAPSHOTS);
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let e = e?;
+        let name = e.file_name();
+        match name.to_str().and_then(|n| n.parse::<SnapshotId>().ok()) {
+            Some(id) if e.file_type()?.is_dir() => v.push(id),
+            _ => warn!("ignoring {} in snapshots/: not a snapshot", name.to_string_lossy()),
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+pub fn path_of(root: &Path, id: SnapshotId) -> PathBuf {
+    root.join(SNAPSHOTS).join(id.to_string())
+}
+
+/// Remove what killed or failed runs left under `.partial/`.
+pub fn remove_partials(root: &Path) -> Result<usize> {
+    let dir = root.join(PARTIAL);
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let p = e?.path();
+        info!("removing incomplete snapshot {} left by an earlier run", p.display());
+        remove_tree(&p)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Delete a directory tree (a snapshot is a hard-link farm: unlinks only, no data copying).
+pub fn remove_tree(p: &Path) -> Result<()> {
+    std::fs::remove_dir_all(p).with_context(|| format!("removing {}", p.display()))
+}
+
+/// How a snapshot went.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Taken {
+    pub id: String,
+    /// rsync exit 24: some files vanished while being copied (committed, with a warning).
+    pub vanished_files: bool,
+    pub files_transferred: Option<u64>,
+    pub bytes_transferred: Option<u64>,
+    pub link_dest: Option<String>,
+}
+
+/// The rsync argv for one snapshot.
+pub fn rsync_command(profile: &Profile, dest: &Path, link_dest: Option<&Path>) -> Result<Cmd> {
+    let mut c = Cmd::new("rsync")?
+        .args(["-aHAX", "--numeric-ids", "--delete", "--relative", "--stats"])
+        // rsync 24 = vanished source files: normal on a live system.
+        .ok_codes(&[0, 24]);
+    if profile.backup.one_file_system {
+        c = c.arg("--one-file-system");
+    }
+    if let Some(l) = link_dest {
+        c = c.arg(format!("--link-dest={}", l.display()));
+    }
+    for e in &profile.backup.excludes {
+        c = c.arg(format!("--exclude={e}"));
+    }
+    for s in &profile.backup.sources {
+        c = c.arg(&s.0);
+    }
+    Ok(c.arg(format!("{}/", dest.display())))
+}
+
+fn stat_number(stats: &str, label: &str) -> Option<u64> {
+    let line = stats.lines().find(|l| l.starts_with(label))?;
+    let v = line.split(':').nth(1)?.split_whitespace().next()?;
+    v.replace(',', "").parse().ok()
+}
+
+/// Take a snapshot of the profile's sources into the mounted container at `root`.
+pub fn take(profile: &Profile, root: &Path) -> Result<Taken> {
+    for s in &profile.backup.sources {
+        if !s.0.exists() {
+            bail!("backup source {} does not exist", s.0.display());
+        }
+    }
+    let existing = list(root)?;
+    let mut id = SnapshotId::now();
+    // Never reuse an id (two runs within one second, or a clock that went backwards).
+    if let Some(last) = existing.last() {
+        if id <= *last {
+            id = SnapshotId::from_unix(last.unix() + 1);
+        }
+    }
+    let partial = root.join(PARTIAL).join(id.to_string());
+    std::fs::create_dir_all(&partial)?;
+    let link = existing.last().map(|l| path_of(root, *l));
+    info!(
+        "snapshot {id}: rsync {} {}",
+        profile
+            .backup
+            .sources
+            .iter()
+            .map(|s| s.0.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        match &link {
+            Some(l) => format!("(unchanged files hard-linked to {})", l.file_name().unwrap_or_default().to_string_lossy()),
+            None => "(first snapshot: full copy)".into(),
+        }
+    );
+    let done = rsync_command(profile, &partial, link.as_deref())?.run()?;
+    let taken = Taken {
+        id: id.to_string(),
+        vanished_files: done.code == 24,
+        files_transferred: stat_number(&done.stdout, "Number of regular files transferred"),
+        bytes_transferred: stat_number(&done.stdout, "Total transferred file size"),
+        link_dest: existing.last().map(|l| l.to_string()),
+    };
+    if taken.vanished_files {
+        warn!("some files vanished while rsync copied them (rsync exit 24); the snapshot is committed");
+    }
+    // Data first, then the rename that makes the snapshot visible, then the rename itself.
+    mount::syncfs(root)?;
+    crate::signals::check()?;
+    let fin = path_of(root, id);
+    std::fs::rename(&partial, &fin)
+        .with_context(|| format!("committing {} as {}", partial.display(), fin.display()))?;
+    mount::syncfs(root)?;
+    info!(
+        "snapshot {id} committed ({} files, {} bytes transferred)",
+        taken.files_transferred.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+        taken.bytes_transferred.map(|n| n.to_string()).unwrap_or_else(|| "?".into())
+    );
+    Ok(taken)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_rsync_stats() {
+        let s = "Number of files: 1,234 (reg: 1,000, dir: 234)\nNumber of regular files transferred: 1,017\nTotal file size: 9,999 bytes\nTotal transferred file size: 12,345,678 bytes\n";
+        assert_eq!(stat_number(s, "Number of regular files transferred"), Some(1017));
+        assert_eq!(stat_number(s, "Total transferred file size"), Some(12_345_678));
+        assert_eq!(stat_number(s, "Nope"), None);
+    }
+
+    #[test]
+    fn rsync_argv() {
+        let p = crate::profile::Profile::parse(
+            Path::new("/etc/e2ebackup/profiles/t.yaml"),
+            "server: {host: h, user: u, identity_file: /k, known_hosts: /kh, path: /srv}\n\
+             container: {file: c.luks, size: 1G, keyfile: /key}\n\
+             backup: {sources: [/home, /etc], excludes: ['*.tmp', '/home/*/.cache'], one_file_system: true}\n",
+        )
+        .unwrap();
+        let c = rsync_command(&p, Path::new("/m/.partial/X"), Some(Path::new("/m/snapshots/W"))).unwrap();
+        let argv = c.argv();
+        assert!(argv[0].ends_with("/rsync"));
+        assert_eq!(
+            &argv[1..],
+            &[
+                "-aHAX", "--numeric-ids", "--delete", "--relative", "--stats", "--one-file-system",
+                "--link-dest=/m/snapshots/W", "--exclude=*.tmp", "--exclude=/home/*/.cache",
+                "/home", "/etc", "/m/.partial/X/"
+            ]
+        );
+    }
+
+    #[test]
+    fn layout_listing_and_partials() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        create_layout(r).unwrap();
+        check_layout(r).unwrap();
+        for id in ["20260101T000000Z", "20251231T235959Z"] {
+            std::fs::create_dir(r.join(SNAPSHOTS).join(id)).unwrap();
+        }
+        std::fs::create_dir(r.join(SNAPSHOTS).join("junk")).unwrap();
+        let l = list(r).unwrap();
+        assert_eq!(l.iter().map(|i| i.to_string()).collect::<Vec<_>>(), ["20251231T235959Z", "20260101T000000Z"]);
+        std::fs::create_dir_all(r.join(PARTIAL).join("20260102T000000Z/etc")).unwrap();
+        assert_eq!(remove_partials(r).unwrap(), 1);
+        assert_eq!(std::fs::read_dir(r.join(PARTIAL)).unwrap().count(), 0);
+        std::fs::remove_file(r.join("FORMAT")).unwrap();
+        assert!(check_layout(r).is_err());
+    }
+}

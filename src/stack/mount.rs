@@ -1,0 +1,137 @@
+//! Mounting and unmounting, and reading the kernel's mount table.
+//!
+//! Unmounting is idempotent (nothing mounted = done) and retries on EBUSY for a while,
+//! because a just-exited rsync or a process that still has a file open keeps the mount
+//! busy for a moment. It never unmounts lazily: a lazy unmount would let us close the
+//! LUKS mapping under a filesystem that still has dirty data. It never removes a mount
+//! point recursively either.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use sys_mount::{Mount, MountFlags, UnmountFlags};
+
+/// One line of /proc/self/mountinfo, the fields we use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub target: PathBuf,
+    pub fstype: String,
+    pub source: String,
+    pub options: String,
+}
+
+/// Undo the octal escapes (`\040` for space) of /proc/self/mountinfo.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            let pre: Vec<&str> = pre.split(' ').collect();
+            let post: Vec<&str> = post.split(' ').collect();
+            Some(MountEntry {
+                target: PathBuf::from(unescape(pre.get(4)?)),
+                options: pre.get(5)?.to_string(),
+                fstype: post.first()?.to_string(),
+                source: unescape(post.get(1)?),
+            })
+        })
+        .collect()
+}
+
+pub fn mounts() -> Result<Vec<MountEntry>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    Ok(parse_mountinfo(&text))
+}
+
+/// The topmost mount at exactly `target`, if any.
+pub fn mounted_at(target: &Path) -> Result<Option<MountEntry>> {
+    Ok(mounts()?.into_iter().rev().find(|m| m.target == target))
+}
+
+/// Mount an ext4 filesystem. `nodev,nosuid,noexec`: the container's content is only ever
+/// data to copy, never something to execute or a device to open. `noinit_itable`: after a
+/// grow, do not let ext4lazyinit zero new inode tables across the network in the background.
+pub fn mount_ext4(device: &Path, target: &Path, read_only: bool) -> Result<()> {
+    let mut flags = MountFlags::NODEV | MountFlags::NOSUID | MountFlags::NOEXEC | MountFlags::NOATIME;
+    if read_only {
+        flags |= MountFlags::RDONLY;
+    }
+    Mount::builder()
+        .fstype("ext4")
+        .flags(flags)
+        .data("noinit_itable,errors=remount-ro")
+        .mount(device, target)
+        .with_context(|| format!("mounting {} on {}", device.display(), target.display()))?;
+    Ok(())
+}
+
+/// Ensure nothing is mounted at `target`: unmount (retrying while busy), no-op if not mounted.
+pub fn ensure_unmounted(target: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if mounted_at(target)?.is_none() {
+            return Ok(());
+        }
+        match sys_mount::unmount(target, UnmountFlags::empty()) {
+            Ok(()) => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::ENOENT) => {
+                if mounted_at(target)?.is_none() {
+                    return Ok(());
+                }
+                bail!("unmounting {}: {e}", target.display());
+            }
+            Err(e) => bail!("unmounting {}: {e} (see `fuser -vm {}`)", target.display(), target.display()),
+        }
+    }
+}
+
+/// Flush a mounted filesystem's dirty data and metadata to its device (syncfs(2)).
+pub fn syncfs(path: &Path) -> Result<()> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    nix::unistd::syncfs(&f).with_context(|| format!("syncfs {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mountinfo_with_escapes() {
+        let t = "36 35 98:0 / /mnt/a\\040b rw,noatime master:1 - ext4 /dev/mapper/x\\040y rw,errors=continue\n\
+                 40 35 0:44 / /run/e2ebackup/demo/server rw,nosuid,nodev shared:2 - fuse.sshfs backupuser@127.0.0.1:/srv/backup rw,user_id=0\n";
+        let m = parse_mountinfo(t);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].target, PathBuf::from("/mnt/a b"));
+        assert_eq!(m[0].source, "/dev/mapper/x y");
+        assert_eq!(m[0].fstype, "ext4");
+        assert_eq!(m[1].fstype, "fuse.sshfs");
+        assert_eq!(m[1].source, "backupuser@127.0.0.1:/srv/backup");
+    }
+
+    #[test]
+    fn not_mounted_is_already_unmounted() {
+        let d = tempfile::tempdir().unwrap();
+        ensure_unmounted(d.path()).unwrap();
+    }
+}

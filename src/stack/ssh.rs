@@ -1,0 +1,332 @@
+//! The SSH layer (libssh2 through the `ssh2` crate): a session to the backup server whose
+//! host key must match the profile's pinned known_hosts, used for preflight checks and
+//! server-side facts (free space, whether SFTP fsync is supported, allocation of a file).
+//!
+//! Host keys: an unknown key is as fatal as a changed one. There is no trust-on-first-use
+//! from cron: the administrator pins the key (`ssh-keyscan` + verifying the fingerprint)
+//! when writing the profile. `KnownHosts::check()` ignores the port, so `check_port` is
+//! used. libssh2 may negotiate a host key type the file does not pin (the server has an
+//! ECDSA and an Ed25519 key, the file only the latter), which would look like "unknown";
+//! so the host key algorithms offered are limited to the types pinned for this host.
+//!
+//! sshfs runs OpenSSH, not libssh2, with the same known_hosts file and
+//! `StrictHostKeyChecking=yes`, so both paths to the server check the same pin.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ssh2::{CheckResult, KnownHostFileKind, MethodType, Session};
+
+use crate::error::Failure;
+use crate::profile::Server;
+
+/// A connected, authenticated session.
+pub struct Remote {
+    session: Session,
+    pub label: String,
+}
+
+/// What the preflight found out about the server.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    /// The server's SFTP advertises fsync@openssh.com: an fsync on sshfs reaches its disk.
+    pub fsync_supported: bool,
+    /// Free bytes for the user in `server.path` (None if the server runs no shell commands).
+    pub free_bytes: Option<u64>,
+    /// Apparent size of the container file, if it exists.
+    pub container_size: Option<u64>,
+}
+
+/// Key types pinned for `host`:`port` in a known_hosts file (plain, non-hashed entries).
+pub fn pinned_key_types(known_hosts: &str, host: &str, port: u16) -> Vec<String> {
+    let want = if port == 22 {
+        host.to_string()
+    } else {
+        format!("[{host}]:{port}")
+    };
+    let mut types = Vec::new();
+    for line in known_hosts.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with('@') {
+            continue;
+        }
+        let mut f = line.split_whitespace();
+        let (Some(hosts), Some(kt)) = (f.next(), f.next()) else {
+            continue;
+        };
+        // Hashed entries (|1|...) cannot be matched here; libssh2 checks them itself.
+        if hosts.starts_with('|') || hosts.split(',').any(|h| h == want) {
+            if !types.iter().any(|t| t == kt) {
+                types.push(kt.to_string());
+            }
+        }
+    }
+    types
+}
+
+impl Remote {
+    pub fn connect(server: &Server) -> Result<Remote> {
+        let label = format!("{}@{}:{}", server.user, server.host, server.port);
+        let kh_path = &server.known_hosts.0;
+        let kh_text = std::fs::read_to_string(kh_path).map_err(|e| {
+            crate::error::usage(format!(
+                "server.known_hosts {}: {e} (pin the server's key, see docs/quickstart.md)",
+                kh_path.display()
+            ))
+        })?;
+        if !server.identity_file.0.is_file() {
+            return Err(crate::error::usage(format!(
+                "server.identity_file {} does not exist",
+                server.identity_file.0.display()
+            )));
+        }
+        let timeout = Duration::from_secs(server.timeout as u64);
+        let addrs: Vec<_> = (server.host.as_str(), server.port)
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {}", server.host))?
+            .collect();
+        let mut last = None;
+        let mut tcp = None;
+        for a in &addrs {
+            match TcpStream::connect_timeout(a, timeout) {
+                Ok(s) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let tcp = tcp.ok_or_else(|| {
+            anyhow!(
+                "cannot connect to {}:{}: {}",
+                server.host,
+                server.port,
+                last.map(|e| e.to_string()).unwrap_or_else(|| "no address".into())
+            )
+        })?;
+        let mut session = Session::new().context("creating SSH session")?;
+        session.set_tcp_stream(tcp);
+        session.set_timeout(server.timeout * 1000);
+        let types = pinned_key_types(&kh_text, &server.host, server.port);
+        let supported = [
+            "ssh-ed25519",
+            "ecdsa-sha2-nistp256",
+            "ecdsa-sha2-nistp384",
+            "ecdsa-sha2-nistp521",
+            "rsa-sha2-512",
+            "rsa-sha2-256",
+            "ssh-rsa",
+        ];
+        let mut prefs: Vec<&str> = Vec::new();
+        for t in &types {
+            if t == "ssh-rsa" {
+                prefs.extend(["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"]);
+            } else if supported.contains(&t.as_str()) {
+                prefs.push(t);
+            }
+        }
+        if !prefs.is_empty() && !types.iter().any(|t| t.starts_with('|')) {
+            // Ignore failure: an old libssh2 without some algorithm keeps its defaults.
+            let _ = session.method_pref(MethodType::HostKey, &prefs.join(","));
+        }
+        session
+            .handshake()
+            .with_context(|| format!("SSH handshake with {label}"))?;
+
+        let (key, _kind) = session
+            .host_key()
+            .ok_or_else(|| anyhow!("{label} sent no host key"))?;
+        let mut kh = session.known_hosts()?;
+        kh.read_file(kh_path, KnownHostFileKind::OpenSSH)
+            .with_context(|| format!("parsing known_hosts {}", kh_path.display()))?;
+        let fp = session
+            .host_key_hash(ssh2::HashType::Sha256)
+            .map(|h| {
+                use std::fmt::Write as _;
+                h.iter().fold(String::new(), |mut s, b| {
+                    let _ = write!(s, "{b:02x}");
+                    s
+                })
+            })
+            .unwrap_or_default();
+        match kh.check_port(&server.host, server.port, key) {
+            CheckResult::Match => {}
+            CheckResult::Mismatch => {
+                return Err(Failure::Security(format!(
+                    "host key of {}:{} CHANGED: it does not match {} (sha256 hex {fp}); \
+                     refusing to connect. If the server was reinstalled, verify the new key out of band and update the file.",
+                    server.host,
+                    server.port,
+                    kh_path.display()
+                ))
+                .into())
+            }
+            CheckResult::NotFound => {
+                return Err(Failure::Security(format!(
+                    "host key of {}:{} is not pinned in {} (sha256 hex {fp}); refusing to trust it on first use. \
+                     Add it after verifying its fingerprint.",
+                    server.host,
+                    server.port,
+                    kh_path.display()
+                ))
+                .into())
+            }
+            CheckResult::Failure => bail!("checking the host key of {label} failed"),
+        }
+        session
+            .userauth_pubkey_file(&server.user, None, &server.identity_file.0, None)
+            .with_context(|| {
+                format!(
+                    "authenticating to {label} with {}",
+                    server.identity_file.0.display()
+                )
+            })?;
+        session.set_keepalive(true, 15);
+        Ok(Remote { session, label })
+    }
+
+    /// Run a shell command on the server; returns (exit status, stdout, stderr).
+    pub fn exec(&self, command: &str) -> Result<(i32, String, String)> {
+        let mut ch = self.session.channel_session()?;
+        ch.exec(command)
+            .with_context(|| format!("running `{command}` on {}", self.label))?;
+        let mut out = String::new();
+        ch.read_to_string(&mut out)?;
+        let mut err = String::new();
+        ch.stderr().read_to_string(&mut err)?;
+        ch.wait_close()?;
+        Ok((ch.exit_status()?, out, err))
+    }
+
+    /// SFTP protocol extensions the server advertises (from its SSH_FXP_VERSION reply).
+    /// libssh2 does not expose them, so this speaks the 9-byte INIT itself.
+    pub fn sftp_extensions(&self) -> Result<Vec<String>> {
+        let mut ch = self.session.channel_session()?;
+        ch.subsystem("sftp")
+            .with_context(|| format!("starting the sftp subsystem on {}", self.label))?;
+        // uint32 length = 5, byte SSH_FXP_INIT = 1, uint32 version = 3
+        ch.write_all(&[0, 0, 0, 5, 1, 0, 0, 0, 3])?;
+        ch.flush()?;
+        let mut len = [0u8; 4];
+        ch.read_exact(&mut len)?;
+        let len = u32::from_be_bytes(len) as usize;
+        if !(5..=1 << 20).contains(&len) {
+            bail!("{}: malformed SFTP VERSION packet", self.label);
+        }
+        let mut body = vec![0u8; len];
+        ch.read_exact(&mut body)?;
+        let _ = ch.close();
+        parse_sftp_version(&body)
+    }
+
+    /// Gather the facts `init` and `run` need.
+    pub fn facts(&self, dir: &str, container: &str) -> Result<Facts> {
+        let sftp = self.session.sftp()?;
+        let st = sftp.stat(Path::new(dir)).map_err(|e| {
+            anyhow!(
+                "server directory {dir} on {}: {e} (server.path must exist and be writable by the user)",
+                self.label
+            )
+        })?;
+        if !st.is_dir() {
+            bail!("server.path {dir} on {} is not a directory", self.label);
+        }
+        let container_size = sftp.stat(Path::new(container)).ok().and_then(|s| s.size);
+        let fsync_supported = self
+            .sftp_extensions()
+            .map(|exts| exts.iter().any(|e| e == "fsync@openssh.com"))
+            .unwrap_or(false);
+        let free_bytes = match self.exec(&format!("df -Pk -- {}", shell_quote(dir))) {
+            Ok((0, out, _)) => parse_df_avail(&out),
+            _ => None,
+        };
+        Ok(Facts {
+            fsync_supported,
+            free_bytes,
+            container_size,
+        })
+    }
+
+    /// Bytes the server has allocated for a file (st_blocks * 512), if it runs `stat`.
+    pub fn allocated_bytes(&self, path: &str) -> Option<u64> {
+        match self.exec(&format!("stat -c %b.%B -- {}", shell_quote(path))) {
+            Ok((0, out, _)) => {
+                let (b, s) = out.trim().split_once('.')?;
+                Some(b.parse::<u64>().ok()? * s.parse::<u64>().ok()?)
+            }
+            _ => None,
+        }
+    }
+}
+
+fn parse_sftp_version(body: &[u8]) -> Result<Vec<String>> {
+    if body.first() != Some(&2) {
+        bail!("unexpected SFTP reply type {:?}", body.first());
+    }
+    let mut exts = Vec::new();
+    let mut i = 5; // type + version
+    let read_str = |i: &mut usize| -> Option<String> {
+        let l = u32::from_be_bytes(body.get(*i..*i + 4)?.try_into().ok()?) as usize;
+        let s = body.get(*i + 4..*i + 4 + l)?;
+        *i += 4 + l;
+        Some(String::from_utf8_lossy(s).into_owned())
+    };
+    while i < body.len() {
+        let Some(name) = read_str(&mut i) else { break };
+        if read_str(&mut i).is_none() {
+            break;
+        }
+        exts.push(name);
+    }
+    Ok(exts)
+}
+
+fn parse_df_avail(out: &str) -> Option<u64> {
+    let line = out.lines().nth(1)?;
+    let avail: u64 = line.split_whitespace().nth(3)?.parse().ok()?;
+    Some(avail * 1024)
+}
+
+/// Quote a string for a POSIX shell.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_types_for_host_and_port() {
+        let kh = "127.0.0.1 ssh-ed25519 AAAA\n[127.0.0.1]:2222 ecdsa-sha2-nistp256 BBBB\n# c\nother,127.0.0.1 ssh-rsa CCCC\n";
+        assert_eq!(pinned_key_types(kh, "127.0.0.1", 22), vec!["ssh-ed25519", "ssh-rsa"]);
+        assert_eq!(pinned_key_types(kh, "127.0.0.1", 2222), vec!["ecdsa-sha2-nistp256"]);
+        assert!(pinned_key_types(kh, "10.9.9.9", 22).is_empty());
+    }
+
+    #[test]
+    fn sftp_version_extensions() {
+        let mut b = vec![2, 0, 0, 0, 3];
+        for (n, d) in [("posix-rename@openssh.com", "1"), ("fsync@openssh.com", "1")] {
+            b.extend((n.len() as u32).to_be_bytes());
+            b.extend(n.as_bytes());
+            b.extend((d.len() as u32).to_be_bytes());
+            b.extend(d.as_bytes());
+        }
+        assert_eq!(
+            parse_sftp_version(&b).unwrap(),
+            vec!["posix-rename@openssh.com", "fsync@openssh.com"]
+        );
+        assert!(parse_sftp_version(&[101]).is_err());
+    }
+
+    #[test]
+    fn df_and_quote() {
+        let out = "Filesystem 1024-blocks Used Available Capacity Mounted on\n/dev/vda 1000 10 900 2% /srv\n";
+        assert_eq!(parse_df_avail(out), Some(900 * 1024));
+        assert_eq!(shell_quote("a'b"), "'a'\\''b'");
+    }
+}
