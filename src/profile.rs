@@ -68,7 +68,12 @@ impl TryFrom<serde_yaml::Value> for Size {
 
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: &[(&str, u64)] = &[("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)];
+        const UNITS: &[(&str, u64)] = &[
+            ("T", 1 << 40),
+            ("G", 1 << 30),
+            ("M", 1 << 20),
+            ("K", 1 << 10),
+        ];
         for (u, m) in UNITS {
             if self.0 >= *m && self.0 % m == 0 {
                 return write!(f, "{}{u}", self.0 / m);
@@ -95,7 +100,9 @@ impl TryFrom<String> for AbsPath {
         if !p.is_absolute() {
             return Err(format!("`{s}` must be an absolute path"));
         }
-        if p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        if p.components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
             return Err(format!("`{s}` must not contain `..`"));
         }
         Ok(AbsPath(p))
@@ -228,6 +235,50 @@ pub struct Profile {
     pub retention: retention::Policy,
 }
 
+/// Make a deserialisation error name the line and key of a bad value.
+///
+/// A value rejected by one of our newtypes is reported by the YAML parser at the start of
+/// the enclosing mapping ("container: `2Q`: unknown unit ... at line 8 column 3"). Our
+/// messages quote the bad value in backticks, so look for it below the section header and
+/// report that line and its key instead. Unknown keys and syntax errors already carry the
+/// right line and are returned unchanged.
+fn pinpoint(text: &str, msg: &str) -> String {
+    let located = (|| {
+        let (section, rest) = msg.split_once(": ")?;
+        if section.contains(' ') {
+            return None;
+        }
+        let value = rest.split('`').nth(1)?;
+        let lines: Vec<&str> = text.lines().collect();
+        let top = section.split('.').next()?;
+        let start = lines
+            .iter()
+            .position(|l| l.starts_with(&format!("{top}:")))?;
+        for (i, l) in lines.iter().enumerate().skip(start + 1) {
+            if !l.starts_with(' ') && !l.trim().is_empty() && !l.starts_with('#') {
+                break;
+            }
+            if !l.contains(value) {
+                continue;
+            }
+            let t = l.trim_start();
+            let key = if t.starts_with("- ") {
+                lines[..i]
+                    .iter()
+                    .rev()
+                    .find(|p| p.trim_end().ends_with(':') && !p.trim_start().starts_with('-'))
+                    .map(|p| p.trim().trim_end_matches(':').to_string())?
+            } else {
+                t.split(':').next()?.trim().to_string()
+            };
+            let what = rest.split(" at line ").next().unwrap_or(rest);
+            return Some(format!("line {}: {top}.{key}: {what}", i + 1));
+        }
+        None
+    })();
+    located.unwrap_or_else(|| msg.to_string())
+}
+
 /// Minimum container: the 16 MiB LUKS2 header plus room for an ext4 journal and data.
 pub const MIN_SIZE: u64 = 64 << 20;
 
@@ -249,8 +300,13 @@ impl Profile {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Profile> {
-        let raw: Raw = serde_yaml::from_str(text)
-            .map_err(|e| usage(format!("{}: {}", path.display(), e)))?;
+        let raw: Raw = serde_yaml::from_str(text).map_err(|e| {
+            usage(format!(
+                "{}: {}",
+                path.display(),
+                pinpoint(text, &e.to_string())
+            ))
+        })?;
         let name = path
             .file_stem()
             .and_then(|s| s.to_str())
@@ -271,7 +327,11 @@ impl Profile {
         if s.host.is_empty() || s.host.chars().any(|c| c.is_whitespace() || c == '@') {
             return Err(bad(format!("server.host: `{}` is not a host name", s.host)));
         }
-        if s.user.is_empty() || s.user.chars().any(|c| c.is_whitespace() || c == '@' || c == ':') {
+        if s.user.is_empty()
+            || s.user
+                .chars()
+                .any(|c| c.is_whitespace() || c == '@' || c == ':')
+        {
             return Err(bad(format!("server.user: `{}` is not a user name", s.user)));
         }
         if s.path.is_empty() || s.path.chars().any(|c| c.is_control()) {
@@ -296,7 +356,9 @@ impl Profile {
         }
         if let Some(b) = c.bytes_per_inode {
             if !(4096..=(64 << 20)).contains(&b.0) {
-                return Err(bad("container.bytes_per_inode: must be between 4K and 64M".into()));
+                return Err(bad(
+                    "container.bytes_per_inode: must be between 4K and 64M".into()
+                ));
             }
         }
         if raw.backup.sources.is_empty() {
@@ -442,7 +504,10 @@ backup:
     fn bad_size_names_line() {
         let e = err(&GOOD.replace("size: 2G", "size: 2Q"));
         assert!(e.contains("unknown unit"), "{e}");
-        assert!(e.contains("line 9"), "{e}");
+        assert!(e.contains("line 9: container.size"), "{e}");
+        let e = err(&GOOD.replace("[/home, /etc]", "[/home, etc]"));
+        assert!(e.contains("line 12: backup.sources"), "{e}");
+        assert!(e.contains("absolute"), "{e}");
         let e = err(&GOOD.replace("size: 2G", "size: 10M"));
         assert!(e.contains("too small"), "{e}");
     }
@@ -488,7 +553,8 @@ backup:
         assert!(Size::parse("G").is_err());
         assert!(Size::parse("-1G").is_err());
         assert_eq!(Size(2 << 30).to_string(), "2G");
-        assert_eq!(Size(3 << 29).to_string(), "1.5G");
+        assert_eq!(Size(3 << 29).to_string(), "1536M");
+        assert_eq!(Size(3 << 29 | 1).to_string(), "1.5G");
     }
 
     #[test]

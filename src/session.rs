@@ -89,7 +89,10 @@ impl<'p> Session<'p> {
     pub fn connect(&mut self) -> Result<&ssh::Facts> {
         signals::check()?;
         let p = self.profile;
-        info!("connecting to {}@{}:{}", p.server.user, p.server.host, p.server.port);
+        info!(
+            "connecting to {}@{}:{}",
+            p.server.user, p.server.host, p.server.port
+        );
         let remote = ssh::Remote::connect(&p.server)?;
         let facts = remote.facts(&p.server.path, &p.remote_container())?;
         if !facts.fsync_supported {
@@ -140,7 +143,11 @@ impl<'p> Session<'p> {
             device: dev.clone(),
             backing: file.to_path_buf(),
         })?;
-        crate::debug!("attached {} (direct I/O: {})", dev.display(), loopdev::direct_io(&dev));
+        crate::debug!(
+            "attached {} (direct I/O: {})",
+            dev.display(),
+            loopdev::direct_io(&dev)
+        );
         self.loopdev = Some(l);
         Ok(dev)
     }
@@ -148,7 +155,11 @@ impl<'p> Session<'p> {
     /// Unlock the LUKS container on the attached loop device.
     pub fn unlock(&mut self, key: &luks::Key, read_only: bool, discards: bool) -> Result<PathBuf> {
         signals::check()?;
-        let dev = self.loopdev.as_ref().map(|l| l.device.clone()).expect("attach first");
+        let dev = self
+            .loopdev
+            .as_ref()
+            .map(|l| l.device.clone())
+            .expect("attach first");
         let name = self.profile.mapping_name();
         if luks::is_active(&name) {
             bail!("/dev/mapper/{name} is already open, but not by this run; see `e2ebackup status {}`", self.profile.name);

@@ -56,7 +56,10 @@ pub fn list(root: &Path) -> Result<Vec<SnapshotId>> {
         let name = e.file_name();
         match name.to_str().and_then(|n| n.parse::<SnapshotId>().ok()) {
             Some(id) if e.file_type()?.is_dir() => v.push(id),
-            _ => warn!("ignoring {} in snapshots/: not a snapshot", name.to_string_lossy()),
+            _ => warn!(
+                "ignoring {} in snapshots/: not a snapshot",
+                name.to_string_lossy()
+            ),
         }
     }
     v.sort();
@@ -73,7 +76,10 @@ pub fn remove_partials(root: &Path) -> Result<usize> {
     let mut n = 0;
     for e in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
         let p = e?.path();
-        info!("removing incomplete snapshot {} left by an earlier run", p.display());
+        info!(
+            "removing incomplete snapshot {} left by an earlier run",
+            p.display()
+        );
         remove_tree(&p)?;
         n += 1;
     }
@@ -99,7 +105,13 @@ pub struct Taken {
 /// The rsync argv for one snapshot.
 pub fn rsync_command(profile: &Profile, dest: &Path, link_dest: Option<&Path>) -> Result<Cmd> {
     let mut c = Cmd::new("rsync")?
-        .args(["-aHAX", "--numeric-ids", "--delete", "--relative", "--stats"])
+        .args([
+            "-aHAX",
+            "--numeric-ids",
+            "--delete",
+            "--relative",
+            "--stats",
+        ])
         // rsync 24 = vanished source files: normal on a live system.
         .ok_codes(&[0, 24]);
     if profile.backup.one_file_system {
@@ -151,7 +163,10 @@ pub fn take(profile: &Profile, root: &Path) -> Result<Taken> {
             .collect::<Vec<_>>()
             .join(" "),
         match &link {
-            Some(l) => format!("(unchanged files hard-linked to {})", l.file_name().unwrap_or_default().to_string_lossy()),
+            Some(l) => format!(
+                "(unchanged files hard-linked to {})",
+                l.file_name().unwrap_or_default().to_string_lossy()
+            ),
             None => "(first snapshot: full copy)".into(),
         }
     );
@@ -175,8 +190,14 @@ pub fn take(profile: &Profile, root: &Path) -> Result<Taken> {
     mount::syncfs(root)?;
     info!(
         "snapshot {id} committed ({} files, {} bytes transferred)",
-        taken.files_transferred.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
-        taken.bytes_transferred.map(|n| n.to_string()).unwrap_or_else(|| "?".into())
+        taken
+            .files_transferred
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "?".into()),
+        taken
+            .bytes_transferred
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "?".into())
     );
     Ok(taken)
 }
@@ -188,8 +209,14 @@ mod tests {
     #[test]
     fn parses_rsync_stats() {
         let s = "Number of files: 1,234 (reg: 1,000, dir: 234)\nNumber of regular files transferred: 1,017\nTotal file size: 9,999 bytes\nTotal transferred file size: 12,345,678 bytes\n";
-        assert_eq!(stat_number(s, "Number of regular files transferred"), Some(1017));
-        assert_eq!(stat_number(s, "Total transferred file size"), Some(12_345_678));
+        assert_eq!(
+            stat_number(s, "Number of regular files transferred"),
+            Some(1017)
+        );
+        assert_eq!(
+            stat_number(s, "Total transferred file size"),
+            Some(12_345_678)
+        );
         assert_eq!(stat_number(s, "Nope"), None);
     }
 
@@ -202,15 +229,29 @@ mod tests {
              backup: {sources: [/home, /etc], excludes: ['*.tmp', '/home/*/.cache'], one_file_system: true}\n",
         )
         .unwrap();
-        let c = rsync_command(&p, Path::new("/m/.partial/X"), Some(Path::new("/m/snapshots/W"))).unwrap();
+        let c = rsync_command(
+            &p,
+            Path::new("/m/.partial/X"),
+            Some(Path::new("/m/snapshots/W")),
+        )
+        .unwrap();
         let argv = c.argv();
         assert!(argv[0].ends_with("/rsync"));
         assert_eq!(
             &argv[1..],
             &[
-                "-aHAX", "--numeric-ids", "--delete", "--relative", "--stats", "--one-file-system",
-                "--link-dest=/m/snapshots/W", "--exclude=*.tmp", "--exclude=/home/*/.cache",
-                "/home", "/etc", "/m/.partial/X/"
+                "-aHAX",
+                "--numeric-ids",
+                "--delete",
+                "--relative",
+                "--stats",
+                "--one-file-system",
+                "--link-dest=/m/snapshots/W",
+                "--exclude=*.tmp",
+                "--exclude=/home/*/.cache",
+                "/home",
+                "/etc",
+                "/m/.partial/X/"
             ]
         );
     }
@@ -226,7 +267,10 @@ mod tests {
         }
         std::fs::create_dir(r.join(SNAPSHOTS).join("junk")).unwrap();
         let l = list(r).unwrap();
-        assert_eq!(l.iter().map(|i| i.to_string()).collect::<Vec<_>>(), ["20251231T235959Z", "20260101T000000Z"]);
+        assert_eq!(
+            l.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+            ["20251231T235959Z", "20260101T000000Z"]
+        );
         std::fs::create_dir_all(r.join(PARTIAL).join("20260102T000000Z/etc")).unwrap();
         assert_eq!(remove_partials(r).unwrap(), 1);
         assert_eq!(std::fs::read_dir(r.join(PARTIAL)).unwrap().count(), 0);

@@ -389,7 +389,9 @@ mod tests {
         assert_eq!(rep.failed.len(), 1);
         assert_eq!(rep.failed[0].0, busy);
         // The journal keeps exactly the failed record for a later cleanup.
-        let j = Journal::read(&dir.path().join("undo.json")).unwrap().unwrap();
+        let j = Journal::read(&dir.path().join("undo.json"))
+            .unwrap()
+            .unwrap();
         assert_eq!(j.records, vec![busy.clone()]);
         // A later cleanup adopts it and finishes.
         let mut again = Stack::adopt(dir.path().join("undo.json"), j);
@@ -431,7 +433,9 @@ mod tests {
         assert!(rep.complete());
         assert_eq!(r.calls.len(), 3);
         assert_eq!(s.records(), &full_stack()[..2]);
-        let j = Journal::read(&dir.path().join("undo.json")).unwrap().unwrap();
+        let j = Journal::read(&dir.path().join("undo.json"))
+            .unwrap()
+            .unwrap();
         assert_eq!(j.records.len(), 2);
         s.unwind(&mut r);
     }
@@ -441,7 +445,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Stack::persistent(dir.path().join("undo.json"), "init").unwrap();
         s.push(full_stack()[0].clone()).unwrap();
-        let j = Journal::read(&dir.path().join("undo.json")).unwrap().unwrap();
+        let j = Journal::read(&dir.path().join("undo.json"))
+            .unwrap()
+            .unwrap();
         assert_eq!(j.command, "init");
         assert_eq!(j.pid, std::process::id());
         assert_eq!(j.records, vec![full_stack()[0].clone()]);

@@ -94,7 +94,10 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
         info!("using the existing keyfile {}", keyfile.display());
         luks::read_keyfile(keyfile)?
     } else {
-        info!("creating keyfile {} (4096 random bytes, mode 0400)", keyfile.display());
+        info!(
+            "creating keyfile {} (4096 random bytes, mode 0400)",
+            keyfile.display()
+        );
         luks::create_keyfile(keyfile)?
     };
 
@@ -105,7 +108,11 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
         path: partial.clone(),
     })?;
     let mark = s.stack.len();
-    info!("creating sparse container {} ({})", p.remote_container(), p.container.size);
+    info!(
+        "creating sparse container {} ({})",
+        p.remote_container(),
+        p.container.size
+    );
     {
         let f = std::fs::OpenOptions::new()
             .write(true)
@@ -127,7 +134,11 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     luks::backup_header(&dev, &header_tmp)?;
     let mapper = s.unlock(&key, false, false)?;
     info!("creating ext4 ({inodes} inodes, no lazy init)");
-    ext4::mkfs(&mapper, &format!("e2eb-{}", &p.name.chars().take(11).collect::<String>()), inodes)?;
+    ext4::mkfs(
+        &mapper,
+        &format!("e2eb-{}", &p.name.chars().take(11).collect::<String>()),
+        inodes,
+    )?;
     let root = s.mount_fs(false)?;
     crate::snapshots::create_layout(&root)?;
     mount::syncfs(&root)?;
@@ -144,7 +155,10 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
         .with_context(|| format!("renaming {} to {}", header_tmp.display(), header.display()))?;
     if let Some(remote) = &s.remote {
         if let Some(a) = remote.allocated_bytes(&p.remote_container()) {
-            info!("server allocation of the new container: {} ({a} bytes)", Size(a));
+            info!(
+                "server allocation of the new container: {} ({a} bytes)",
+                Size(a)
+            );
         }
     }
     Ok(Exit::Ok)

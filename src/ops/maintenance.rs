@@ -40,10 +40,12 @@ pub fn validate(p: &Profile, connect: bool) -> Exit {
         }
     }
     if !Path::new("/dev/mapper/control").exists() {
-        problems.push("/dev/mapper/control is missing: no device-mapper (modprobe dm_crypt)".into());
+        problems
+            .push("/dev/mapper/control is missing: no device-mapper (modprobe dm_crypt)".into());
     }
     if !nix::unistd::geteuid().is_root() {
-        problems.push("e2ebackup must run as root (it attaches loop devices and opens LUKS)".into());
+        problems
+            .push("e2ebackup must run as root (it attaches loop devices and opens LUKS)".into());
     }
     let kf = &p.container.keyfile.0;
     if kf.exists() {
@@ -51,10 +53,16 @@ pub fn validate(p: &Profile, connect: bool) -> Exit {
             problems.push(format!("container.keyfile: {e:#}"));
         }
     } else {
-        warn!("container.keyfile {} does not exist yet (`init` creates it)", kf.display());
+        warn!(
+            "container.keyfile {} does not exist yet (`init` creates it)",
+            kf.display()
+        );
     }
     if !p.server.identity_file.0.is_file() {
-        problems.push(format!("server.identity_file {} does not exist", p.server.identity_file.0.display()));
+        problems.push(format!(
+            "server.identity_file {} does not exist",
+            p.server.identity_file.0.display()
+        ));
     }
     match std::fs::read_to_string(&p.server.known_hosts.0) {
         Ok(t) => {
@@ -68,27 +76,49 @@ pub fn validate(p: &Profile, connect: bool) -> Exit {
                 ));
             }
         }
-        Err(e) => problems.push(format!("server.known_hosts {}: {e}", p.server.known_hosts.0.display())),
+        Err(e) => problems.push(format!(
+            "server.known_hosts {}: {e}",
+            p.server.known_hosts.0.display()
+        )),
     }
     for s in &p.backup.sources {
         if !s.0.exists() {
-            warn!("backup source {} does not exist (a run would fail)", s.0.display());
+            warn!(
+                "backup source {} does not exist (a run would fail)",
+                s.0.display()
+            );
         }
     }
     if !problems.is_empty() {
         for pr in &problems {
-            crate::logging::emit(-2, "ERROR: ", format_args!("{}: {pr}", p.source_file.display()));
+            crate::logging::emit(
+                -2,
+                "ERROR: ",
+                format_args!("{}: {pr}", p.source_file.display()),
+            );
         }
         return Exit::Usage;
     }
     if connect {
-        match ssh::Remote::connect(&p.server).and_then(|r| r.facts(&p.server.path, &p.remote_container())) {
+        match ssh::Remote::connect(&p.server)
+            .and_then(|r| r.facts(&p.server.path, &p.remote_container()))
+        {
             Ok(f) => {
                 info!(
                     "server reachable; container {}; fsync@openssh.com {}; free {}",
-                    if f.container_size.is_some() { "exists" } else { "not created yet" },
-                    if f.fsync_supported { "supported" } else { "NOT supported" },
-                    f.free_bytes.map(|b| crate::profile::Size(b).to_string()).unwrap_or_else(|| "unknown".into())
+                    if f.container_size.is_some() {
+                        "exists"
+                    } else {
+                        "not created yet"
+                    },
+                    if f.fsync_supported {
+                        "supported"
+                    } else {
+                        "NOT supported"
+                    },
+                    f.free_bytes
+                        .map(|b| crate::profile::Size(b).to_string())
+                        .unwrap_or_else(|| "unknown".into())
                 );
             }
             Err(e) => return super::fail(e),

@@ -28,14 +28,24 @@ pub fn run(p: &Profile) -> Exit {
     let err = result.as_ref().err().map(|e| format!("{e:#}"));
     record(p, &started, code, err, complete, taken.as_ref());
     match code {
-        Exit::Ok => info!("run finished: snapshot {} committed", taken.map(|t| t.id).unwrap_or_default()),
+        Exit::Ok => info!(
+            "run finished: snapshot {} committed",
+            taken.map(|t| t.id).unwrap_or_default()
+        ),
         Exit::Warnings => warn!("run finished with warnings (exit 3)"),
         _ => {}
     }
     code
 }
 
-fn record(p: &Profile, started: &str, code: Exit, error: Option<String>, complete: bool, t: Option<&Taken>) {
+fn record(
+    p: &Profile,
+    started: &str,
+    code: Exit,
+    error: Option<String>,
+    complete: bool,
+    t: Option<&Taken>,
+) {
     super::record_last_run(
         p,
         &LastRun {
@@ -66,7 +76,11 @@ fn work(p: &Profile, s: &mut Session<'_>, taken: &mut Option<Taken>) -> Result<E
 
 /// Apply the retention policy to the snapshots in the mounted container at `root`.
 /// Returns the decisions (newest first). With `dry_run` nothing is removed.
-pub fn prune(p: &Profile, root: &std::path::Path, dry_run: bool) -> Result<Vec<retention::Decision>> {
+pub fn prune(
+    p: &Profile,
+    root: &std::path::Path,
+    dry_run: bool,
+) -> Result<Vec<retention::Decision>> {
     let ids = snapshots::list(root)?;
     let decisions = retention::select(&ids, &p.retention);
     if p.retention.is_empty() {
@@ -79,7 +93,9 @@ pub fn prune(p: &Profile, root: &std::path::Path, dry_run: bool) -> Result<Vec<r
             // Move out of snapshots/ first (atomic), so an interrupted delete never leaves
             // a half-deleted tree that looks like a complete snapshot.
             let from = snapshots::path_of(root, d.id);
-            let to = root.join(snapshots::PARTIAL).join(format!("{}.pruning", d.id));
+            let to = root
+                .join(snapshots::PARTIAL)
+                .join(format!("{}.pruning", d.id));
             std::fs::rename(&from, &to)?;
             snapshots::remove_tree(&to)?;
         }

@@ -24,15 +24,25 @@ pub struct Status {
 pub fn gather(p: &Profile) -> Status {
     let holder = std::fs::read_to_string(lock::local_lock_path(&p.name))
         .ok()
-        .and_then(|s| s.trim().strip_prefix("pid ").and_then(|x| x.parse::<u32>().ok()))
+        .and_then(|s| {
+            s.trim()
+                .strip_prefix("pid ")
+                .and_then(|x| x.parse::<u32>().ok())
+        })
         .filter(|pid| lock::pid_start(*pid).is_some() && holder_has_lock(p));
     let journal = Journal::read(&session::journal_path(p)).ok().flatten();
     Status {
         profile: p.name.clone(),
         lock_holder_pid: holder,
-        sshfs_mounted: mount::mounted_at(&session::sshfs_dir(p)).ok().flatten().is_some(),
+        sshfs_mounted: mount::mounted_at(&session::sshfs_dir(p))
+            .ok()
+            .flatten()
+            .is_some(),
         luks_open: luks::is_active(&p.mapping_name()),
-        filesystem_mounted: mount::mounted_at(&session::fs_dir(p)).ok().flatten().is_some(),
+        filesystem_mounted: mount::mounted_at(&session::fs_dir(p))
+            .ok()
+            .flatten()
+            .is_some(),
         pending_teardown: journal
             .as_ref()
             .map(|j| j.records.iter().rev().map(|r| r.to_string()).collect())
@@ -42,16 +52,22 @@ pub fn gather(p: &Profile) -> Status {
     }
 }
 
-/// Whether some process holds the local flock (probe with a shared, non-blocking lock that
-/// is released at once; it never blocks a run for longer than the probe itself).
+/// Whether some process holds the local flock. Read from /proc/locks rather than probed
+/// with a lock of our own: a probe, however short, could make a starting `run` exit 4.
 fn holder_has_lock(p: &Profile) -> bool {
-    let Ok(f) = std::fs::File::open(lock::local_lock_path(&p.name)) else {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(lock::local_lock_path(&p.name)) else {
         return false;
     };
-    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock) {
-        Ok(_) => false,
-        Err(_) => true,
-    }
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    locks.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&"FLOCK")
+            && f.get(5)
+                .and_then(|d| d.rsplit(':').next())
+                .and_then(|ino| ino.parse::<u64>().ok())
+                == Some(meta.ino())
+    })
 }
 
 pub fn status(p: &Profile, json: bool) -> Exit {
@@ -60,8 +76,17 @@ pub fn status(p: &Profile, json: bool) -> Exit {
         println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
         return Exit::Ok;
     }
-    println!("profile:        {} ({})", st.profile, p.source_file.display());
-    println!("container:      {}@{}:{}", p.server.user, p.server.host, p.remote_container());
+    println!(
+        "profile:        {} ({})",
+        st.profile,
+        p.source_file.display()
+    );
+    println!(
+        "container:      {}@{}:{}",
+        p.server.user,
+        p.server.host,
+        p.remote_container()
+    );
     println!(
         "lock:           {}",
         match st.lock_holder_pid {
@@ -71,7 +96,15 @@ pub fn status(p: &Profile, json: bool) -> Exit {
     );
     println!("sshfs mounted:  {}", yes(st.sshfs_mounted));
     println!("LUKS open:      {}", yes(st.luks_open));
-    println!("fs mounted:     {}{}", yes(st.filesystem_mounted), if st.mounted_by_mount_command { " (by `e2ebackup mount`)" } else { "" });
+    println!(
+        "fs mounted:     {}{}",
+        yes(st.filesystem_mounted),
+        if st.mounted_by_mount_command {
+            " (by `e2ebackup mount`)"
+        } else {
+            ""
+        }
+    );
     if !st.pending_teardown.is_empty() && st.lock_holder_pid.is_none() {
         println!("pending teardown (run `e2ebackup cleanup {}`):", p.name);
         for r in &st.pending_teardown {
@@ -80,7 +113,10 @@ pub fn status(p: &Profile, json: bool) -> Exit {
     }
     match &st.last_run {
         Some(l) => {
-            println!("last run:       {} {} -> {} (exit {})", l.command, l.started, l.result, l.exit_code);
+            println!(
+                "last run:       {} {} -> {} (exit {})",
+                l.command, l.started, l.result, l.exit_code
+            );
             if let Some(s) = &l.snapshot {
                 println!("last snapshot:  {s}");
             }

@@ -48,7 +48,7 @@ pub fn lock_local(profile: &str) -> Result<LocalLock> {
         .custom_flags(libc::O_CLOEXEC)
         .open(&path)
         .with_context(|| format!("opening lock file {}", path.display()))?;
-    let mut locked = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+    let locked = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(l) => l,
         Err((mut f, nix::errno::Errno::EWOULDBLOCK)) => {
             let mut holder = String::new();
@@ -63,7 +63,10 @@ pub fn lock_local(profile: &str) -> Result<LocalLock> {
     };
     locked.set_len(0)?;
     let _ = writeln!(&*locked, "pid {}", std::process::id());
-    Ok(LocalLock { _lock: locked, path })
+    Ok(LocalLock {
+        _lock: locked,
+        path,
+    })
 }
 
 /// Who holds the server lock.
@@ -148,7 +151,10 @@ pub fn server_lock_path(sshfs_mount: &Path, container: &str) -> PathBuf {
 pub fn read_server_lock(path: &Path) -> Result<Option<ServerLock>> {
     match std::fs::read(path) {
         Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
-            format!("server lock {} is not an e2ebackup lock file", path.display())
+            format!(
+                "server lock {} is not an e2ebackup lock file",
+                path.display()
+            )
         })?)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
@@ -159,7 +165,12 @@ pub fn read_server_lock(path: &Path) -> Result<Option<ServerLock>> {
 pub fn acquire_server_lock(path: &Path, lock: &ServerLock) -> Result<()> {
     let data = serde_json::to_vec_pretty(lock)?;
     for _ in 0..2 {
-        match OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
             Ok(mut f) => {
                 f.write_all(&data)?;
                 f.sync_all()?;
@@ -197,7 +208,11 @@ pub fn ensure_server_lock_released(path: &Path, token: &str) -> Result<()> {
         Ok(Some(l)) if l.token == token => std::fs::remove_file(path)
             .with_context(|| format!("removing server lock {}", path.display())),
         Ok(Some(l)) => {
-            warn!("server lock {} is no longer ours ({}); leaving it", path.display(), l.describe());
+            warn!(
+                "server lock {} is no longer ours ({}); leaving it",
+                path.display(),
+                l.describe()
+            );
             Ok(())
         }
         Ok(None) => Ok(()),
@@ -218,7 +233,10 @@ mod tests {
         let mut other = ServerLock::mine("run");
         other.host = "elsewhere.example".into();
         other.pid = 999_999;
-        assert!(!other.is_stale_here(), "another host's lock is never stale for us");
+        assert!(
+            !other.is_stale_here(),
+            "another host's lock is never stale for us"
+        );
         let mut reboot = ServerLock::mine("run");
         reboot.boot_id = "old-boot".into();
         assert!(reboot.is_stale_here());

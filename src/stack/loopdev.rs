@@ -64,7 +64,10 @@ pub struct Loop {
 }
 
 fn sysfs_dir(device: &Path) -> PathBuf {
-    let name = device.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let name = device
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     Path::new("/sys/block").join(name)
 }
 
@@ -90,7 +93,8 @@ pub fn attach(backing: &Path, read_only: bool) -> Result<Loop> {
         .custom_flags(libc::O_CLOEXEC)
         .open(backing)
         .with_context(|| format!("opening container {}", backing.display()))?;
-    let ctl = File::open("/dev/loop-control").context("opening /dev/loop-control (is the loop module loaded?)")?;
+    let ctl = File::open("/dev/loop-control")
+        .context("opening /dev/loop-control (is the loop module loaded?)")?;
     for _attempt in 0..20 {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
         let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
@@ -149,7 +153,11 @@ pub fn attach(backing: &Path, read_only: bool) -> Result<Loop> {
                 continue;
             }
             return Err(e).with_context(|| {
-                format!("LOOP_CONFIGURE {} over {}", device.display(), backing.display())
+                format!(
+                    "LOOP_CONFIGURE {} over {}",
+                    device.display(),
+                    backing.display()
+                )
             });
         }
         if !direct_io(&device) {
@@ -187,7 +195,11 @@ pub fn ensure_detached(device: &Path, backing: &Path) -> Result<()> {
             Some(b) if b != backing => return Ok(()),
             Some(_) => {}
         }
-        let f = match OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(device) {
+        let f = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(device)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e).with_context(|| format!("opening {}", device.display())),
@@ -201,7 +213,10 @@ pub fn ensure_detached(device: &Path, backing: &Path) -> Result<()> {
             if backing_file(device).is_none() || Instant::now() > deadline {
                 return match backing_file(device) {
                     None => Ok(()),
-                    Some(_) => bail!("{} is still attached (held open by another process?)", device.display()),
+                    Some(_) => bail!(
+                        "{} is still attached (held open by another process?)",
+                        device.display()
+                    ),
                 };
             }
             continue;
@@ -209,7 +224,9 @@ pub fn ensure_detached(device: &Path, backing: &Path) -> Result<()> {
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::ENXIO) => return Ok(()),
-            Some(libc::EBUSY) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Some(libc::EBUSY) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
             _ => return Err(e).with_context(|| format!("detaching {}", device.display())),
         }
     }

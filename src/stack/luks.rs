@@ -58,7 +58,8 @@ pub const KEYFILE_BYTES: usize = 4096;
 
 /// Read a keyfile, refusing one that others can read.
 pub fn read_keyfile(path: &Path) -> Result<Key> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening keyfile {}", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("opening keyfile {}", path.display()))?;
     let mode = f.metadata()?.permissions().mode();
     if mode & 0o077 != 0 {
         return Err(crate::error::Failure::Security(format!(
@@ -151,7 +152,10 @@ pub fn format(device: &Path, key: &Key, label: &str) -> Result<()> {
         .map_err(lerr(format!("luksFormat {}", device.display())))?;
     dev.keyslot_handle()
         .add_by_key(None, None, key.bytes(), CryptVolumeKey::empty())
-        .map_err(lerr(format!("adding the keyfile's keyslot on {}", device.display())))?;
+        .map_err(lerr(format!(
+            "adding the keyfile's keyslot on {}",
+            device.display()
+        )))?;
     Ok(())
 }
 
@@ -163,10 +167,17 @@ pub fn backup_header(device: &Path, dest: &Path) -> Result<()> {
     let mut dev = CryptInit::init(device).map_err(lerr(format!("opening {}", device.display())))?;
     dev.context_handle()
         .load::<()>(Some(EncryptionFormat::Luks2), None)
-        .map_err(lerr(format!("reading the LUKS2 header of {}", device.display())))?;
+        .map_err(lerr(format!(
+            "reading the LUKS2 header of {}",
+            device.display()
+        )))?;
     dev.backup_handle()
         .header_backup(Some(EncryptionFormat::Luks2), &tmp)
-        .map_err(lerr(format!("backing up the header of {} to {}", device.display(), tmp.display())))?;
+        .map_err(lerr(format!(
+            "backing up the header of {} to {}",
+            device.display(),
+            tmp.display()
+        )))?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o400))?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, dest).with_context(|| format!("renaming to {}", dest.display()))?;
@@ -174,12 +185,21 @@ pub fn backup_header(device: &Path, dest: &Path) -> Result<()> {
 }
 
 /// Open `device` as `/dev/mapper/<name>`; the caller has pushed `CloseLuks` first.
-pub fn open(device: &Path, name: &str, key: &Key, read_only: bool, discards: bool) -> Result<PathBuf> {
+pub fn open(
+    device: &Path,
+    name: &str,
+    key: &Key,
+    read_only: bool,
+    discards: bool,
+) -> Result<PathBuf> {
     install_logging();
     let mut dev = CryptInit::init(device).map_err(lerr(format!("opening {}", device.display())))?;
     dev.context_handle()
         .load::<()>(Some(EncryptionFormat::Luks2), None)
-        .map_err(lerr(format!("{} holds no readable LUKS2 header", device.display())))?;
+        .map_err(lerr(format!(
+            "{} holds no readable LUKS2 header",
+            device.display()
+        )))?;
     let mut flags = CryptActivate::empty();
     if read_only {
         flags |= CryptActivate::READONLY;
@@ -214,7 +234,8 @@ pub fn ensure_closed(name: &str) -> Result<()> {
             return Ok(());
         }
         let r = CryptInit::init_by_name_and_header(name, None).and_then(|mut d| {
-            d.activate_handle().deactivate(name, CryptDeactivate::empty())
+            d.activate_handle()
+                .deactivate(name, CryptDeactivate::empty())
         });
         match r {
             Ok(()) => return Ok(()),

@@ -34,12 +34,16 @@ impl Undoer for Real {
             Undo::Unmount { target } => mount::ensure_unmounted(target),
             Undo::CloseLuks { name } => luks::ensure_closed(name),
             Undo::DetachLoop { device, backing } => loopdev::ensure_detached(device, backing),
-            Undo::ReleaseServerLock { path, token } => lock::ensure_server_lock_released(path, token),
+            Undo::ReleaseServerLock { path, token } => {
+                lock::ensure_server_lock_released(path, token)
+            }
             Undo::UnmountSshfs { target } => sshfs::ensure_unmounted(target),
             Undo::RemoveFile { path } => match std::fs::remove_file(path) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(anyhow::Error::new(e).context(format!("removing {}", path.display()))),
+                Err(e) => {
+                    Err(anyhow::Error::new(e).context(format!("removing {}", path.display())))
+                }
             },
         }
     }

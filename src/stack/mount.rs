@@ -27,7 +27,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -56,7 +59,8 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
 }
 
 pub fn mounts() -> Result<Vec<MountEntry>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     Ok(parse_mountinfo(&text))
 }
 
@@ -69,7 +73,8 @@ pub fn mounted_at(target: &Path) -> Result<Option<MountEntry>> {
 /// data to copy, never something to execute or a device to open. `noinit_itable`: after a
 /// grow, do not let ext4lazyinit zero new inode tables across the network in the background.
 pub fn mount_ext4(device: &Path, target: &Path, read_only: bool) -> Result<()> {
-    let mut flags = MountFlags::NODEV | MountFlags::NOSUID | MountFlags::NOEXEC | MountFlags::NOATIME;
+    let mut flags =
+        MountFlags::NODEV | MountFlags::NOSUID | MountFlags::NOEXEC | MountFlags::NOATIME;
     if read_only {
         flags |= MountFlags::RDONLY;
     }
@@ -94,13 +99,20 @@ pub fn ensure_unmounted(target: &Path) -> Result<()> {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(500));
             }
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::ENOENT) => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINVAL)
+                    || e.raw_os_error() == Some(libc::ENOENT) =>
+            {
                 if mounted_at(target)?.is_none() {
                     return Ok(());
                 }
                 bail!("unmounting {}: {e}", target.display());
             }
-            Err(e) => bail!("unmounting {}: {e} (see `fuser -vm {}`)", target.display(), target.display()),
+            Err(e) => bail!(
+                "unmounting {}: {e} (see `fuser -vm {}`)",
+                target.display(),
+                target.display()
+            ),
         }
     }
 }

@@ -58,10 +58,10 @@ pub fn pinned_key_types(known_hosts: &str, host: &str, port: u16) -> Vec<String>
             continue;
         };
         // Hashed entries (|1|...) cannot be matched here; libssh2 checks them itself.
-        if hosts.starts_with('|') || hosts.split(',').any(|h| h == want) {
-            if !types.iter().any(|t| t == kt) {
-                types.push(kt.to_string());
-            }
+        if (hosts.starts_with('|') || hosts.split(',').any(|h| h == want))
+            && !types.iter().any(|t| t == kt)
+        {
+            types.push(kt.to_string());
         }
     }
     types
@@ -104,7 +104,8 @@ impl Remote {
                 "cannot connect to {}:{}: {}",
                 server.host,
                 server.port,
-                last.map(|e| e.to_string()).unwrap_or_else(|| "no address".into())
+                last.map(|e| e.to_string())
+                    .unwrap_or_else(|| "no address".into())
             )
         })?;
         let mut session = Session::new().context("creating SSH session")?;
@@ -302,15 +303,24 @@ mod tests {
     #[test]
     fn key_types_for_host_and_port() {
         let kh = "127.0.0.1 ssh-ed25519 AAAA\n[127.0.0.1]:2222 ecdsa-sha2-nistp256 BBBB\n# c\nother,127.0.0.1 ssh-rsa CCCC\n";
-        assert_eq!(pinned_key_types(kh, "127.0.0.1", 22), vec!["ssh-ed25519", "ssh-rsa"]);
-        assert_eq!(pinned_key_types(kh, "127.0.0.1", 2222), vec!["ecdsa-sha2-nistp256"]);
+        assert_eq!(
+            pinned_key_types(kh, "127.0.0.1", 22),
+            vec!["ssh-ed25519", "ssh-rsa"]
+        );
+        assert_eq!(
+            pinned_key_types(kh, "127.0.0.1", 2222),
+            vec!["ecdsa-sha2-nistp256"]
+        );
         assert!(pinned_key_types(kh, "10.9.9.9", 22).is_empty());
     }
 
     #[test]
     fn sftp_version_extensions() {
         let mut b = vec![2, 0, 0, 0, 3];
-        for (n, d) in [("posix-rename@openssh.com", "1"), ("fsync@openssh.com", "1")] {
+        for (n, d) in [
+            ("posix-rename@openssh.com", "1"),
+            ("fsync@openssh.com", "1"),
+        ] {
             b.extend((n.len() as u32).to_be_bytes());
             b.extend(n.as_bytes());
             b.extend((d.len() as u32).to_be_bytes());

@@ -25,7 +25,10 @@ pub fn command(server: &Server, target: &Path) -> Result<Cmd> {
         ("server.known_hosts", &server.known_hosts.0),
     ] {
         if p.to_string_lossy().contains(',') {
-            bail!("{key} {}: sshfs cannot take a path containing a comma", p.display());
+            bail!(
+                "{key} {}: sshfs cannot take a path containing a comma",
+                p.display()
+            );
         }
     }
     let host = if server.host.contains(':') {
@@ -44,10 +47,7 @@ pub fn command(server: &Server, target: &Path) -> Result<Cmd> {
         "PasswordAuthentication=no".into(),
         format!("ConnectTimeout={}", server.timeout),
         format!("ServerAliveInterval={alive}"),
-        format!(
-            "ServerAliveCountMax={}",
-            (server.timeout / alive).max(2)
-        ),
+        format!("ServerAliveCountMax={}", (server.timeout / alive).max(2)),
         // Numeric ownership is meaningless here: only root on the client touches the file.
         "idmap=none".into(),
     ];
@@ -63,7 +63,12 @@ pub fn command(server: &Server, target: &Path) -> Result<Cmd> {
 pub fn mount(server: &Server, target: &Path) -> Result<()> {
     std::fs::create_dir_all(target)?;
     if let Some(m) = mount::mounted_at(target)? {
-        bail!("{} is already mounted ({} from {})", target.display(), m.fstype, m.source);
+        bail!(
+            "{} is already mounted ({} from {})",
+            target.display(),
+            m.fstype,
+            m.source
+        );
     }
     command(server, target)?.run()?;
     match mount::mounted_at(target)? {
@@ -79,7 +84,10 @@ pub fn ensure_unmounted(target: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while let Some(pid) = sshfs_process_for(target) {
         if Instant::now() > deadline {
-            bail!("sshfs (pid {pid}) for {} did not exit after unmount", target.display());
+            bail!(
+                "sshfs (pid {pid}) for {} did not exit after unmount",
+                target.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -97,9 +105,7 @@ pub fn sshfs_process_for(target: &Path) -> Option<u32> {
             continue;
         };
         let mut args = cmdline.split(|b| *b == 0);
-        let is_sshfs = args
-            .next()
-            .is_some_and(|a0| a0.ends_with(b"sshfs"));
+        let is_sshfs = args.next().is_some_and(|a0| a0.ends_with(b"sshfs"));
         if is_sshfs && cmdline.split(|b| *b == 0).any(|a| a == want) {
             return Some(pid);
         }
