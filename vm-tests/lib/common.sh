@@ -1,0 +1,84 @@
+#!/bin/bash
+# Sourced by every scenario. Provides:
+#   check NAME CMD...     run CMD; record PASS/FAIL NAME with seconds; go on either way
+#   fail MSG              record a failure without a command
+#   metric KEY VALUE      append to $E2E_OUT/metrics.txt (and print)
+#   alloc_bytes FILE      bytes allocated to FILE (st_blocks * 512)
+#   assert_no_leftovers   fails unless no sshfs/e2ebackup mount, dm mapping, loop device,
+#                         sshfs, ssh or nbd-client process is left
+#   server_rotate_hostkey / server_restore_hostkey   give sshd another host key and back
+# and the variables E2E_BIN, E2E_REPO, E2E_OUT, SERVER_DIR, DEMO_DIR, SSHD_DIR.
+set -u
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+E2E_OUT=${E2E_OUT:-/e2e/out}
+E2E_REPO=${E2E_REPO:-/e2e/repo}
+E2E_BIN=${E2E_BIN:-$E2E_OUT/e2ebackup}
+SERVER_DIR=/srv/backup
+DEMO_DIR=/etc/e2ebackup/demo
+SSHD_DIR=/run/e2e-sshd
+_SCEN=${E2E_SCENARIO:-$(basename "$0" .sh)}
+_CHECKS=$E2E_OUT/checks/$_SCEN.txt
+mkdir -p "$E2E_OUT/checks"
+
+_uptime() { cut -d' ' -f1 /proc/uptime; }
+
+check() {
+  local name=$1; shift
+  local a b rc
+  a=$(_uptime)
+  echo "[$(_uptime)] >>> $name: $*"
+  "$@"; rc=$?
+  b=$(_uptime)
+  local secs; secs=$(awk -v a="$a" -v b="$b" 'BEGIN{printf "%.1f", b-a}')
+  if [ $rc -eq 0 ]; then
+    echo "PASS $name ${secs}s" | tee -a "$_CHECKS"
+  else
+    echo "FAIL $name ${secs}s (exit $rc)" | tee -a "$_CHECKS"
+  fi
+  return 0
+}
+
+fail() { echo "FAIL $*" | tee -a "$_CHECKS"; }
+
+metric() { echo "$_SCEN.$1 $2" | tee -a "$E2E_OUT/metrics.txt"; }
+
+alloc_bytes() { echo $(( $(stat -c %b "$1") * $(stat -c %B "$1") )); }
+
+assert_no_leftovers() {
+  local bad=0 m
+  m=$(awk '$3 ~ /^fuse\.sshfs$/ || $2 ~ /^\/run\/e2ebackup\// {print $2" ("$3")"}' /proc/mounts)
+  [ -n "$m" ] && { echo "leftover mounts: $m"; bad=1; }
+  m=$(dmsetup ls 2>&1)
+  case "$m" in *"No devices found"*) ;; *) echo "leftover device-mapper mappings: $m"; bad=1 ;; esac
+  m=$(losetup -a)
+  [ -n "$m" ] && { echo "leftover loop devices: $m"; bad=1; }
+  for p in sshfs ssh nbd-client e2ebackup rsync; do
+    if pgrep -x "$p" >/dev/null; then echo "leftover process $p: $(pgrep -a -x "$p")"; bad=1; fi
+  done
+  return $bad
+}
+
+_restart_sshd() {
+  kill "$(cat "$SSHD_DIR/sshd.pid")" 2>/dev/null
+  local i; for i in $(seq 1 50); do [ -e "$SSHD_DIR/sshd.pid" ] || break; pgrep -f "sshd -f $SSHD_DIR" >/dev/null || break; sleep 0.1; done
+  /usr/sbin/sshd -f "$SSHD_DIR/sshd_config" -E "$E2E_OUT/sshd.log"
+  for i in $(seq 1 50); do (exec 3<>/dev/tcp/127.0.0.1/22) 2>/dev/null && return 0; sleep 0.1; done
+  return 1
+}
+
+server_rotate_hostkey() {
+  [ -e "$SSHD_DIR/ssh_host_ed25519_key.orig" ] || {
+    mv "$SSHD_DIR/ssh_host_ed25519_key" "$SSHD_DIR/ssh_host_ed25519_key.orig"
+    mv "$SSHD_DIR/ssh_host_ed25519_key.pub" "$SSHD_DIR/ssh_host_ed25519_key.pub.orig"
+  }
+  rm -f "$SSHD_DIR/ssh_host_ed25519_key" "$SSHD_DIR/ssh_host_ed25519_key.pub"
+  ssh-keygen -q -t ed25519 -N '' -C e2e-impostor -f "$SSHD_DIR/ssh_host_ed25519_key"
+  _restart_sshd
+}
+
+server_restore_hostkey() {
+  [ -e "$SSHD_DIR/ssh_host_ed25519_key.orig" ] || return 0
+  mv -f "$SSHD_DIR/ssh_host_ed25519_key.orig" "$SSHD_DIR/ssh_host_ed25519_key"
+  mv -f "$SSHD_DIR/ssh_host_ed25519_key.pub.orig" "$SSHD_DIR/ssh_host_ed25519_key.pub"
+  _restart_sshd
+}
