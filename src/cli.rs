@@ -55,6 +55,44 @@ pub enum Command {
     },
     /// Finish the teardown of a run that was killed (also done by every command first)
     Cleanup { profile: String },
+    /// List complete snapshots with their size and the size unique to each
+    Snapshots {
+        profile: String,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mount the container read-only and expose its snapshots at DIR for browsing
+    Mount {
+        profile: String,
+        dir: std::path::PathBuf,
+    },
+    /// Tear down what `mount` set up
+    Umount { profile: String },
+    /// Copy a snapshot (or some paths of it) to TARGET, keeping owners, modes, links, ACLs, xattrs
+    Restore {
+        profile: String,
+        /// A snapshot id (see `snapshots`) or `latest`
+        snapshot: String,
+        /// Directory to restore into (must be empty unless --force)
+        target: std::path::PathBuf,
+        /// Restore only this absolute path as it was backed up (repeatable)
+        #[arg(long = "path", value_name = "P")]
+        paths: Vec<std::path::PathBuf>,
+        /// Restore into a non-empty TARGET, overwriting files of the same name
+        #[arg(long)]
+        force: bool,
+    },
+    /// Apply the profile's retention rules now; list what is kept (and why) or removed
+    Prune {
+        profile: String,
+        /// Only show what would be removed
+        #[arg(long)]
+        dry_run: bool,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl Command {
@@ -64,7 +102,12 @@ impl Command {
             | Command::Run { profile }
             | Command::Validate { profile, .. }
             | Command::Status { profile, .. }
-            | Command::Cleanup { profile } => profile,
+            | Command::Cleanup { profile }
+            | Command::Snapshots { profile, .. }
+            | Command::Mount { profile, .. }
+            | Command::Umount { profile }
+            | Command::Restore { profile, .. }
+            | Command::Prune { profile, .. } => profile,
         }
     }
 }
@@ -95,6 +138,17 @@ pub fn main() -> ExitCode {
         Command::Validate { connect, .. } => ops::maintenance::validate(&profile, *connect),
         Command::Status { json, .. } => ops::status::status(&profile, *json),
         Command::Cleanup { .. } => ops::maintenance::cleanup(&profile),
+        Command::Snapshots { json, .. } => ops::restore::list(&profile, *json),
+        Command::Mount { dir, .. } => ops::restore::mount_cmd(&profile, dir),
+        Command::Umount { .. } => ops::restore::umount_cmd(&profile),
+        Command::Restore {
+            snapshot,
+            target,
+            paths,
+            force,
+            ..
+        } => ops::restore::restore(&profile, snapshot, target, paths, *force),
+        Command::Prune { dry_run, json, .. } => ops::restore::prune(&profile, *dry_run, *json),
     };
     code.into()
 }

@@ -223,7 +223,7 @@ impl<'p> Session<'p> {
     }
 
     /// Keep everything up past this process (`e2ebackup mount`).
-    pub fn keep_open(mut self) -> Result<()> {
+    pub fn keep_open(&mut self) -> Result<()> {
         self.stack.set_persistent(true)?;
         Ok(())
     }

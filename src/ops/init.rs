@@ -52,20 +52,20 @@ pub fn init(p: &Profile) -> Exit {
 }
 
 fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
-    let header = p.header_backup();
-    if header.exists() {
-        return Err(usage(format!(
-            "a LUKS header backup already exists at {}: it belongs to an existing container. \
-             Move it away (and keep it) before creating a new container.",
-            header.display()
-        )));
-    }
     let facts = s.connect()?.clone();
     if facts.container_size.is_some() {
         return Err(usage(format!(
             "{} already exists on {}; refusing to overwrite it",
             p.remote_container(),
             p.server.host
+        )));
+    }
+    let header = p.header_backup();
+    if header.exists() {
+        return Err(usage(format!(
+            "a LUKS header backup already exists at {}: it belongs to an existing container. \
+             Move it away (and keep it) before creating a new container.",
+            header.display()
         )));
     }
     let inodes = p.inode_count();

@@ -4,6 +4,7 @@
 
 pub mod init;
 pub mod maintenance;
+pub mod restore;
 pub mod run;
 pub mod status;
 

@@ -1,0 +1,332 @@
+//! The read side: `snapshots`, `mount`/`umount`, `restore`, and `prune`.
+//!
+//! Reading opens the whole stack read-only (loop device, LUKS mapping and ext4 all
+//! read-only), so browsing or restoring can never change a snapshot. `mount` leaves the
+//! stack up after it exits: its undo journal is marked persistent, which makes every other
+//! command of the profile exit 4 until `umount` (or `cleanup`) tears it down.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::cmd::Cmd;
+use crate::error::{usage, Exit};
+use crate::ops::{fail, finish};
+use crate::profile::{Profile, Size};
+use crate::session::{self, Session};
+use crate::snapid::SnapshotId;
+use crate::snapshots;
+use crate::stack::mount;
+use crate::teardown::Undo;
+use crate::{info, retention};
+
+#[derive(Debug, Serialize)]
+pub struct SnapshotInfo {
+    pub id: String,
+    /// Unix time of the snapshot.
+    pub time: i64,
+    pub files: u64,
+    /// Bytes of all files (what a restore copies).
+    pub total_bytes: u64,
+    /// Bytes allocated only by this snapshot: freed if it alone is pruned (hard-link aware).
+    pub unique_bytes: u64,
+}
+
+/// Walk one snapshot: per inode, how many of its links are inside this snapshot.
+fn measure(dir: &Path) -> Result<SnapshotInfo> {
+    let mut seen: HashMap<(u64, u64), (u64, u64, u64)> = HashMap::new(); // -> (links here, nlink, blocks)
+    let mut files = 0;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let e = e?;
+            let m = e.metadata()?;
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() {
+                files += 1;
+                total += m.len();
+                let ent =
+                    seen.entry((m.dev(), m.ino()))
+                        .or_insert((0, m.nlink(), m.blocks() * 512));
+                ent.0 += 1;
+            }
+        }
+    }
+    let unique = seen
+        .values()
+        .filter(|(here, nlink, _)| here >= nlink)
+        .map(|v| v.2)
+        .sum();
+    let id: SnapshotId = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("")
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    Ok(SnapshotInfo {
+        id: id.to_string(),
+        time: id.unix(),
+        files,
+        total_bytes: total,
+        unique_bytes: unique,
+    })
+}
+
+/// Open read-only, run `f` on the mounted root, tear down.
+fn with_readonly<T>(
+    p: &Profile,
+    command: &str,
+    f: impl FnOnce(&Path) -> Result<T>,
+) -> (Exit, Option<T>) {
+    let mut s = match Session::begin(p, command) {
+        Ok(s) => s,
+        Err(e) => return (fail(e), None),
+    };
+    let mut out = None;
+    let r = s.open_all(command, true).and_then(|root| {
+        out = Some(f(&root)?);
+        Ok(Exit::Ok)
+    });
+    (finish(s, &r).0, out)
+}
+
+pub fn list(p: &Profile, json: bool) -> Exit {
+    let (code, infos) = with_readonly(p, "snapshots", |root| {
+        snapshots::list(root)?
+            .into_iter()
+            .map(|id| measure(&snapshots::path_of(root, id)))
+            .collect::<Result<Vec<_>>>()
+    });
+    if let Some(infos) = infos {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&infos).unwrap_or_default()
+            );
+        } else {
+            println!(
+                "{:<18} {:>9} {:>10} {:>10}",
+                "SNAPSHOT", "FILES", "SIZE", "UNIQUE"
+            );
+            for i in &infos {
+                println!(
+                    "{:<18} {:>9} {:>10} {:>10}",
+                    i.id,
+                    i.files,
+                    Size(i.total_bytes).to_string(),
+                    Size(i.unique_bytes).to_string()
+                );
+            }
+        }
+    }
+    code
+}
+
+/// Resolve `latest` or an id to an existing snapshot.
+fn resolve(root: &Path, which: &str) -> Result<SnapshotId> {
+    let all = snapshots::list(root)?;
+    if which == "latest" {
+        return all
+            .last()
+            .copied()
+            .ok_or_else(|| usage("the container holds no snapshot yet"));
+    }
+    let id: SnapshotId = which.parse().map_err(usage)?;
+    if !all.contains(&id) {
+        return Err(usage(format!(
+            "no snapshot {id} (see `e2ebackup snapshots`)"
+        )));
+    }
+    Ok(id)
+}
+
+pub fn restore(p: &Profile, which: &str, target: &Path, paths: &[PathBuf], force: bool) -> Exit {
+    if !target.is_absolute() {
+        return fail(usage(format!(
+            "TARGET {} must be an absolute path",
+            target.display()
+        )));
+    }
+    for q in paths {
+        if !q.is_absolute()
+            || q.components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return fail(usage(format!(
+                "--path {} must be an absolute path as backed up",
+                q.display()
+            )));
+        }
+    }
+    if target.exists()
+        && !force
+        && std::fs::read_dir(target)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return fail(usage(format!(
+            "TARGET {} is not empty; restore into an empty directory, or pass --force to merge into it",
+            target.display()
+        )));
+    }
+    let (code, _) = with_readonly(p, "restore", |root| {
+        let id = resolve(root, which)?;
+        let snap = snapshots::path_of(root, id);
+        std::fs::create_dir_all(target)?;
+        let mut c = Cmd::new("rsync")?.args(["-aHAX", "--sparse", "--numeric-ids", "--stats"]);
+        if paths.is_empty() {
+            c = c.arg(format!("{}/", snap.display()));
+        } else {
+            c = c.arg("--relative");
+            for q in paths {
+                let inside = snap.join(q.strip_prefix("/").unwrap_or(q));
+                if std::fs::symlink_metadata(&inside).is_err() {
+                    bail!("{} is not in snapshot {id}", q.display());
+                }
+                // "/./" marks where --relative starts the path it recreates under TARGET.
+                c = c.arg(format!("{}/.{}", snap.display(), q.display()));
+            }
+        }
+        info!("restoring snapshot {id} into {}", target.display());
+        c.arg(format!("{}/", target.display())).run()?;
+        info!("restore of {id} complete");
+        Ok(())
+    });
+    code
+}
+
+pub fn mount_cmd(p: &Profile, dir: &Path) -> Exit {
+    if !dir.is_absolute() || !dir.is_dir() {
+        return fail(usage(format!(
+            "DIR {} must be an existing absolute directory",
+            dir.display()
+        )));
+    }
+    let mut s = match Session::begin(p, "mount") {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let r = (|| -> Result<()> {
+        let root = s.open_all("mount", true)?;
+        s.stack.push(Undo::Unmount {
+            target: dir.to_path_buf(),
+        })?;
+        // A read-only bind of snapshots/ at DIR: the user browses snapshot ids directly.
+        sys_mount::Mount::builder()
+            .flags(sys_mount::MountFlags::BIND)
+            .mount(root.join(snapshots::SNAPSHOTS), dir)
+            .with_context(|| format!("bind-mounting the snapshots at {}", dir.display()))?;
+        sys_mount::Mount::builder()
+            .flags(
+                sys_mount::MountFlags::BIND
+                    | sys_mount::MountFlags::REMOUNT
+                    | sys_mount::MountFlags::RDONLY
+                    | sys_mount::MountFlags::NODEV
+                    | sys_mount::MountFlags::NOSUID
+                    | sys_mount::MountFlags::NOEXEC,
+            )
+            .mount("none", dir)
+            .with_context(|| format!("making {} read-only", dir.display()))?;
+        Ok(())
+    })();
+    match r {
+        Ok(()) => {
+            if let Err(e) = s.keep_open() {
+                return finish(s, &Err(e)).0;
+            }
+            info!(
+                "snapshots of `{}` mounted read-only at {}; `e2ebackup umount {}` when done (runs wait until then: exit 4)",
+                p.name,
+                dir.display(),
+                p.name
+            );
+            Exit::Ok
+        }
+        Err(e) => finish(s, &Err(e)).0,
+    }
+}
+
+pub fn umount_cmd(p: &Profile) -> Exit {
+    let _l = match crate::stack::lock::lock_local(&p.name) {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
+    match session::recover(p, true) {
+        Ok(None) => {
+            info!("profile `{}` is not mounted", p.name);
+            Exit::Ok
+        }
+        Ok(Some(r)) if r.complete() => {
+            info!("unmounted and closed");
+            Exit::Ok
+        }
+        Ok(Some(_)) => Exit::TeardownIncomplete,
+        Err(e) => fail(e),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct PruneLine {
+    id: String,
+    keep: Vec<String>,
+    remove: bool,
+}
+
+pub fn prune(p: &Profile, dry_run: bool, json: bool) -> Exit {
+    let mut s = match Session::begin(p, "prune") {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let mut decisions = None;
+    let r = s.open_all("prune", dry_run).and_then(|root| {
+        if !dry_run {
+            snapshots::remove_partials(&root)?;
+        }
+        if p.retention.is_empty() {
+            info!("the profile has no retention rules: every snapshot is kept");
+        }
+        let t0 = std::time::Instant::now();
+        decisions = Some(super::run::prune(p, &root, dry_run)?);
+        if !dry_run {
+            info!("prune took {:.1} s", t0.elapsed().as_secs_f64());
+        }
+        mount::syncfs(&root)?;
+        Ok(Exit::Ok)
+    });
+    let code = finish(s, &r).0;
+    if let Some(ds) = decisions {
+        print_decisions(&ds, dry_run, json);
+    }
+    code
+}
+
+fn print_decisions(ds: &[retention::Decision], dry_run: bool, json: bool) {
+    let lines: Vec<PruneLine> = ds
+        .iter()
+        .map(|d| PruneLine {
+            id: d.id.to_string(),
+            keep: d.keep.iter().map(|r| r.to_string()).collect(),
+            remove: d.removed(),
+        })
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&lines).unwrap_or_default()
+        );
+        return;
+    }
+    for l in lines {
+        let what = if l.remove {
+            if dry_run { "would remove" } else { "removed" }.to_string()
+        } else {
+            format!("keep ({})", l.keep.join(", "))
+        };
+        println!("{}  {what}", l.id);
+    }
+}
