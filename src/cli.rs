@@ -83,6 +83,17 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Enlarge the container (never shrinks): SIZE is the new size (3G) or an increase (+1G)
+    Grow {
+        profile: String,
+        #[arg(long, allow_hyphen_values = true)]
+        size: String,
+        /// Resize while mounted (default: offline, with e2fsck first)
+        #[arg(long)]
+        online: bool,
+    },
+    /// Give space freed by deleted snapshots back to the server (NBD + fstrim over SSH)
+    Trim { profile: String },
     /// Apply the profile's retention rules now; list what is kept (and why) or removed
     Prune {
         profile: String,
@@ -107,7 +118,9 @@ impl Command {
             | Command::Mount { profile, .. }
             | Command::Umount { profile }
             | Command::Restore { profile, .. }
-            | Command::Prune { profile, .. } => profile,
+            | Command::Prune { profile, .. }
+            | Command::Grow { profile, .. }
+            | Command::Trim { profile } => profile,
         }
     }
 }
@@ -148,6 +161,8 @@ pub fn main() -> ExitCode {
             force,
             ..
         } => ops::restore::restore(&profile, snapshot, target, paths, *force),
+        Command::Grow { size, online, .. } => ops::grow::grow(&profile, size, *online),
+        Command::Trim { .. } => ops::trim::trim(&profile),
         Command::Prune { dry_run, json, .. } => ops::restore::prune(&profile, *dry_run, *json),
     };
     code.into()

@@ -36,6 +36,11 @@ pub enum Undo {
     UnmountSshfs { target: PathBuf },
     /// Ensure a half-made file (an `init` that did not finish) is removed.
     RemoveFile { path: PathBuf },
+    /// Ensure the NBD device is disconnected.
+    DisconnectNbd { device: PathBuf },
+    /// Ensure a process we started (the ssh tunnel carrying the remote NBD server) has
+    /// exited; `start` (clock ticks after boot) tells it apart from a recycled pid.
+    StopProcess { pid: u32, start: u64, what: String },
 }
 
 impl std::fmt::Display for Undo {
@@ -54,6 +59,8 @@ impl std::fmt::Display for Undo {
             }
             Undo::UnmountSshfs { target } => write!(f, "unmount sshfs {}", target.display()),
             Undo::RemoveFile { path } => write!(f, "remove unfinished {}", path.display()),
+            Undo::DisconnectNbd { device } => write!(f, "disconnect {}", device.display()),
+            Undo::StopProcess { pid, what, .. } => write!(f, "stop {what} (pid {pid})"),
         }
     }
 }
@@ -68,6 +75,8 @@ impl Undo {
             Undo::ReleaseServerLock { path, .. } => format!("rm {}", path.display()),
             Undo::UnmountSshfs { target } => format!("fusermount3 -u {}", target.display()),
             Undo::RemoveFile { path } => format!("rm {}", path.display()),
+            Undo::DisconnectNbd { device } => format!("nbd-client -d {}", device.display()),
+            Undo::StopProcess { pid, .. } => format!("kill {pid}"),
         }
     }
 }

@@ -2,11 +2,13 @@
 //! the teardown runs (so the cause is the first thing a reader sees, and the teardown's own
 //! messages follow it).
 
+pub mod grow;
 pub mod init;
 pub mod maintenance;
 pub mod restore;
 pub mod run;
 pub mod status;
+pub mod trim;
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};

@@ -56,6 +56,42 @@ pub fn estimate_init_bytes(size: u64, inodes: u64) -> u64 {
     (16 << 20) + inodes * 256 + journal_bytes(size / 4096) + size / 300
 }
 
+/// Size of the ext4 filesystem on `device` in bytes (block count x block size).
+pub fn fs_bytes(device: &Path) -> Result<u64> {
+    let d = Cmd::new("dumpe2fs")?.arg("-h").arg(device).run()?;
+    let field = |name: &str| -> Option<u64> {
+        d.stdout
+            .lines()
+            .find(|l| l.starts_with(name))?
+            .split(':')
+            .nth(1)?
+            .trim()
+            .parse()
+            .ok()
+    };
+    match (field("Block count:"), field("Block size:")) {
+        (Some(c), Some(s)) => Ok(c * s),
+        _ => anyhow::bail!("cannot read the ext4 size of {}", device.display()),
+    }
+}
+
+/// `e2fsck -f -p`: required by resize2fs before an offline resize. Exit 1 (errors fixed)
+/// is fine; anything worse stops the grow.
+pub fn fsck_preen(device: &Path) -> Result<()> {
+    Cmd::new("e2fsck")?
+        .args(["-f", "-p"])
+        .arg(device)
+        .ok_codes(&[0, 1])
+        .run()?;
+    Ok(())
+}
+
+/// Grow the filesystem to fill its device (online if mounted, offline otherwise).
+pub fn resize_to_fill(device: &Path) -> Result<()> {
+    Cmd::new("resize2fs")?.arg(device).run()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -216,6 +216,22 @@ pub fn open(
     Ok(PathBuf::from(format!("/dev/mapper/{name}")))
 }
 
+/// Grow the active mapping `name` to fill its (grown) underlying device. LUKS2 keeps the
+/// volume key in the kernel keyring, not in the dm table, so libcryptsetup needs the key
+/// again: unlocking without a name loads it into the context, then resize uses it.
+pub fn resize_to_fill(name: &str, key: &Key) -> Result<()> {
+    install_logging();
+    let mut dev = CryptInit::init_by_name_and_header(name, None)
+        .map_err(lerr(format!("finding the active mapping {name}")))?;
+    dev.activate_handle()
+        .activate_by_passphrase(None, None, key.bytes(), CryptActivate::KEYRING_KEY)
+        .map_err(lerr(format!("loading the volume key of {name}")))?;
+    dev.context_handle()
+        .resize(name, 0)
+        .map_err(lerr(format!("resizing {name}")))?;
+    Ok(())
+}
+
 /// Whether the mapping `name` exists.
 pub fn is_active(name: &str) -> bool {
     install_logging();

@@ -18,6 +18,7 @@ pub mod lock;
 pub mod loopdev;
 pub mod luks;
 pub mod mount;
+pub mod nbd;
 pub mod ssh;
 pub mod sshfs;
 
@@ -38,6 +39,8 @@ impl Undoer for Real {
                 lock::ensure_server_lock_released(path, token)
             }
             Undo::UnmountSshfs { target } => sshfs::ensure_unmounted(target),
+            Undo::DisconnectNbd { device } => nbd::ensure_disconnected(device),
+            Undo::StopProcess { pid, start, .. } => nbd::ensure_stopped(*pid, *start),
             Undo::RemoveFile { path } => match std::fs::remove_file(path) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -5,7 +5,7 @@
 #   metric KEY VALUE      append to $E2E_OUT/metrics.txt (and print)
 #   alloc_bytes FILE      bytes allocated to FILE (st_blocks * 512)
 #   assert_no_leftovers   fails unless no sshfs/e2ebackup mount, dm mapping, loop device,
-#                         sshfs, ssh or nbd-client process is left
+#                         NBD connection, sshfs, ssh, nbd-client or nbdkit process is left
 #   server_rotate_hostkey / server_restore_hostkey   give sshd another host key and back
 # and the variables E2E_BIN, E2E_REPO, E2E_OUT, SERVER_DIR, DEMO_DIR, SSHD_DIR.
 set -u
@@ -52,7 +52,10 @@ assert_no_leftovers() {
   case "$m" in *"No devices found"*) ;; *) echo "leftover device-mapper mappings: $m"; bad=1 ;; esac
   m=$(losetup -a)
   [ -n "$m" ] && { echo "leftover loop devices: $m"; bad=1; }
-  for p in sshfs ssh nbd-client e2ebackup rsync; do
+  for d in /sys/block/nbd*; do
+    [ -e "$d/pid" ] && { echo "leftover NBD connection: /dev/$(basename "$d")"; bad=1; }
+  done
+  for p in sshfs ssh nbd-client nbdkit e2ebackup rsync; do
     if pgrep -x "$p" >/dev/null; then echo "leftover process $p: $(pgrep -a -x "$p")"; bad=1; fi
   done
   return $bad

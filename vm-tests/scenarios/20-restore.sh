@@ -43,14 +43,14 @@ check odd-tree odd_tree
 check init E2E init $P
 check run E2E run $P
 check snapshots-json bash -c "$E2E_BIN snapshots $P --json | python3 -c 'import json,sys; d=json.load(sys.stdin); assert len(d)==1 and d[0][\"files\"]>=8, d'"
-check restore-latest E2E restore $P latest /restore/full
-check restored-identical identical "$SRC" "/restore/full$SRC"
-check sparse-stays-sparse test "$(alloc_bytes "/restore/full$SRC/sparse.img")" -lt $((8 << 20))
-check hardlink-kept test "$(stat -c %i "/restore/full$SRC/dir/data.bin")" = "$(stat -c %i "/restore/full$SRC/dir/hardlink.bin")"
-check restore-refuses-non-empty bash -c "$E2E_BIN restore $P latest /restore/full; [ \$? = 2 ]"
-check restore-one-path E2E restore $P latest /restore/part --path "$SRC/dir"
-check one-path-identical identical "$SRC/dir" "/restore/part$SRC/dir"
-check one-path-only test ! -e "/restore/part$SRC/sparse.img"
+check restore-latest E2E restore $P latest /srv/restore/full
+check restored-identical identical "$SRC" "/srv/restore/full$SRC"
+check sparse-stays-sparse test "$(alloc_bytes "/srv/restore/full$SRC/sparse.img")" -lt $((8 << 20))
+check hardlink-kept test "$(stat -c %i "/srv/restore/full$SRC/dir/data.bin")" = "$(stat -c %i "/srv/restore/full$SRC/dir/hardlink.bin")"
+check restore-refuses-non-empty bash -c "$E2E_BIN restore $P latest /srv/restore/full; [ \$? = 2 ]"
+check restore-one-path E2E restore $P latest /srv/restore/part --path "$SRC/dir"
+check one-path-identical identical "$SRC/dir" "/srv/restore/part$SRC/dir"
+check one-path-only test ! -e "/srv/restore/part$SRC/sparse.img"
 check no-leftovers-after-restore assert_no_leftovers
 
 mkdir -p /mnt/browse

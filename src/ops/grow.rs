@@ -1,0 +1,180 @@
+//! `e2ebackup grow PROFILE --size SIZE|+SIZE`: enlarge the container, never shrink it.
+//!
+//! Offline (default): enlarge the file, attach, unlock (LUKS2's data segment follows the
+//! device size), `e2fsck -f`, `resize2fs`. Online (`--online`): mount first, then enlarge the
+//! file, refresh the loop device's capacity, resize the LUKS mapping (needs the key again)
+//! and `resize2fs` the mounted filesystem. Both are idempotent for an absolute size: a grow
+//! interrupted anywhere is completed by running the same command again (the file is only
+//! ever enlarged, and resize2fs of a filesystem that already fills its device is a no-op).
+
+use anyhow::{Context, Result};
+
+use crate::error::{usage, Exit};
+use crate::ops::{fail, finish};
+use crate::profile::{Profile, Size};
+use crate::session::Session;
+use crate::stack::{ext4, luks};
+use crate::{info, warn};
+
+/// `3G` (absolute) or `+1G` (relative to the current size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrowTo {
+    Absolute(u64),
+    Plus(u64),
+}
+
+pub fn parse_spec(s: &str) -> Result<GrowTo> {
+    let (plus, rest) = match s.strip_prefix('+') {
+        Some(r) => (true, r),
+        None => (false, s),
+    };
+    let n = Size::parse(rest)
+        .map_err(|e| usage(format!("--size {e}")))?
+        .0;
+    if n % (1 << 20) != 0 {
+        return Err(usage(format!("--size {s}: must be a whole number of MiB")));
+    }
+    Ok(if plus {
+        GrowTo::Plus(n)
+    } else {
+        GrowTo::Absolute(n)
+    })
+}
+
+/// The target size, or why not.
+pub fn target_size(current: u64, spec: GrowTo) -> Result<u64> {
+    let t = match spec {
+        GrowTo::Absolute(n) => n,
+        GrowTo::Plus(n) => current + n,
+    };
+    if t < current {
+        return Err(usage(format!(
+            "the container is {} and e2ebackup never shrinks a container (asked for {})",
+            Size(current),
+            Size(t)
+        )));
+    }
+    Ok(t)
+}
+
+pub fn grow(p: &Profile, spec: &str, online: bool) -> Exit {
+    let spec = match parse_spec(spec) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let mut s = match Session::begin(p, "grow") {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let r = work(p, &mut s, spec, online);
+    finish(s, &r).0
+}
+
+fn work(p: &Profile, s: &mut Session<'_>, spec: GrowTo, online: bool) -> Result<Exit> {
+    let key = luks::read_keyfile(&p.container.keyfile.0)?;
+    let facts = s.connect()?.clone();
+    let current = facts.container_size.ok_or_else(|| {
+        usage(format!(
+            "no container {} on {}; nothing to grow",
+            p.remote_container(),
+            p.server.host
+        ))
+    })?;
+    let target = target_size(current, spec)?;
+    let added = target - current;
+    if let Some(free) = facts.free_bytes {
+        // resize2fs writes inode tables, bitmaps and descriptors for the new part.
+        let need = ext4::estimate_init_bytes(added, added / 65536).saturating_sub(16 << 20);
+        if added > 0 && free < need + (64 << 20) {
+            anyhow::bail!(
+                "{}:{} has {} free; growing by {} writes about {}",
+                p.server.host,
+                p.server.path,
+                Size(free),
+                Size(added),
+                Size(need)
+            );
+        }
+        if free < added {
+            warn!(
+                "the server has {} free, less than the {} being added",
+                Size(free),
+                Size(added)
+            );
+        }
+    }
+    s.mount_server("grow")?;
+    let file = s.container_path();
+    let enlarge = |file: &std::path::Path| -> Result<()> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(file)
+            .with_context(|| format!("opening {}", file.display()))?;
+        if f.metadata()?.len() < target {
+            info!("enlarging {} to {}", p.remote_container(), Size(target));
+            f.set_len(target)
+                .with_context(|| format!("enlarging {}", file.display()))?;
+            f.sync_all()?;
+        }
+        Ok(())
+    };
+    let name = p.mapping_name();
+    if online {
+        s.attach(&file, false)?;
+        let mapper = s.unlock(&key, false, false)?;
+        let root = s.mount_fs(false)?;
+        crate::snapshots::check_layout(&root)?;
+        enlarge(&file)?;
+        crate::signals::check()?;
+        s.loopdev.as_ref().expect("attached").refresh_capacity()?;
+        luks::resize_to_fill(&name, &key)?;
+        info!("resizing the mounted filesystem (online)");
+        ext4::resize_to_fill(&mapper)?;
+        report(&root)?;
+    } else {
+        enlarge(&file)?;
+        s.attach(&file, false)?;
+        let mapper = s.unlock(&key, false, false)?;
+        info!("checking the filesystem before an offline resize (e2fsck -f)");
+        ext4::fsck_preen(&mapper)?;
+        crate::signals::check()?;
+        info!("resizing the filesystem (offline)");
+        ext4::resize_to_fill(&mapper)?;
+        let root = s.mount_fs(false)?;
+        crate::snapshots::check_layout(&root)?;
+        report(&root)?;
+    }
+    Ok(Exit::Ok)
+}
+
+fn report(root: &std::path::Path) -> Result<()> {
+    let st = nix::sys::statvfs::statvfs(root)?;
+    let total = st.blocks() * st.fragment_size();
+    let free = st.blocks_available() * st.fragment_size();
+    info!("filesystem now {} ({} free)", Size(total), Size(free));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_and_targets() {
+        assert_eq!(parse_spec("3G").unwrap(), GrowTo::Absolute(3 << 30));
+        assert_eq!(parse_spec("+512M").unwrap(), GrowTo::Plus(512 << 20));
+        assert!(parse_spec("+1000").is_err());
+        assert!(parse_spec("lots").is_err());
+        assert_eq!(
+            target_size(2 << 30, GrowTo::Plus(1 << 30)).unwrap(),
+            3 << 30
+        );
+        assert_eq!(
+            target_size(2 << 30, GrowTo::Absolute(2 << 30)).unwrap(),
+            2 << 30
+        );
+        let e = target_size(2 << 30, GrowTo::Absolute(1 << 30)).unwrap_err();
+        assert!(format!("{e}").contains("never shrinks"));
+        assert_eq!(crate::error::exit_for(&e), Exit::Usage);
+    }
+}

@@ -1,0 +1,110 @@
+//! `e2ebackup trim PROFILE`: give the space of deleted data back to the server.
+//!
+//! ```text
+//!   server lock (via sshfs, as every command) -> ssh tunnel + remote nbdkit on 127.0.0.1
+//!   -> nbd-client -> LUKS with discards allowed (this command only) -> ext4 -> fstrim
+//! ```
+//! Discards are allowed only here: on a normal run they would tell the server which blocks
+//! are free, a (small) leak we accept only when the user asks to reclaim space. The server's
+//! allocation of the container file is reported before and after.
+
+use anyhow::Result;
+
+use crate::cmd::Cmd;
+use crate::error::Exit;
+use crate::ops::{fail, finish};
+use crate::profile::{Profile, Size};
+use crate::session::Session;
+use crate::stack::{luks, nbd};
+use crate::teardown::Undo;
+use crate::{info, warn};
+
+pub fn trim(p: &Profile) -> Exit {
+    let mut s = match Session::begin(p, "trim") {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let r = work(p, &mut s);
+    finish(s, &r).0
+}
+
+fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
+    let key = luks::read_keyfile(&p.container.keyfile.0)?;
+    let facts = s.connect()?.clone();
+    if facts.container_size.is_none() {
+        return Err(crate::error::usage(format!(
+            "no container {} on {}",
+            p.remote_container(),
+            p.server.host
+        )));
+    }
+    let remote = s.remote.as_ref().expect("connected");
+    match remote.exec("command -v nbdkit") {
+        Ok((0, _, _)) => {}
+        _ => anyhow::bail!(
+            "the server {} has no nbdkit: install it there (Debian/Ubuntu: apt install nbdkit). \
+             nbd-server is not used: version 3.24 silently ignores half of the trim requests",
+            p.server.host
+        ),
+    }
+    let before = remote.allocated_bytes(&p.remote_container());
+    // The server lock, through sshfs like every other command.
+    s.mount_server("trim")?;
+
+    let mark = s.stack.len();
+    let lport = nbd::free_local_port()?;
+    let rport = 20000 + (std::process::id() % 40000) as u16;
+    crate::signals::check()?;
+    let pid = nbd::start_tunnel(&p.server, &p.remote_container(), lport, rport)?;
+    let start = crate::stack::lock::pid_start(pid).unwrap_or(0);
+    s.stack.push(Undo::StopProcess {
+        pid,
+        start,
+        what: "ssh tunnel with the remote nbdkit".into(),
+    })?;
+    info!("NBD server started on the server (127.0.0.1:{rport}), tunnelled to 127.0.0.1:{lport}");
+    nbd::wait_ready(lport, pid, std::time::Duration::from_secs(60))?;
+
+    let dev = nbd::free_device()?;
+    s.stack.push(Undo::DisconnectNbd {
+        device: dev.clone(),
+    })?;
+    nbd::connect(&dev, lport)?;
+    // The loop device is not used here: the NBD device takes its place under LUKS.
+    let name = p.mapping_name();
+    if luks::is_active(&name) {
+        anyhow::bail!("/dev/mapper/{name} is already open");
+    }
+    s.stack.push(Undo::CloseLuks { name: name.clone() })?;
+    let mapper = luks::open(&dev, &name, &key, false, true)?;
+    s.mapper = Some(mapper);
+    let root = s.mount_fs(false)?;
+    crate::snapshots::check_layout(&root)?;
+    crate::signals::check()?;
+    info!("fstrim {}", root.display());
+    let out = Cmd::new("fstrim")?.arg("-v").arg(&root).run()?;
+    info!("{}", out.stdout.trim());
+    crate::stack::mount::syncfs(&root)?;
+    // Tear down the NBD path now, so the allocation below is measured after the last discard.
+    s.fs_root = None;
+    let report = s.stack.unwind_to(mark, &mut crate::stack::Real);
+    if !report.complete() {
+        report.print();
+        anyhow::bail!("could not close the NBD path cleanly");
+    }
+    let after = s
+        .remote
+        .as_ref()
+        .and_then(|r| r.allocated_bytes(&p.remote_container()));
+    match (before, after) {
+        (Some(b), Some(a)) => info!(
+            "server allocation of {}: {} before, {} after ({} given back)",
+            p.remote_container(),
+            Size(b),
+            Size(a),
+            Size(b.saturating_sub(a))
+        ),
+        _ => warn!("cannot read the container's allocation on the server (no shell access?)"),
+    }
+    Ok(Exit::Ok)
+}
