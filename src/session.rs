@@ -28,6 +28,8 @@ pub struct Session<'p> {
     pub mapper: Option<PathBuf>,
     /// Where the container's ext4 is mounted, once it is.
     pub fs_root: Option<PathBuf>,
+    /// `init` pins the header it just wrote before it is moved to its final name.
+    pub header_override: Option<PathBuf>,
 }
 
 pub fn journal_path(p: &Profile) -> PathBuf {
@@ -82,6 +84,7 @@ impl<'p> Session<'p> {
             loopdev: None,
             mapper: None,
             fs_root: None,
+            header_override: None,
         })
     }
 
@@ -164,10 +167,28 @@ impl<'p> Session<'p> {
         if luks::is_active(&name) {
             bail!("/dev/mapper/{name} is already open, but not by this run; see `e2ebackup status {}`", self.profile.name);
         }
+        let header = self.pinned_header(&dev)?;
         self.stack.push(Undo::CloseLuks { name: name.clone() })?;
-        let m = luks::open(&dev, &name, key, read_only, discards)?;
+        let m = luks::open(&dev, header.as_deref(), &name, key, read_only, discards)?;
         self.mapper = Some(m.clone());
         Ok(m)
+    }
+
+    /// The client's pinned header, after checking the server's copy against it.
+    pub fn pinned_header(&self, device: &Path) -> Result<Option<PathBuf>> {
+        let h = self
+            .header_override
+            .clone()
+            .unwrap_or_else(|| self.profile.header_backup());
+        if !h.exists() {
+            warn!(
+                "no pinned LUKS header at {}: the server's header is used unchecked",
+                h.display()
+            );
+            return Ok(None);
+        }
+        luks::verify_pinned_header(device, &h)?;
+        Ok(Some(h))
     }
 
     /// Mount the ext4 inside.

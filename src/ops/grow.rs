@@ -127,7 +127,8 @@ fn work(p: &Profile, s: &mut Session<'_>, spec: GrowTo, online: bool) -> Result<
         enlarge(&file)?;
         crate::signals::check()?;
         s.loopdev.as_ref().expect("attached").refresh_capacity()?;
-        luks::resize_to_fill(&name, &key)?;
+        let header = s.pinned_header(&s.loopdev.as_ref().expect("attached").device)?;
+        luks::resize_to_fill(&name, header.as_deref(), &key)?;
         info!("resizing the mounted filesystem (online)");
         ext4::resize_to_fill(&mapper)?;
         report(&root)?;

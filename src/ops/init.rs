@@ -132,6 +132,7 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     ));
     let _ = std::fs::remove_file(&header_tmp);
     luks::backup_header(&dev, &header_tmp)?;
+    s.header_override = Some(header_tmp.clone());
     let mapper = s.unlock(&key, false, false)?;
     info!("creating ext4 ({inodes} inodes, no lazy init)");
     ext4::mkfs(

@@ -75,8 +75,9 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     if luks::is_active(&name) {
         anyhow::bail!("/dev/mapper/{name} is already open");
     }
+    let header = s.pinned_header(&dev)?;
     s.stack.push(Undo::CloseLuks { name: name.clone() })?;
-    let mapper = luks::open(&dev, &name, &key, false, true)?;
+    let mapper = luks::open(&dev, header.as_deref(), &name, &key, false, true)?;
     s.mapper = Some(mapper);
     let root = s.mount_fs(false)?;
     crate::snapshots::check_layout(&root)?;

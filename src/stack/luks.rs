@@ -184,16 +184,69 @@ pub fn backup_header(device: &Path, dest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Open `device` as `/dev/mapper/<name>`; the caller has pushed `CloseLuks` first.
+/// Read the size of one LUKS2 metadata copy (binary header + JSON) from its first bytes.
+fn luks2_hdr_size(first: &[u8]) -> Option<u64> {
+    if first.len() < 16 || first[..6] != *b"LUKS\xba\xbe" || first[6..8] != [0, 2] {
+        return None;
+    }
+    Some(u64::from_be_bytes(first[8..16].try_into().ok()?))
+}
+
+/// Tamper check: the LUKS2 metadata on the server (both copies of the binary header and
+/// JSON area: cipher, keyslot and segment definitions, digests) must be byte-identical to
+/// the client's pinned header backup. A server could otherwise swap in weaker parameters or
+/// a different volume. Activation then uses the client's copy (see [`open`]), so the
+/// server's keyslot area is never trusted either.
+pub fn verify_pinned_header(device: &Path, pinned: &Path) -> Result<()> {
+    use std::io::Seek;
+    let mut b = std::fs::File::open(pinned)
+        .with_context(|| format!("opening pinned header {}", pinned.display()))?;
+    let mut first = [0u8; 4096];
+    b.read_exact(&mut first)
+        .with_context(|| format!("reading pinned header {}", pinned.display()))?;
+    let hdr = luks2_hdr_size(&first)
+        .filter(|h| (4096..=4 << 20).contains(h))
+        .ok_or_else(|| anyhow!("{} is not a LUKS2 header backup", pinned.display()))?;
+    let n = (2 * hdr) as usize;
+    let mut want = vec![0u8; n];
+    b.rewind()?;
+    b.read_exact(&mut want)?;
+    let mut got = vec![0u8; n];
+    let mut d =
+        std::fs::File::open(device).with_context(|| format!("opening {}", device.display()))?;
+    d.read_exact(&mut got)
+        .with_context(|| format!("reading the LUKS2 header of {}", device.display()))?;
+    if got != want {
+        let first_diff = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+        return Err(crate::error::Failure::Security(format!(
+            "the LUKS2 header of the container on the server differs from the pinned copy {} \
+             (first difference at byte {first_diff}); refusing to open it. If the server's copy \
+             was damaged, `cryptsetup luksHeaderRestore` with the pinned copy repairs it \
+             (docs/operations.md)",
+            pinned.display()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Open `device` as `/dev/mapper/<name>`; the caller has pushed `CloseLuks` first. With a
+/// pinned header, libcryptsetup reads the header (and keyslots) from the client's copy and
+/// only the data from `device`.
 pub fn open(
     device: &Path,
+    header: Option<&Path>,
     name: &str,
     key: &Key,
     read_only: bool,
     discards: bool,
 ) -> Result<PathBuf> {
     install_logging();
-    let mut dev = CryptInit::init(device).map_err(lerr(format!("opening {}", device.display())))?;
+    let mut dev = match header {
+        Some(h) => CryptInit::init_with_data_device(Either::Right((h, device))),
+        None => CryptInit::init(device),
+    }
+    .map_err(lerr(format!("opening {}", device.display())))?;
     dev.context_handle()
         .load::<()>(Some(EncryptionFormat::Luks2), None)
         .map_err(lerr(format!(
@@ -219,9 +272,9 @@ pub fn open(
 /// Grow the active mapping `name` to fill its (grown) underlying device. LUKS2 keeps the
 /// volume key in the kernel keyring, not in the dm table, so libcryptsetup needs the key
 /// again: unlocking without a name loads it into the context, then resize uses it.
-pub fn resize_to_fill(name: &str, key: &Key) -> Result<()> {
+pub fn resize_to_fill(name: &str, header: Option<&Path>, key: &Key) -> Result<()> {
     install_logging();
-    let mut dev = CryptInit::init_by_name_and_header(name, None)
+    let mut dev = CryptInit::init_by_name_and_header(name, header)
         .map_err(lerr(format!("finding the active mapping {name}")))?;
     dev.activate_handle()
         .activate_by_passphrase(None, None, key.bytes(), CryptActivate::KEYRING_KEY)
@@ -261,5 +314,53 @@ pub fn ensure_closed(name: &str) -> Result<()> {
             }
             Err(e) => bail!("closing LUKS mapping {name}: {e} (still mounted or open?)"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_size_parsing() {
+        let mut h = vec![0u8; 16];
+        h[..6].copy_from_slice(b"LUKS\xba\xbe");
+        h[7] = 2;
+        h[8..16].copy_from_slice(&16384u64.to_be_bytes());
+        assert_eq!(luks2_hdr_size(&h), Some(16384));
+        h[7] = 1;
+        assert_eq!(luks2_hdr_size(&h), None);
+        assert_eq!(luks2_hdr_size(b"not luks at all!"), None);
+    }
+
+    /// Real libcryptsetup on a file (it attaches its own loop device; no dm-crypt needed to
+    /// format or back up a header): the pinned check passes on the untouched container and
+    /// refuses one with a single flipped byte in its JSON area.
+    #[test]
+    fn host_pinned_header_detects_a_flipped_byte() {
+        if !nix::unistd::geteuid().is_root() || !Path::new("/dev/loop-control").exists() {
+            eprintln!("skipping: needs root and loop devices");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("c.luks");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        let key = Key(vec![7u8; 64]);
+        format(&img, &key, "test").unwrap();
+        let pinned = d.path().join("c.header");
+        backup_header(&img, &pinned).unwrap();
+        verify_pinned_header(&img, &pinned).unwrap();
+        let mut bytes = std::fs::read(&img).unwrap();
+        bytes[4096 + 100] ^= 0x20;
+        std::fs::write(&img, &bytes).unwrap();
+        let e = verify_pinned_header(&img, &pinned).unwrap_err();
+        assert_eq!(crate::error::exit_for(&e), crate::error::Exit::Security);
+        assert!(
+            format!("{e}").contains("differs from the pinned copy"),
+            "{e}"
+        );
     }
 }
