@@ -129,18 +129,6 @@ impl TryFrom<String> for FileName {
     }
 }
 
-/// A retention duration like `7d`, `36h`, `1y6m`, stored as seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
-pub struct Within(pub u64);
-
-impl TryFrom<String> for Within {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        retention::parse_duration(&s).map(Within)
-    }
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Server {
@@ -201,18 +189,6 @@ pub struct Backup {
     pub one_file_system: bool,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetentionRaw {
-    pub keep_last: Option<u32>,
-    pub keep_hourly: Option<u32>,
-    pub keep_daily: Option<u32>,
-    pub keep_weekly: Option<u32>,
-    pub keep_monthly: Option<u32>,
-    pub keep_yearly: Option<u32>,
-    pub keep_within: Option<Within>,
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
@@ -220,7 +196,7 @@ struct Raw {
     container: Container,
     backup: Backup,
     #[serde(default)]
-    retention: Option<RetentionRaw>,
+    retention: Option<retention::Policy>,
 }
 
 /// A validated profile.
@@ -380,16 +356,7 @@ impl Profile {
                 return Err(bad("backup.excludes: empty or multi-line pattern".into()));
             }
         }
-        let r = raw.retention.unwrap_or_default();
-        let retention = retention::Policy {
-            keep_last: r.keep_last,
-            keep_hourly: r.keep_hourly,
-            keep_daily: r.keep_daily,
-            keep_weekly: r.keep_weekly,
-            keep_monthly: r.keep_monthly,
-            keep_yearly: r.keep_yearly,
-            keep_within: r.keep_within.map(|w| w.0),
-        };
+        let retention = raw.retention.unwrap_or_default();
         Ok(Profile {
             name,
             source_file: path.to_path_buf(),

@@ -16,7 +16,9 @@ use std::fmt;
 
 use crate::snapid::SnapshotId;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The profile's `retention:` section (unknown keys are errors, like everywhere in a profile).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Policy {
     pub keep_last: Option<u32>,
     pub keep_hourly: Option<u32>,
@@ -24,7 +26,8 @@ pub struct Policy {
     pub keep_weekly: Option<u32>,
     pub keep_monthly: Option<u32>,
     pub keep_yearly: Option<u32>,
-    /// Seconds.
+    /// Seconds; written in the profile as a duration like `7d` (see [`parse_duration`]).
+    #[serde(default, deserialize_with = "within")]
     pub keep_within: Option<u64>,
 }
 
@@ -40,6 +43,13 @@ impl Policy {
             || on(self.keep_yearly)
             || self.keep_within.is_some_and(|s| s > 0))
     }
+}
+
+fn within<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    parse_duration(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 /// Parse `36h`, `7d`, `2w`, `6m`, `1y`, or combinations like `1y6m`.

@@ -1,118 +1,313 @@
-//! Test fixture: a private sshd on 127.0.0.1 (its own host key, a client key, a server
-//! directory), and profiles pointing at it. Needs root (sshd privilege separation, and the
-//! tests that use it attach loop devices and mount). Dropped = sshd killed, files removed.
+//! Test fixture for the host-level tests: a private sshd on 127.0.0.1 (its own ed25519 host
+//! key, a client key, a server directory), profiles pointing at it, and guards that tear
+//! down whatever a test set up even when an assertion fails.
+//!
+//! Privileged tests are named `host_*`, start with [`skip_unless_root`] and run with
+//! `--test-threads=1` (CI runs as root; skipping is for developer machines only).
 #![allow(dead_code)]
 
-use std::io::Write;
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use e2ebackup::profile::Profile;
+use e2ebackup::teardown::{Journal, Stack};
 
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Print why a privileged test does nothing here (CI runs as root, so it runs there).
+/// True (after saying so) when a privileged test cannot run here.
 pub fn skip_unless_root(test: &str) -> bool {
-    if is_root() && Path::new("/usr/sbin/sshd").exists() {
+    if is_root() {
         return false;
     }
-    eprintln!("skipping {test}: needs root and openssh-server");
+    eprintln!("skipping {test}: not root");
     true
 }
 
+/// The e2ebackup binary built for these tests.
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_e2ebackup"));
+    c.stdin(Stdio::null());
+    c
+}
+
+/// stdout and stderr of a finished command, for assertion messages.
+pub fn show(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Create an ed25519 key pair (`path`, `path.pub`); returns the `TYPE BASE64` of the public key.
+pub fn keygen(path: &Path, comment: &str) -> String {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running ssh-keygen (openssh-client)");
+    assert!(out.status.success(), "ssh-keygen: {}", show(&out));
+    let mut p = path.as_os_str().to_owned();
+    p.push(".pub");
+    let text = std::fs::read_to_string(PathBuf::from(p)).unwrap();
+    let f: Vec<&str> = text.split_whitespace().take(2).collect();
+    assert_eq!(f.len(), 2, "malformed public key {text:?}");
+    format!("{} {}", f[0], f[1])
+}
+
+/// A private sshd on 127.0.0.1; killed (with its session processes) and its files removed
+/// on drop.
 pub struct Sshd {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// `ssh-ed25519 AAAA...` of the server's host key.
+    pub host_key: String,
     child: Child,
 }
 
-fn keygen(path: &Path, comment: &str) {
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
-        .arg(path)
-        .status()
-        .unwrap();
-    assert!(st.success());
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Sshd {
     pub fn start() -> Sshd {
         let dir = tempfile::Builder::new()
-            .prefix("e2eb-sshd")
+            .prefix("e2eb-sshd.")
             .tempdir()
             .unwrap();
-        let d = dir.path();
+        let d = dir.path().to_path_buf();
+        // Privilege separation directory; sshd refuses to start without it.
         std::fs::create_dir_all("/run/sshd").unwrap();
-        keygen(&d.join("host_key"), "test-host");
-        keygen(&d.join("client_key"), "test-client");
-        std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
+        let host_key = keygen(&d.join("host_key"), "e2eb-test-host");
+        let client = keygen(&d.join("client_key"), "e2eb-test-client");
+        std::fs::write(d.join("authorized_keys"), format!("{client}\n")).unwrap();
         std::fs::create_dir(d.join("server")).unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let cfg = format!(
-            "ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
-             AuthorizedKeysFile {d}/authorized_keys\nPubkeyAuthentication yes\nPasswordAuthentication no\n\
-             KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\n\
-             AllowTcpForwarding local\nSubsystem sftp internal-sftp\nLogLevel ERROR\n",
-            d = d.display()
-        );
-        std::fs::write(d.join("sshd_config"), cfg).unwrap();
-        let child = Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(d.join("sshd_config"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "sshd did not start on port {port}"
+        std::fs::create_dir(d.join("profiles")).unwrap();
+        std::fs::create_dir(d.join("keys")).unwrap();
+
+        // The port is free when probed, but another process may take it before sshd binds:
+        // then sshd exits at once and we try another one.
+        let mut last_log = String::new();
+        for _attempt in 0..5 {
+            let port = free_port();
+            let cfg = format!(
+                "ListenAddress 127.0.0.1\n\
+                 Port {port}\n\
+                 HostKey {d}/host_key\n\
+                 PidFile {d}/sshd.pid\n\
+                 AuthorizedKeysFile {d}/authorized_keys\n\
+                 PubkeyAuthentication yes\n\
+                 PasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\n\
+                 PermitRootLogin prohibit-password\n\
+                 UsePAM no\n\
+                 StrictModes no\n\
+                 Subsystem sftp internal-sftp\n\
+                 LogLevel VERBOSE\n",
+                d = d.display()
             );
-            std::thread::sleep(Duration::from_millis(50));
+            std::fs::write(d.join("sshd_config"), cfg).unwrap();
+            let log = std::fs::File::create(d.join("sshd.log")).unwrap();
+            let mut child = Command::new("/usr/sbin/sshd")
+                .args(["-D", "-e", "-f"])
+                .arg(d.join("sshd_config"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                // Its own process group, so that Drop also ends the per-connection children.
+                .process_group(0)
+                .spawn()
+                .expect("starting /usr/sbin/sshd (openssh-server)");
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    let kh = format!("[127.0.0.1]:{port} {host_key}\n");
+                    std::fs::write(d.join("known_hosts"), kh).unwrap();
+                    return Sshd {
+                        dir,
+                        port,
+                        host_key,
+                        child,
+                    };
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            last_log = std::fs::read_to_string(d.join("sshd.log")).unwrap_or_default();
         }
-        let key = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
-        let mut f = std::fs::File::create(d.join("known_hosts")).unwrap();
-        let kt: Vec<&str> = key.split_whitespace().take(2).collect();
-        writeln!(f, "[127.0.0.1]:{port} {} {}", kt[0], kt[1]).unwrap();
-        Sshd { dir, port, child }
+        panic!("sshd did not start on 127.0.0.1; its log:\n{last_log}");
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
+    /// The directory the profiles' `server.path` points at.
     pub fn server_dir(&self) -> PathBuf {
         self.path("server")
     }
 
-    /// Write `<name>.yaml` for this server and return its path.
+    pub fn known_hosts(&self) -> PathBuf {
+        self.path("known_hosts")
+    }
+
+    /// The line that pins this server's key.
+    pub fn known_hosts_line(&self) -> String {
+        format!("[127.0.0.1]:{} {}", self.port, self.host_key)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path("sshd.log")).unwrap_or_default()
+    }
+
+    /// Write `profiles/<name>.yaml` for this server and return its path.
     pub fn profile(&self, name: &str, sources: &[&Path]) -> PathBuf {
-        let srcs: Vec<String> = sources.iter().map(|s| s.display().to_string()).collect();
+        let srcs: Vec<String> = sources
+            .iter()
+            .map(|s| format!("\"{}\"", s.display()))
+            .collect();
+        let d = self.dir.path().display();
         let text = format!(
-            "server:\n  host: 127.0.0.1\n  port: {port}\n  user: root\n  identity_file: {d}/client_key\n  \
-             known_hosts: {d}/known_hosts\n  path: {d}/server\ncontainer:\n  file: test.luks\n  size: 256M\n  \
-             keyfile: {d}/keys/test.key\nbackup:\n  sources: [{srcs}]\n",
+            "server:\n\
+             \x20 host: 127.0.0.1\n\
+             \x20 port: {port}\n\
+             \x20 user: root\n\
+             \x20 identity_file: {d}/client_key\n\
+             \x20 known_hosts: {d}/known_hosts\n\
+             \x20 path: {d}/server\n\
+             \x20 timeout: 10\n\
+             container:\n\
+             \x20 file: test.luks\n\
+             \x20 size: 256M\n\
+             \x20 keyfile: {d}/keys/{name}.key\n\
+             backup:\n\
+             \x20 sources: [{srcs}]\n",
             port = self.port,
-            d = self.dir.path().display(),
             srcs = srcs.join(", ")
         );
-        let p = self.path(&format!("{name}.yaml"));
+        let p = self.path("profiles").join(format!("{name}.yaml"));
         std::fs::write(&p, text).unwrap();
         p
+    }
+
+    /// Write and load a profile.
+    pub fn load_profile(&self, name: &str, sources: &[&Path]) -> Profile {
+        let p = self.profile(name, sources);
+        Profile::load(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()))
     }
 }
 
 impl Drop for Sshd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        let pgid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Whatever is left of the group (session processes), and the master if it lingers.
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.wait();
     }
+}
+
+/// Finishes the teardown recorded in an undo journal when dropped: what the next
+/// `e2ebackup` command would do after a crash. Declare it right after the journal's
+/// directory and before anything is acquired, so that it runs after the test's own values
+/// (a [`e2ebackup::stack::loopdev::Loop`] must be closed first) and before the temporary
+/// directories holding the mount points are removed. A test that unwinds by itself leaves
+/// no journal, and then this does nothing.
+pub struct Recover {
+    pub journal: PathBuf,
+}
+
+impl Recover {
+    pub fn new(journal: &Path) -> Recover {
+        Recover {
+            journal: journal.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Recover {
+    fn drop(&mut self) {
+        match Journal::read(&self.journal) {
+            Ok(Some(j)) => {
+                eprintln!(
+                    "test guard: unwinding {} record(s) left in {}",
+                    j.records.len(),
+                    self.journal.display()
+                );
+                let mut s = Stack::adopt(self.journal.clone(), j);
+                let r = s.unwind(&mut e2ebackup::stack::Real);
+                for (u, e) in &r.failed {
+                    eprintln!("test guard: could not {u}: {e}; by hand: {}", u.manual_command());
+                }
+            }
+            Ok(None) => {}
+            Err(e) => eprintln!("test guard: {e:#}"),
+        }
+    }
+}
+
+/// Removes paths outside the temporary directories (the real `/run/e2ebackup/<profile>`,
+/// `/var/lib/e2ebackup/<profile>`, `/run/lock/e2ebackup/<profile>.lock`) when dropped.
+pub struct RemoveOnDrop(pub Vec<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let r = if p.is_dir() {
+                std::fs::remove_dir_all(p)
+            } else {
+                std::fs::remove_file(p)
+            };
+            if let Err(e) = r {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    eprintln!("test guard: cannot remove {}: {e}", p.display());
+                }
+            }
+        }
+    }
+}
+
+/// The real per-profile paths a command may create for `name` (removed by the guard).
+pub fn real_state_paths(name: &str) -> RemoveOnDrop {
+    RemoveOnDrop(vec![
+        Path::new(e2ebackup::RUN_DIR).join(name),
+        Path::new(e2ebackup::STATE_DIR).join(name),
+        e2ebackup::stack::lock::local_lock_path(name),
+    ])
+}
+
+/// A profile name no other test (or earlier run) uses.
+pub fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }

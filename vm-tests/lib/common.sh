@@ -7,6 +7,7 @@
 #   assert_no_leftovers   fails unless no sshfs/e2ebackup mount, dm mapping, loop device,
 #                         NBD connection, sshfs, ssh, nbd-client or nbdkit process is left
 #   server_rotate_hostkey / server_restore_hostkey   give sshd another host key and back
+#   scenario_profile NAME SIZE SOURCE [RETENTION]      write /etc/e2ebackup/profiles/NAME.yaml
 # and the variables E2E_BIN, E2E_REPO, E2E_OUT, SERVER_DIR, DEMO_DIR, SSHD_DIR.
 set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -59,6 +60,17 @@ assert_no_leftovers() {
     if pgrep -x "$p" >/dev/null; then echo "leftover process $p: $(pgrep -a -x "$p")"; bad=1; fi
   done
   return $bad
+}
+
+# scenario_profile NAME SIZE SOURCE [RETENTION-LINES]: a profile NAME.yaml for the guest's
+# server, container NAME.luks, keyfile $DEMO_DIR/NAME.key, one source directory.
+scenario_profile() {
+  local name=$1 size=$2 src=$3 ret=${4:-}
+  sed -e "s/file: demo.luks/file: $name.luks/" -e "s/size: 2G/size: $size/" \
+      -e "s#keyfile: .*#keyfile: $DEMO_DIR/$name.key#" -e "s#sources: .*#sources: [$src]#" \
+      -e '/excludes:/d' -e '/^retention:/,$d' "$E2E_REPO/profiles/demo.yaml" > "/etc/e2ebackup/profiles/$name.yaml"
+  [ -n "$ret" ] && printf 'retention:\n%s\n' "$ret" >> "/etc/e2ebackup/profiles/$name.yaml"
+  chmod 0600 "/etc/e2ebackup/profiles/$name.yaml"
 }
 
 _restart_sshd() {

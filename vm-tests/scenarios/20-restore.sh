@@ -9,13 +9,8 @@ PROFILE=/etc/e2ebackup/profiles/$P.yaml
 SRC=/srv/odd
 E2E() { "$E2E_BIN" "$@"; }
 
-make_profile() {
-  sed -e 's/file: demo.luks/file: restore.luks/' -e 's/size: 2G/size: 512M/' \
-      -e "s#keyfile: .*#keyfile: $DEMO_DIR/restore.key#" \
-      -e "s#sources: .*#sources: [$SRC]#" -e '/excludes:/d' \
-      -e 's/keep_last: 5/keep_last: 1\n  keep_daily: 2/' "$E2E_REPO/profiles/demo.yaml" > "$PROFILE"
-  chmod 0600 "$PROFILE"
-}
+make_profile() { scenario_profile $P 512M "$SRC" "  keep_last: 1
+  keep_daily: 2"; }
 
 odd_tree() {
   rm -rf "$SRC"; mkdir -p "$SRC/dir/empty" "$SRC/deep/a/b/c"

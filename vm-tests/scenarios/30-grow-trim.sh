@@ -12,11 +12,7 @@ C=$SERVER_DIR/gt.luks
 E2E() { "$E2E_BIN" "$@"; }
 
 make_profile() {
-  sed -e 's/file: demo.luks/file: gt.luks/' -e 's/size: 2G/size: 512M/' \
-      -e "s#keyfile: .*#keyfile: $DEMO_DIR/gt.key#" \
-      -e "s#sources: .*#sources: [$SRC]#" -e '/excludes:/d' \
-      -e 's/keep_last: 5/keep_last: 1/' "$E2E_REPO/profiles/demo.yaml" > "$PROFILE"
-  chmod 0600 "$PROFILE"
+  scenario_profile $P 512M "$SRC" "  keep_last: 1"
   rm -rf "$SRC"; mkdir -p "$SRC"
   for i in $(seq 1 30); do head -c $((i * 20000)) /dev/urandom > "$SRC/f$i"; done
 }

@@ -10,9 +10,7 @@ C=$SERVER_DIR/tamper.luks
 SRC=/srv/tamper-data
 E2E() { "$E2E_BIN" "$@"; }
 make_profile() {
-  sed -e 's/file: demo.luks/file: tamper.luks/' -e 's/size: 2G/size: 256M/' \
-      -e "s#keyfile: .*#keyfile: $DEMO_DIR/tamper.key#" \
-      -e "s#sources: .*#sources: [$SRC]#" -e '/excludes:/d' "$E2E_REPO/profiles/demo.yaml" > /etc/e2ebackup/profiles/$P.yaml
+  scenario_profile $P 256M "$SRC"
   mkdir -p "$SRC"; echo "precious" > "$SRC/file"
 }
 flip_header_byte() { # one byte inside the JSON area of the first header copy
