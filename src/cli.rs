@@ -92,6 +92,8 @@ pub enum Command {
         #[arg(long)]
         online: bool,
     },
+    /// Accept a container older than this client's record (after restoring the server on purpose)
+    AcceptRollback { profile: String },
     /// Give space freed by deleted snapshots back to the server (NBD + fstrim over SSH)
     Trim { profile: String },
     /// Apply the profile's retention rules now; list what is kept (and why) or removed
@@ -120,7 +122,8 @@ impl Command {
             | Command::Restore { profile, .. }
             | Command::Prune { profile, .. }
             | Command::Grow { profile, .. }
-            | Command::Trim { profile } => profile,
+            | Command::Trim { profile }
+            | Command::AcceptRollback { profile } => profile,
         }
     }
 }
@@ -163,6 +166,7 @@ pub fn main() -> ExitCode {
         } => ops::restore::restore(&profile, snapshot, target, paths, *force),
         Command::Grow { size, online, .. } => ops::grow::grow(&profile, size, *online),
         Command::Trim { .. } => ops::trim::trim(&profile),
+        Command::AcceptRollback { .. } => ops::restore::accept_rollback(&profile),
         Command::Prune { dry_run, json, .. } => ops::restore::prune(&profile, *dry_run, *json),
     };
     code.into()

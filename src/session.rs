@@ -30,6 +30,12 @@ pub struct Session<'p> {
     pub fs_root: Option<PathBuf>,
     /// `init` pins the header it just wrote before it is moved to its final name.
     pub header_override: Option<PathBuf>,
+    /// The keyfile's content, once read.
+    pub key: Option<luks::Key>,
+    /// The container's authenticated generation, once checked (see [`crate::generation`]).
+    pub generation: Option<u64>,
+    /// `accept-rollback` only: skip the comparison with the client's record.
+    pub accept_any_generation: bool,
 }
 
 pub fn journal_path(p: &Profile) -> PathBuf {
@@ -85,6 +91,9 @@ impl<'p> Session<'p> {
             mapper: None,
             fs_root: None,
             header_override: None,
+            key: None,
+            generation: None,
+            accept_any_generation: false,
         })
     }
 
@@ -225,7 +234,24 @@ impl<'p> Session<'p> {
         self.unlock(&key, read_only, false)?;
         let root = self.mount_fs(read_only)?;
         crate::snapshots::check_layout(&root)?;
+        self.generation = Some(crate::generation::check(
+            p,
+            &root,
+            &key,
+            self.accept_any_generation,
+        )?);
+        self.key = Some(key);
         Ok(root)
+    }
+
+    /// Record one more committed change (snapshot taken or removed) in the container and
+    /// on the client.
+    pub fn commit_generation(&mut self, root: &Path) -> Result<u64> {
+        let next = self.generation.expect("open_all checked the generation") + 1;
+        let key = self.key.as_ref().expect("open_all read the key");
+        crate::generation::commit(self.profile, root, key, next)?;
+        self.generation = Some(next);
+        Ok(next)
     }
 
     /// Tear everything down (always). The loop device's descriptor is closed first so that

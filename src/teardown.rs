@@ -308,7 +308,10 @@ pub fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
 /// Log an informational line about a recovered journal.
 pub fn announce_recovery(j: &Journal) {
     if j.persistent {
-        info!("tearing down what `{}` (pid {}) left mounted", j.command, j.pid);
+        info!(
+            "tearing down what `{}` (pid {}) left mounted",
+            j.command, j.pid
+        );
         return;
     }
     info!(

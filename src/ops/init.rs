@@ -142,6 +142,7 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     )?;
     let root = s.mount_fs(false)?;
     crate::snapshots::create_layout(&root)?;
+    crate::generation::commit(p, &root, &key, 0)?;
     mount::syncfs(&root)?;
     s.loopdev = None;
     s.fs_root = None;

@@ -294,6 +294,7 @@ pub fn prune(p: &Profile, dry_run: bool, json: bool) -> Exit {
         decisions = Some(super::run::prune(p, &root, dry_run)?);
         if !dry_run {
             info!("prune took {:.1} s", t0.elapsed().as_secs_f64());
+            s.commit_generation(&root)?;
         }
         mount::syncfs(&root)?;
         Ok(Exit::Ok)
@@ -329,4 +330,28 @@ fn print_decisions(ds: &[retention::Decision], dry_run: bool, json: bool) {
         };
         println!("{}  {what}", l.id);
     }
+}
+
+/// `accept-rollback`: after a deliberate restore of the server from an older backup, accept
+/// the container's (authenticated) generation as this client's record.
+pub fn accept_rollback(p: &Profile) -> Exit {
+    let before = crate::generation::client_generation(p).ok().flatten();
+    let mut s = match Session::begin(p, "accept-rollback") {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    // The generation check is what is being overridden; the MAC is still verified.
+    s.accept_any_generation = true;
+    let r = s.open_all("accept-rollback", true).and_then(|_| {
+        let g = s.generation.expect("checked");
+        crate::generation::set_client_generation(p, g)?;
+        info!(
+            "accepted the container at generation {g} (this client had recorded {})",
+            before
+                .map(|b| b.to_string())
+                .unwrap_or_else(|| "none".into())
+        );
+        Ok(Exit::Ok)
+    });
+    finish(s, &r).0
 }

@@ -71,6 +71,8 @@ fn work(p: &Profile, s: &mut Session<'_>, taken: &mut Option<Taken>) -> Result<E
     *taken = Some(t);
     crate::signals::check()?;
     prune(p, &root, false)?;
+    let g = s.commit_generation(&root)?;
+    crate::debug!("container generation {g}");
     Ok(if warnings { Exit::Warnings } else { Exit::Ok })
 }
 

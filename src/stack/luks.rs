@@ -39,6 +39,12 @@ impl Key {
     }
 }
 
+/// A key from bytes (tests of modules that take a key).
+#[cfg(test)]
+pub fn tests_key(bytes: Vec<u8>) -> Key {
+    Key(bytes)
+}
+
 impl Drop for Key {
     fn drop(&mut self) {
         for b in self.0.iter_mut() {

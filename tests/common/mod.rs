@@ -262,7 +262,10 @@ impl Drop for Recover {
                 let mut s = Stack::adopt(self.journal.clone(), j);
                 let r = s.unwind(&mut e2ebackup::stack::Real);
                 for (u, e) in &r.failed {
-                    eprintln!("test guard: could not {u}: {e}; by hand: {}", u.manual_command());
+                    eprintln!(
+                        "test guard: could not {u}: {e}; by hand: {}",
+                        u.manual_command()
+                    );
                 }
             }
             Ok(None) => {}

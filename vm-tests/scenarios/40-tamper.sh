@@ -1,8 +1,9 @@
 #!/bin/bash
 # timeout: 600
-# Issue 6 (pinned header): a server that changes the container's LUKS2 header is refused
-# with exit 6 before anything is opened; the client's pinned copy still opens the data, and
-# repairs the server's copy.
+# Issue 6: a server that changes the container's LUKS2 header is refused with exit 6 before
+# anything is opened; the client's pinned copy still opens the data and repairs the server's
+# copy. A server that hands back an older copy of the container is refused with exit 6 too
+# (authenticated generation counter), until the user accepts it deliberately.
 source "$(dirname "$0")/../lib/common.sh"
 
 P=tamper
@@ -36,4 +37,14 @@ check no-leftovers-after-refusal assert_no_leftovers
 check pinned-copy-still-opens-data open_with_pinned
 check repair-with-pinned-copy cryptsetup luksHeaderRestore -q --header-backup-file "$DEMO_DIR/tamper.key.header" "$C"
 check run-after-repair E2E run $P
+
+# Rollback/replay: the server hands back an older copy of the whole container.
+check keep-old-copy cp --sparse=always "$C" /srv/tamper-old.luks
+echo "newer" > "$SRC/file2"
+check run-newer E2E run $P
+check replace-with-old-copy bash -c "cp --sparse=always /srv/tamper-old.luks $C && chown backupuser: $C"
+check rollback-exits-6 bash -c "$E2E_BIN run $P 2>&1 | tee /dev/stderr | grep -q OLDER; [ \${PIPESTATUS[0]} = 6 ]"
+check no-leftovers-after-rollback-refusal assert_no_leftovers
+check accept-rollback E2E accept-rollback $P
+check run-after-accept E2E run $P
 check final-no-leftovers assert_no_leftovers
