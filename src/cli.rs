@@ -92,6 +92,13 @@ pub enum Command {
         #[arg(long)]
         online: bool,
     },
+    /// Check the filesystem (e2fsck, read-only) and the snapshots' content against their manifests
+    Verify {
+        profile: String,
+        /// Read only this percentage of the files, a different share each day
+        #[arg(long, value_name = "PERCENT", default_value_t = 100)]
+        read_data: u32,
+    },
     /// Accept a container older than this client's record (after restoring the server on purpose)
     AcceptRollback { profile: String },
     /// Give space freed by deleted snapshots back to the server (NBD + fstrim over SSH)
@@ -123,7 +130,8 @@ impl Command {
             | Command::Prune { profile, .. }
             | Command::Grow { profile, .. }
             | Command::Trim { profile }
-            | Command::AcceptRollback { profile } => profile,
+            | Command::AcceptRollback { profile }
+            | Command::Verify { profile, .. } => profile,
         }
     }
 }
@@ -166,6 +174,7 @@ pub fn main() -> ExitCode {
         } => ops::restore::restore(&profile, snapshot, target, paths, *force),
         Command::Grow { size, online, .. } => ops::grow::grow(&profile, size, *online),
         Command::Trim { .. } => ops::trim::trim(&profile),
+        Command::Verify { read_data, .. } => ops::verify::verify(&profile, *read_data),
         Command::AcceptRollback { .. } => ops::restore::accept_rollback(&profile),
         Command::Prune { dry_run, json, .. } => ops::restore::prune(&profile, *dry_run, *json),
     };

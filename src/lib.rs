@@ -13,6 +13,7 @@ pub mod cmd;
 pub mod error;
 pub mod generation;
 pub mod logging;
+pub mod manifest;
 pub mod ops;
 pub mod profile;
 pub mod retention;

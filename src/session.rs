@@ -216,6 +216,12 @@ impl<'p> Session<'p> {
 
     /// Open the whole stack up to the mounted filesystem.
     pub fn open_all(&mut self, command: &str, read_only: bool) -> Result<PathBuf> {
+        self.unlock_container(command, read_only)?;
+        self.mount_checked(read_only)
+    }
+
+    /// Up to the unlocked LUKS mapping (not mounted): what `verify` fscks.
+    pub fn unlock_container(&mut self, command: &str, read_only: bool) -> Result<PathBuf> {
         let p = self.profile;
         let key = luks::read_keyfile(&p.container.keyfile.0)?;
         let facts = self.connect()?;
@@ -231,16 +237,22 @@ impl<'p> Session<'p> {
         let file = self.container_path();
         self.attach(&file, read_only)?;
         info!("unlocking {}", p.remote_container());
-        self.unlock(&key, read_only, false)?;
+        let m = self.unlock(&key, read_only, false)?;
+        self.key = Some(key);
+        Ok(m)
+    }
+
+    /// Mount the unlocked container, check its layout and its authenticated generation.
+    pub fn mount_checked(&mut self, read_only: bool) -> Result<PathBuf> {
         let root = self.mount_fs(read_only)?;
         crate::snapshots::check_layout(&root)?;
+        let key = self.key.as_ref().expect("unlocked with the key");
         self.generation = Some(crate::generation::check(
-            p,
+            self.profile,
             &root,
-            &key,
+            key,
             self.accept_any_generation,
         )?);
-        self.key = Some(key);
         Ok(root)
     }
 

@@ -4,6 +4,8 @@
 //! ```text
 //!   FORMAT                          "e2ebackup container format 1"
 //!   snapshots/<id>/<absolute path>  complete snapshots, <id> = UTC time 20261122T123005Z
+//!   manifests/<id>                  SHA-256 of every file of snapshot <id> (for `verify`)
+//!   STATE                           authenticated generation counter (see generation.rs)
 //!   .partial/<id>/...               a snapshot being written
 //! ```
 //! A snapshot is written under `.partial/` and renamed into `snapshots/` only after rsync
@@ -29,6 +31,7 @@ pub const PARTIAL: &str = ".partial";
 /// Create the layout in a freshly made filesystem.
 pub fn create_layout(root: &Path) -> Result<()> {
     std::fs::create_dir(root.join(SNAPSHOTS))?;
+    std::fs::create_dir(root.join(crate::manifest::MANIFESTS))?;
     std::fs::create_dir(root.join(PARTIAL))?;
     std::fs::write(root.join("FORMAT"), format!("{FORMAT_LINE}\n"))?;
     // lost+found stays: e2fsck wants it.
@@ -181,6 +184,17 @@ pub fn take(profile: &Profile, root: &Path) -> Result<Taken> {
     if taken.vanished_files {
         warn!("some files vanished while rsync copied them (rsync exit 24); the snapshot is committed");
     }
+    // The manifest (content hashes for `verify`) is written before the snapshot is visible,
+    // so every complete snapshot has one.
+    let prev = match existing.last() {
+        Some(l) => crate::manifest::read(root, &l.to_string())?.map(|m| (path_of(root, *l), m)),
+        None => None,
+    };
+    let entries = crate::manifest::build(
+        &partial,
+        prev.as_ref().map(|(p, m)| (p.as_path(), m.clone())),
+    )?;
+    crate::manifest::write(root, &id.to_string(), &entries)?;
     // Data first, then the rename that makes the snapshot visible, then the rename itself.
     mount::syncfs(root)?;
     crate::signals::check()?;

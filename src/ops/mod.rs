@@ -9,6 +9,7 @@ pub mod restore;
 pub mod run;
 pub mod status;
 pub mod trim;
+pub mod verify;
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};

@@ -100,6 +100,10 @@ pub fn prune(
                 .join(format!("{}.pruning", d.id));
             std::fs::rename(&from, &to)?;
             snapshots::remove_tree(&to)?;
+            let m = crate::manifest::path_of(root, &d.id.to_string());
+            if m.exists() {
+                std::fs::remove_file(&m)?;
+            }
         }
     }
     crate::stack::mount::syncfs(root)?;
