@@ -1,20 +1,43 @@
-//! Which snapshots to keep: the `retention:` rules of a profile, with restic's semantics.
+//! Which snapshots to keep: the `retention:` rules of a profile, with restic's `forget`
+//! semantics.
 //!
+//! Rules (each one independent; a snapshot is kept if any rule keeps it, and its
+//! [`Decision`] lists every rule that did):
 //! - `keep_last N`: the N newest snapshots.
 //! - `keep_hourly/daily/weekly/monthly/yearly N`: walking from newest to oldest, the newest
 //!   snapshot of each of the N most recent hours (days, ISO weeks, months, years) that have
-//!   snapshots at all. Buckets are in UTC, like the snapshot ids. A value of 0 turns a rule off.
-//! - `keep_within D`: every snapshot younger than D, measured from the NEWEST snapshot, not from
-//!   now: a client that was switched off for a month must not prune everything at its first run.
-//! - The newest snapshot is always kept, whatever the policy says.
-//! - No rule at all keeps everything (retention is opt-in).
+//!   snapshots at all. Empty periods do not count: a laptop backed up on three days last month
+//!   still keeps three dailies with `keep_daily: 3`.
+//! - `keep_within D`: every snapshot at most D older than the NEWEST snapshot (inclusive).
+//!   Measured from the newest snapshot, not from now: a client that was switched off for a
+//!   month must not prune everything at its first run. This also keeps the function pure.
+//! - The newest snapshot is always kept ([`Reason::Newest`] if no rule did). With the rules
+//!   above and 0 meaning "off" this cannot trigger, but deleting the only up-to-date copy must
+//!   not hinge on that reasoning staying true as rules are added.
+//! - No rule at all keeps everything ([`Reason::NoPolicy`]): retention is opt-in.
 //!
-//! Selection is a pure function, so it is tested exhaustively here; deleting is elsewhere.
+//! Decisions and trade-offs:
+//! - A value of 0 turns a rule off, and a policy whose rules are all off is no policy. So
+//!   `keep_daily: 0` alone keeps every snapshot. The alternative reading ("keep no dailies",
+//!   hence delete all but the newest) is the destructive one, and restic likewise removes
+//!   nothing when every count is zero. There is no "unlimited"; use a large N.
+//! - Periods are UTC, like the ids: every client computes the same buckets whatever its time
+//!   zone, at the price of a "day" that ends at 00:00 UTC rather than local midnight. restic
+//!   buckets in the snapshot's local time.
+//! - Durations use fixed lengths (m = 30 days, y = 365 days: restic's units, plus `w`)
+//!   rather than calendar arithmetic, so a duration is a plain number of seconds that can be
+//!   compared and printed. `keep_within` is inclusive where restic's is strict: a snapshot
+//!   exactly D older than the newest is kept; at the boundary we err towards keeping.
+//! - Input is deduplicated and sorted here rather than required sorted: callers list directory
+//!   names in whatever order `readdir` gives, and one decision per distinct id is what a
+//!   pruner can act on.
+//!
+//! [`select`] is a pure function, so it is tested exhaustively here (including against an
+//! independent brute-force model on random inputs); deleting is elsewhere.
 
-use std::collections::BTreeSet;
 use std::fmt;
 
-use crate::snapid::SnapshotId;
+use crate::snapid::{Civil, SnapshotId};
 
 /// The profile's `retention:` section (unknown keys are errors, like everywhere in a profile).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
@@ -32,7 +55,7 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// No rule set (or all set to 0): keep everything.
+    /// No rule set, or all set to 0: keep everything.
     pub fn is_empty(&self) -> bool {
         let on = |v: Option<u32>| v.is_some_and(|n| n > 0);
         !(on(self.keep_last)
@@ -45,15 +68,44 @@ impl Policy {
     }
 }
 
+/// `keep_within` in a profile: a duration string, or null for "not set". A bare number is
+/// rejected with [`parse_duration`]'s own message (which quotes the value, so the profile
+/// loader can point at its line) instead of a generic "invalid type".
 fn within<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    let s = <String as serde::Deserialize>::deserialize(d)?;
-    parse_duration(&s)
-        .map(Some)
-        .map_err(serde::de::Error::custom)
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration like 36h, 7d, 2w, 6m or 1y6m")
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(V)
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            parse_duration(s).map(Some).map_err(E::custom)
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+            self.visit_str(&n.to_string())
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+            self.visit_str(&n.to_string())
+        }
+    }
+    d.deserialize_option(V)
 }
 
-/// Parse `36h`, `7d`, `2w`, `6m`, `1y`, or combinations like `1y6m`.
-/// Units: h = hour, d = day, w = 7 days, m = 30 days, y = 365 days (restic's convention).
+/// Parse a duration such as `36h`, `7d`, `2w`, `6m`, `1y`, or a combination like `1y6m`.
+///
+/// Units (restic's, plus `w`): `h` = hour, `d` = 24 h, `w` = 7 d, `m` = 30 d, `y` = 365 d.
+/// Lower case only: `M` would be ambiguous between months and minutes. Units may come in any
+/// order but each at most once (`1d2d` is more likely a typo than a wish for `3d`).
+/// Surrounding whitespace is ignored, whitespace inside is not. Returns seconds.
 pub fn parse_duration(s: &str) -> Result<u64, String> {
     let bad =
         |why: &str| format!("`{s}` is not a duration ({why}; examples: 36h, 7d, 2w, 6m, 1y6m)");
@@ -62,69 +114,78 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
         return Err(bad("empty"));
     }
     let mut total: u64 = 0;
-    let mut num = String::new();
-    for c in t.chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        let unit: u64 = match c {
+    let mut seen = String::new();
+    let mut rest = t;
+    while !rest.is_empty() {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let (num, tail) = rest.split_at(digits);
+        let mut chars = tail.chars();
+        let Some(unit) = chars.next() else {
+            return Err(bad("a number without a unit"));
+        };
+        let secs: u64 = match unit {
             'h' => 3600,
-            'd' => 86400,
-            'w' => 7 * 86400,
-            'm' => 30 * 86400,
-            'y' => 365 * 86400,
-            _ => return Err(bad(&format!("unknown unit `{c}`"))),
+            'd' => 86_400,
+            'w' => 7 * 86_400,
+            'm' => 30 * 86_400,
+            'y' => 365 * 86_400,
+            c => return Err(bad(&format!("unknown unit `{c}`, units are h d w m y"))),
         };
         if num.is_empty() {
-            return Err(bad("a unit without a number"));
+            return Err(bad(&format!("unit `{unit}` without a number")));
         }
+        if seen.contains(unit) {
+            return Err(bad(&format!("unit `{unit}` given twice")));
+        }
+        seen.push(unit);
         let n: u64 = num.parse().map_err(|_| bad("number too large"))?;
         total = n
-            .checked_mul(unit)
+            .checked_mul(secs)
             .and_then(|v| total.checked_add(v))
             .ok_or_else(|| bad("too large"))?;
-        num.clear();
-    }
-    if !num.is_empty() {
-        return Err(bad("a number without a unit"));
+        rest = chars.as_str();
     }
     Ok(total)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// Why a snapshot is kept. Declared (and listed in a [`Decision`]) in rule order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Reason {
-    Newest,
     Last,
-    Within,
     Hourly,
     Daily,
     Weekly,
     Monthly,
     Yearly,
+    Within,
+    /// The newest snapshot, kept although no rule kept it (a safety net).
+    Newest,
+    /// The policy has no rule: everything is kept.
     NoPolicy,
 }
 
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The profile keys, so that a user can tell which line of the profile kept what.
         f.write_str(match self {
-            Reason::Newest => "newest",
             Reason::Last => "keep_last",
-            Reason::Within => "keep_within",
             Reason::Hourly => "keep_hourly",
             Reason::Daily => "keep_daily",
             Reason::Weekly => "keep_weekly",
             Reason::Monthly => "keep_monthly",
             Reason::Yearly => "keep_yearly",
+            Reason::Within => "keep_within",
+            Reason::Newest => "newest",
             Reason::NoPolicy => "no retention policy",
         })
     }
 }
 
+/// The verdict on one snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub id: SnapshotId,
-    /// Why it is kept; empty = remove.
+    /// Why it is kept, in [`Reason`] order; empty = remove.
     pub keep: Vec<Reason>,
 }
 
@@ -134,98 +195,129 @@ impl Decision {
     }
 }
 
-/// Decide for every snapshot (deduplicated), newest first.
+/// The period a snapshot falls in, for one period rule.
+///
+/// Keys are single integers that grow with time (so consecutive snapshots, newest first,
+/// share a key exactly when they share a period); hour and day come straight from the unix
+/// time, the calendar ones from the UTC breakdown.
+type PeriodKey = fn(SnapshotId, &Civil) -> i64;
+
+const PERIODS: [(Reason, PeriodKey); 5] = [
+    (Reason::Hourly, |id, _| id.unix().div_euclid(3600)),
+    (Reason::Daily, |id, _| id.unix().div_euclid(86_400)),
+    // iso_week <= 53 < 100, so the key is monotonic across ISO years.
+    (Reason::Weekly, |_, c| {
+        c.iso_year * 100 + i64::from(c.iso_week)
+    }),
+    (Reason::Monthly, |_, c| c.year * 12 + i64::from(c.month)),
+    (Reason::Yearly, |_, c| c.year),
+];
+
+fn period_count(policy: &Policy, reason: Reason) -> Option<u32> {
+    match reason {
+        Reason::Hourly => policy.keep_hourly,
+        Reason::Daily => policy.keep_daily,
+        Reason::Weekly => policy.keep_weekly,
+        Reason::Monthly => policy.keep_monthly,
+        Reason::Yearly => policy.keep_yearly,
+        _ => None,
+    }
+}
+
+/// Decide for every distinct snapshot, newest first.
 pub fn select(snapshots: &[SnapshotId], policy: &Policy) -> Vec<Decision> {
-    let ids: Vec<SnapshotId> = snapshots
-        .iter()
-        .copied()
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .rev()
-        .collect();
+    let mut ids = snapshots.to_vec();
+    ids.sort_unstable_by(|a, b| b.cmp(a));
+    ids.dedup();
     let mut out: Vec<Decision> = ids
-        .iter()
-        .map(|&id| Decision {
+        .into_iter()
+        .map(|id| Decision {
             id,
             keep: Vec::new(),
         })
         .collect();
-    if out.is_empty() {
-        return out;
-    }
     if policy.is_empty() {
         for d in &mut out {
             d.keep.push(Reason::NoPolicy);
         }
         return out;
     }
+    apply_rules(&mut out, policy);
+    ensure_newest(&mut out);
+    out
+}
+
+/// Apply every rule to `out` (distinct ids, newest first). Rules run in [`Reason`] order, so
+/// each decision's reasons come out in that order without sorting.
+fn apply_rules(out: &mut [Decision], policy: &Policy) {
     if let Some(n) = policy.keep_last {
         for d in out.iter_mut().take(n as usize) {
             d.keep.push(Reason::Last);
         }
     }
-    if let Some(w) = policy.keep_within.filter(|w| *w > 0) {
-        let newest = ids[0].unix();
-        for d in &mut out {
-            if newest - d.id.unix() <= w as i64 {
+    let civil: Vec<Civil> = out.iter().map(|d| d.id.civil()).collect();
+    for (reason, key) in PERIODS {
+        let Some(n) = period_count(policy, reason).filter(|n| *n > 0) else {
+            continue;
+        };
+        let mut left = n;
+        let mut last: Option<i64> = None;
+        for (d, c) in out.iter_mut().zip(&civil) {
+            if left == 0 {
+                break;
+            }
+            let k = key(d.id, c);
+            // Newest first: the first snapshot met in a period is that period's newest.
+            if last != Some(k) {
+                d.keep.push(reason);
+                last = Some(k);
+                left -= 1;
+            }
+        }
+    }
+    if let (Some(w), Some(newest)) = (policy.keep_within.filter(|w| *w > 0), out.first()) {
+        let newest = newest.id.unix();
+        for d in out.iter_mut() {
+            // abs_diff: no overflow for any pair of i64 times or any u64 duration.
+            if newest.abs_diff(d.id.unix()) <= w {
                 d.keep.push(Reason::Within);
             }
         }
     }
-    type Bucket = fn(&SnapshotId) -> (i64, i64);
-    let rules: [(Option<u32>, Reason, Bucket); 5] = [
-        (policy.keep_hourly, Reason::Hourly, |id| {
-            (id.unix().div_euclid(3600), 0)
-        }),
-        (policy.keep_daily, Reason::Daily, |id| {
-            (id.unix().div_euclid(86400), 0)
-        }),
-        (policy.keep_weekly, Reason::Weekly, |id| {
-            let c = id.civil();
-            (c.iso_year, c.iso_week as i64)
-        }),
-        (policy.keep_monthly, Reason::Monthly, |id| {
-            let c = id.civil();
-            (c.year, c.month as i64)
-        }),
-        (policy.keep_yearly, Reason::Yearly, |id| {
-            (id.civil().year, 0)
-        }),
-    ];
-    for (n, reason, bucket) in rules {
-        let Some(n) = n.filter(|n| *n > 0) else {
-            continue;
-        };
-        let mut last: Option<(i64, i64)> = None;
-        let mut used = 0;
-        for d in &mut out {
-            if used >= n {
-                break;
-            }
-            let b = bucket(&d.id);
-            if last != Some(b) {
-                // Newest first: the first snapshot seen in a bucket is its newest.
-                d.keep.push(reason);
-                last = Some(b);
-                used += 1;
-            }
+}
+
+/// The safety net: never remove the newest snapshot (`out` is newest first).
+fn ensure_newest(out: &mut [Decision]) {
+    if let Some(first) = out.first_mut() {
+        if first.keep.is_empty() {
+            first.keep.push(Reason::Newest);
         }
     }
-    if out[0].keep.is_empty() {
-        out[0].keep.push(Reason::Newest);
-    }
-    for d in &mut out {
-        d.keep.sort();
-    }
-    out
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
     use super::*;
+
+    const H: i64 = 3600;
+    const D: i64 = 86_400;
 
     fn at(s: &str) -> SnapshotId {
         s.parse().unwrap()
+    }
+
+    fn ids(list: &[&str]) -> Vec<SnapshotId> {
+        list.iter().map(|s| at(s)).collect()
+    }
+
+    /// `count` snapshots from `start`, `step` seconds apart.
+    fn series(start: &str, count: i64, step: i64) -> Vec<SnapshotId> {
+        let s = at(start).unix();
+        (0..count)
+            .map(|i| SnapshotId::from_unix(s + i * step))
+            .collect()
     }
 
     fn kept(ds: &[Decision]) -> Vec<String> {
@@ -235,264 +327,781 @@ mod tests {
             .collect()
     }
 
-    fn hours(start: &str, count: i64, step_secs: i64) -> Vec<SnapshotId> {
-        let s = at(start).unix();
-        (0..count)
-            .map(|i| SnapshotId::from_unix(s + i * step_secs))
-            .collect()
+    fn reasons(ds: &[Decision], id: &str) -> Vec<Reason> {
+        ds.iter().find(|d| d.id == at(id)).unwrap().keep.clone()
     }
+
+    fn last(n: u32) -> Policy {
+        Policy {
+            keep_last: Some(n),
+            ..Default::default()
+        }
+    }
+    fn hourly(n: u32) -> Policy {
+        Policy {
+            keep_hourly: Some(n),
+            ..Default::default()
+        }
+    }
+    fn daily(n: u32) -> Policy {
+        Policy {
+            keep_daily: Some(n),
+            ..Default::default()
+        }
+    }
+    fn weekly(n: u32) -> Policy {
+        Policy {
+            keep_weekly: Some(n),
+            ..Default::default()
+        }
+    }
+    fn monthly(n: u32) -> Policy {
+        Policy {
+            keep_monthly: Some(n),
+            ..Default::default()
+        }
+    }
+    fn yearly(n: u32) -> Policy {
+        Policy {
+            keep_yearly: Some(n),
+            ..Default::default()
+        }
+    }
+    fn within(secs: u64) -> Policy {
+        Policy {
+            keep_within: Some(secs),
+            ..Default::default()
+        }
+    }
+
+    // ---- parse_duration ----
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("36h").unwrap(), 36 * 3600);
-        assert_eq!(parse_duration("7d").unwrap(), 7 * 86400);
-        assert_eq!(parse_duration("2w").unwrap(), 14 * 86400);
-        assert_eq!(parse_duration("1y6m").unwrap(), (365 + 180) * 86400);
-        for b in ["", "d", "7", "7x", "-1d", "99999999999999999999y"] {
-            let e = parse_duration(b).unwrap_err();
-            assert!(e.contains("not a duration"), "{b}: {e}");
+        let d = |s: &str| parse_duration(s).unwrap();
+        assert_eq!(d("36h"), 36 * 3600);
+        assert_eq!(d("7d"), 7 * 86_400);
+        assert_eq!(d("2w"), 14 * 86_400);
+        assert_eq!(d("6m"), 180 * 86_400);
+        assert_eq!(d("1y"), 365 * 86_400);
+        assert_eq!(d("1y6m"), (365 + 180) * 86_400);
+        assert_eq!(d("6m1y"), d("1y6m"));
+        assert_eq!(d("1w2d3h"), (9 * 24 + 3) * 3600);
+        assert_eq!(d("0d"), 0);
+        assert_eq!(d("007d"), 7 * 86_400);
+        assert_eq!(d(" 7d\n"), 7 * 86_400);
+    }
+
+    #[test]
+    fn bad_durations_name_the_input() {
+        for (s, why) in [
+            ("", "empty"),
+            ("  ", "empty"),
+            ("d", "unit `d` without a number"),
+            ("7", "a number without a unit"),
+            ("1d7", "a number without a unit"),
+            ("7x", "unknown unit `x`"),
+            ("7D", "unknown unit `D`"),
+            ("6M", "unknown unit `M`"),
+            ("-1d", "unknown unit `-`"),
+            ("1.5d", "unknown unit `.`"),
+            ("7 d", "unknown unit ` `"),
+            ("1y 6m", "unknown unit ` `"),
+            ("7dé", "unknown unit `é`"),
+            ("1d2d", "unit `d` given twice"),
+            ("99999999999999999999y", "number too large"),
+            ("600000000000y", "too large"),
+            ("584942417355y1m", "too large"),
+        ] {
+            let e = parse_duration(s).unwrap_err();
+            assert!(e.starts_with(&format!("`{s}` is not a duration")), "{e}");
+            assert!(e.contains(why), "{s}: {e}");
+        }
+    }
+
+    // ---- Policy, Reason, Decision ----
+
+    #[test]
+    fn policy_emptiness() {
+        assert!(Policy::default().is_empty());
+        let zeros = Policy {
+            keep_last: Some(0),
+            keep_hourly: Some(0),
+            keep_daily: Some(0),
+            keep_weekly: Some(0),
+            keep_monthly: Some(0),
+            keep_yearly: Some(0),
+            keep_within: Some(0),
+        };
+        assert!(zeros.is_empty());
+        for p in [
+            last(1),
+            hourly(1),
+            daily(1),
+            weekly(1),
+            monthly(1),
+            yearly(1),
+            within(1),
+        ] {
+            assert!(!p.is_empty(), "{p:?}");
         }
     }
 
     #[test]
-    fn empty_policy_keeps_all_and_empty_input() {
-        let s = hours("20260101T000000Z", 5, 3600);
-        let d = select(&s, &Policy::default());
-        assert_eq!(d.len(), 5);
-        assert!(d.iter().all(|d| d.keep == vec![Reason::NoPolicy]));
-        assert!(select(
-            &[],
-            &Policy {
-                keep_last: Some(3),
+    fn reason_names() {
+        let all = [
+            (Reason::Last, "keep_last"),
+            (Reason::Hourly, "keep_hourly"),
+            (Reason::Daily, "keep_daily"),
+            (Reason::Weekly, "keep_weekly"),
+            (Reason::Monthly, "keep_monthly"),
+            (Reason::Yearly, "keep_yearly"),
+            (Reason::Within, "keep_within"),
+            (Reason::Newest, "newest"),
+            (Reason::NoPolicy, "no retention policy"),
+        ];
+        for (r, s) in all {
+            assert_eq!(r.to_string(), s);
+        }
+        assert!(
+            all.windows(2).all(|w| w[0].0 < w[1].0),
+            "declared in rule order"
+        );
+    }
+
+    #[test]
+    fn decision_removed() {
+        let id = at("20260101T000000Z");
+        assert!(Decision { id, keep: vec![] }.removed());
+        assert!(!Decision {
+            id,
+            keep: vec![Reason::Daily]
+        }
+        .removed());
+    }
+
+    #[test]
+    fn policy_from_yaml() {
+        let p: Policy = serde_yaml::from_str("keep_daily: 7\nkeep_within: 1y6m\n").unwrap();
+        assert_eq!(
+            p,
+            Policy {
+                keep_daily: Some(7),
+                keep_within: Some((365 + 180) * 86_400),
                 ..Default::default()
             }
-        )
-        .is_empty());
-        let zero = Policy {
+        );
+        let p: Policy = serde_yaml::from_str("keep_last: 3\nkeep_within: ~\n").unwrap();
+        assert_eq!(p, last(3));
+        let p: Policy = serde_yaml::from_str("keep_last: 3\n").unwrap();
+        assert_eq!(p.keep_within, None);
+        let err = |y: &str| serde_yaml::from_str::<Policy>(y).unwrap_err().to_string();
+        assert!(err("keep_within: 7\n").contains("`7` is not a duration"));
+        assert!(err("keep_within: 7x\n").contains("`7x` is not a duration"));
+        assert!(err("keep_dayly: 7\n").contains("keep_dayly"));
+        assert!(err("keep_daily: -1\n").contains("keep_daily"));
+    }
+
+    // ---- select: degenerate inputs ----
+
+    #[test]
+    fn empty_input() {
+        assert!(select(&[], &Policy::default()).is_empty());
+        assert!(select(&[], &last(3)).is_empty());
+        assert!(select(&[], &within(86_400)).is_empty());
+    }
+
+    #[test]
+    fn empty_policy_keeps_all() {
+        let s = series("20260101T000000Z", 5, H);
+        let d = select(&s, &Policy::default());
+        assert_eq!(d.len(), 5);
+        assert!(d.iter().all(|d| d.keep == [Reason::NoPolicy]));
+    }
+
+    /// Decision: 0 turns a rule off, so a policy of zeros is no policy and keeps all.
+    #[test]
+    fn zero_means_rule_off() {
+        let s = series("20260101T000000Z", 72, H);
+        let d = select(&s, &daily(0));
+        assert!(d.iter().all(|d| d.keep == [Reason::NoPolicy]));
+        let p = Policy {
+            keep_last: Some(1),
             keep_daily: Some(0),
+            keep_within: Some(0),
             ..Default::default()
         };
-        assert!(zero.is_empty());
+        let d = select(&s, &p);
+        assert_eq!(kept(&d), ["20260103T230000Z"]);
+        assert_eq!(d[0].keep, [Reason::Last]);
+        let p = Policy {
+            keep_last: Some(0),
+            keep_hourly: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(kept(&select(&s, &p)).len(), 2);
     }
+
+    #[test]
+    fn single_snapshot_is_kept_by_every_rule() {
+        let s = ids(&["20260101T000000Z"]);
+        for (p, r) in [
+            (last(1), Reason::Last),
+            (hourly(1), Reason::Hourly),
+            (daily(5), Reason::Daily),
+            (weekly(1), Reason::Weekly),
+            (monthly(1), Reason::Monthly),
+            (yearly(1), Reason::Yearly),
+            (within(1), Reason::Within),
+        ] {
+            assert_eq!(select(&s, &p)[0].keep, [r]);
+        }
+    }
+
+    #[test]
+    fn unsorted_input_and_duplicates() {
+        let sorted = series("20260101T000000Z", 30, 5 * H);
+        let mut messy: Vec<SnapshotId> = sorted.iter().rev().copied().collect();
+        messy.swap(3, 17);
+        messy.swap(0, 29);
+        messy.extend_from_slice(&sorted[5..12]);
+        messy.push(sorted[0]);
+        let p = Policy {
+            keep_last: Some(2),
+            keep_daily: Some(3),
+            keep_within: Some(20 * 3600),
+            ..Default::default()
+        };
+        let d = select(&messy, &p);
+        assert_eq!(d, select(&sorted, &p));
+        assert_eq!(d.len(), 30, "one decision per distinct id");
+        assert!(d.windows(2).all(|w| w[0].id > w[1].id), "newest first");
+        let all = select(&messy, &Policy::default());
+        assert_eq!(all.len(), 30);
+    }
+
+    #[test]
+    fn newest_safety_net() {
+        let mut ds: Vec<Decision> = series("20260101T000000Z", 3, H)
+            .into_iter()
+            .rev()
+            .map(|id| Decision { id, keep: vec![] })
+            .collect();
+        ensure_newest(&mut ds);
+        assert_eq!(ds[0].keep, [Reason::Newest]);
+        assert!(ds[1].removed() && ds[2].removed());
+        ds[0].keep = vec![Reason::Daily];
+        ensure_newest(&mut ds);
+        assert_eq!(
+            ds[0].keep,
+            [Reason::Daily],
+            "only added when nothing kept it"
+        );
+        ensure_newest(&mut []);
+    }
+
+    // ---- keep_last ----
 
     #[test]
     fn keep_last() {
-        let s = hours("20260101T000000Z", 10, 3600);
-        let d = select(
-            &s,
-            &Policy {
-                keep_last: Some(3),
-                ..Default::default()
-            },
-        );
+        let s = series("20260101T000000Z", 10, H);
         assert_eq!(
-            kept(&d),
+            kept(&select(&s, &last(3))),
             ["20260101T090000Z", "20260101T080000Z", "20260101T070000Z"]
         );
-        let d = select(
-            &s,
-            &Policy {
-                keep_last: Some(30),
-                ..Default::default()
-            },
+        assert_eq!(kept(&select(&s, &last(10))).len(), 10);
+        let d = select(&s, &last(30));
+        assert_eq!(kept(&d).len(), 10, "fewer snapshots than N");
+        assert!(d.iter().all(|d| d.keep == [Reason::Last]));
+        // Same-second neighbours are distinct snapshots; keep_last does not look at periods.
+        let s = series("20260101T000000Z", 5, 1);
+        assert_eq!(kept(&select(&s, &last(4))).len(), 4);
+    }
+
+    // ---- keep_hourly ----
+
+    #[test]
+    fn keep_hourly_skips_empty_hours_and_takes_the_newest() {
+        let s = ids(&[
+            "20260101T010000Z",
+            "20260101T011500Z",
+            "20260101T015959Z", // newest of 01h
+            "20260101T050000Z",
+            "20260101T090000Z",
+            "20260101T090001Z", // newest of 09h
+        ]);
+        let d = select(&s, &hourly(3));
+        assert_eq!(
+            kept(&d),
+            ["20260101T090001Z", "20260101T050000Z", "20260101T015959Z"]
         );
-        assert_eq!(kept(&d).len(), 10);
+        assert_eq!(kept(&select(&s, &hourly(2))).len(), 2);
+        assert_eq!(
+            kept(&select(&s, &hourly(99))).len(),
+            3,
+            "only 3 hours have any"
+        );
     }
 
     #[test]
-    fn keep_daily_takes_newest_of_each_day() {
-        // Every 6 hours over 4 days.
-        let s = hours("20260101T030000Z", 16, 6 * 3600);
-        let d = select(
-            &s,
-            &Policy {
-                keep_daily: Some(3),
-                ..Default::default()
-            },
-        );
+    fn keep_hourly_across_midnight() {
+        let s = ids(&["20251231T225900Z", "20251231T235959Z", "20260101T000000Z"]);
         assert_eq!(
-            kept(&d),
+            kept(&select(&s, &hourly(2))),
+            ["20260101T000000Z", "20251231T235959Z"]
+        );
+    }
+
+    // ---- keep_daily ----
+
+    #[test]
+    fn keep_daily_takes_the_newest_of_each_day() {
+        let s = series("20260101T030000Z", 16, 6 * H); // 4 days, 4 a day
+        assert_eq!(
+            kept(&select(&s, &daily(3))),
             ["20260104T210000Z", "20260103T210000Z", "20260102T210000Z"]
         );
+        assert_eq!(kept(&select(&s, &daily(10))).len(), 4, "fewer days than N");
     }
 
     #[test]
-    fn keep_hourly_skips_empty_hours() {
-        let s = vec![
-            at("20260101T010000Z"),
-            at("20260101T011500Z"),
-            at("20260101T050000Z"),
-            at("20260101T090000Z"),
-        ];
-        let d = select(
-            &s,
-            &Policy {
-                keep_hourly: Some(3),
-                ..Default::default()
-            },
-        );
+    fn keep_daily_day_boundary_is_utc_midnight() {
+        let s = ids(&[
+            "20260101T235959Z",
+            "20260102T000000Z",
+            "20260102T000001Z",
+            "20260105T120000Z",
+        ]);
         assert_eq!(
-            kept(&d),
-            ["20260101T090000Z", "20260101T050000Z", "20260101T011500Z"]
+            kept(&select(&s, &daily(3))),
+            ["20260105T120000Z", "20260102T000001Z", "20260101T235959Z"]
         );
     }
+
+    #[test]
+    fn keep_daily_before_1970() {
+        // Floor division: 1969-12-31 23:00 is the day before 1970-01-01 00:30.
+        let s = ids(&["19691231T010000Z", "19691231T230000Z", "19700101T003000Z"]);
+        assert_eq!(
+            kept(&select(&s, &daily(2))),
+            ["19700101T003000Z", "19691231T230000Z"]
+        );
+    }
+
+    // ---- keep_weekly ----
 
     #[test]
     fn keep_weekly_uses_iso_weeks_across_years() {
-        let s = vec![
-            at("20201230T000000Z"), // 2020-W53
-            at("20210103T000000Z"), // 2020-W53 (newest of that week)
-            at("20210104T000000Z"), // 2021-W01
-            at("20210110T000000Z"), // 2021-W01 (newest)
-        ];
-        let d = select(
-            &s,
-            &Policy {
-                keep_weekly: Some(5),
-                ..Default::default()
-            },
-        );
-        assert_eq!(kept(&d), ["20210110T000000Z", "20210103T000000Z"]);
-    }
-
-    #[test]
-    fn keep_monthly_and_yearly() {
-        let s = vec![
-            at("20241215T000000Z"),
-            at("20241231T235959Z"),
-            at("20250101T000000Z"),
-            at("20250115T000000Z"),
-            at("20250201T000000Z"),
-        ];
-        let d = select(
-            &s,
-            &Policy {
-                keep_monthly: Some(2),
-                ..Default::default()
-            },
-        );
-        assert_eq!(kept(&d), ["20250201T000000Z", "20250115T000000Z"]);
-        let d = select(
-            &s,
-            &Policy {
-                keep_yearly: Some(5),
-                ..Default::default()
-            },
-        );
-        assert_eq!(kept(&d), ["20250201T000000Z", "20241231T235959Z"]);
-    }
-
-    #[test]
-    fn keep_within_is_relative_to_newest_and_inclusive() {
-        let s = hours("20260101T000000Z", 5, 86400); // five daily snapshots
-        let d = select(
-            &s,
-            &Policy {
-                keep_within: Some(2 * 86400),
-                ..Default::default()
-            },
+        let s = ids(&[
+            "20201230T000000Z", // 2020-W53 Wed
+            "20210103T235959Z", // 2020-W53 Sun, newest of that week
+            "20210104T000000Z", // 2021-W01 Mon
+            "20210110T000000Z", // 2021-W01 Sun, newest
+            "20201227T120000Z", // 2020-W52 Sun
+        ]);
+        assert_eq!(
+            kept(&select(&s, &weekly(5))),
+            ["20210110T000000Z", "20210103T235959Z", "20201227T120000Z"]
         );
         assert_eq!(
-            kept(&d),
-            ["20260105T000000Z", "20260104T000000Z", "20260103T000000Z"]
+            kept(&select(&s, &weekly(2))),
+            ["20210110T000000Z", "20210103T235959Z"]
         );
     }
 
     #[test]
-    fn combined_rules_list_every_reason() {
-        let s = hours("20260101T000000Z", 48, 3600);
+    fn keep_weekly_week_53_of_the_old_year_and_week_1_of_the_next() {
+        // 2024-12-30 (Mon) is 2025-W01: it shares a week with 2025-01-05, not 2024-12-29.
+        let s = ids(&["20241229T120000Z", "20241230T000000Z", "20250105T000000Z"]);
+        assert_eq!(
+            kept(&select(&s, &weekly(2))),
+            ["20250105T000000Z", "20241229T120000Z"]
+        );
+        // Sunday to Monday is a new week even within a month.
+        let s = ids(&["20260315T235959Z", "20260316T000000Z"]);
+        assert_eq!(kept(&select(&s, &weekly(2))).len(), 2);
+    }
+
+    // ---- keep_monthly ----
+
+    #[test]
+    fn keep_monthly_across_year_and_leap_day() {
+        let s = ids(&[
+            "20231215T000000Z",
+            "20231231T235959Z",
+            "20240101T000000Z",
+            "20240115T000000Z",
+            "20240229T235959Z",
+            "20240301T000000Z",
+        ]);
+        assert_eq!(
+            kept(&select(&s, &monthly(3))),
+            ["20240301T000000Z", "20240229T235959Z", "20240115T000000Z"]
+        );
+        assert_eq!(
+            kept(&select(&s, &monthly(12))),
+            [
+                "20240301T000000Z",
+                "20240229T235959Z",
+                "20240115T000000Z",
+                "20231231T235959Z"
+            ],
+            "fewer months than N"
+        );
+    }
+
+    #[test]
+    fn keep_monthly_same_month_different_years() {
+        // January 2025 and January 2026 are different months (the key includes the year).
+        let s = ids(&["20250110T000000Z", "20260110T000000Z"]);
+        assert_eq!(kept(&select(&s, &monthly(2))).len(), 2);
+    }
+
+    // ---- keep_yearly ----
+
+    #[test]
+    fn keep_yearly() {
+        let s = ids(&[
+            "20221231T235959Z",
+            "20230101T000000Z",
+            "20230601T000000Z",
+            "20241231T235959Z",
+            "20250101T000000Z",
+        ]);
+        assert_eq!(
+            kept(&select(&s, &yearly(3))),
+            ["20250101T000000Z", "20241231T235959Z", "20230601T000000Z"]
+        );
+        assert_eq!(kept(&select(&s, &yearly(10))).len(), 4);
+        // Gaps of years do not count as years.
+        let s = ids(&["20000101T000000Z", "20100101T000000Z", "20200101T000000Z"]);
+        assert_eq!(kept(&select(&s, &yearly(3))).len(), 3);
+    }
+
+    // ---- keep_within ----
+
+    #[test]
+    fn keep_within_is_inclusive() {
+        let s = series("20260101T000000Z", 5, D);
+        assert_eq!(
+            kept(&select(&s, &within(2 * 86_400))),
+            ["20260105T000000Z", "20260104T000000Z", "20260103T000000Z"],
+            "exactly 2 days apart is kept"
+        );
+        assert_eq!(
+            kept(&select(&s, &within(2 * 86_400 - 1))),
+            ["20260105T000000Z", "20260104T000000Z"],
+            "one second less and it is not"
+        );
+    }
+
+    #[test]
+    fn keep_within_is_relative_to_the_newest_not_now() {
+        // Years old: measured from now, nothing would be within 3 days.
+        let s = series("20000101T000000Z", 10, D);
+        let d = select(&s, &within(3 * 86_400));
+        assert_eq!(kept(&d).len(), 4);
+        assert!(d
+            .iter()
+            .filter(|d| !d.removed())
+            .all(|d| d.keep == [Reason::Within]));
+    }
+
+    #[test]
+    fn keep_within_huge_durations_do_not_overflow() {
+        let s = ids(&["00000101T000000Z", "99991231T235959Z"]);
+        assert_eq!(kept(&select(&s, &within(u64::MAX))).len(), 2);
+        assert_eq!(kept(&select(&s, &within(i64::MAX as u64 + 1))).len(), 2);
+        let s = [
+            SnapshotId::from_unix(i64::MIN),
+            SnapshotId::from_unix(i64::MAX),
+        ];
+        assert_eq!(select(&s, &within(u64::MAX))[1].keep, [Reason::Within]);
+        assert!(select(&s, &within(u64::MAX - 1))[1].removed());
+    }
+
+    // ---- combinations ----
+
+    #[test]
+    fn combined_rules_list_every_reason_in_order() {
+        let s = series("20260101T000000Z", 48, H);
         let p = Policy {
             keep_last: Some(2),
             keep_daily: Some(2),
             ..Default::default()
         };
         let d = select(&s, &p);
-        assert_eq!(d[0].keep, vec![Reason::Last, Reason::Daily]);
-        assert_eq!(d[1].keep, vec![Reason::Last]);
+        assert_eq!(d[0].keep, [Reason::Last, Reason::Daily]);
+        assert_eq!(d[1].keep, [Reason::Last]);
         assert_eq!(
             kept(&d),
             ["20260102T230000Z", "20260102T220000Z", "20260101T230000Z"]
         );
+        let all = Policy {
+            keep_last: Some(1),
+            keep_hourly: Some(1),
+            keep_daily: Some(1),
+            keep_weekly: Some(1),
+            keep_monthly: Some(1),
+            keep_yearly: Some(1),
+            keep_within: Some(1),
+        };
+        let d = select(&s, &all);
+        assert_eq!(
+            d[0].keep,
+            [
+                Reason::Last,
+                Reason::Hourly,
+                Reason::Daily,
+                Reason::Weekly,
+                Reason::Monthly,
+                Reason::Yearly,
+                Reason::Within
+            ]
+        );
+        assert_eq!(kept(&d).len(), 1);
     }
 
+    /// A typical schedule: hourly backups for 400 days under a restic-style policy.
     #[test]
-    fn newest_always_kept_unsorted_and_duplicates() {
-        let s = vec![
-            at("20260101T000000Z"),
-            at("20260301T000000Z"),
-            at("20260101T000000Z"),
-            at("20260201T000000Z"),
-        ];
+    fn realistic_policy() {
+        let s = series("20250101T003000Z", 401 * 24, H);
         let p = Policy {
-            keep_within: Some(1),
+            keep_hourly: Some(24),
+            keep_daily: Some(7),
+            keep_weekly: Some(4),
+            keep_monthly: Some(12),
+            keep_yearly: Some(3),
             ..Default::default()
         };
         let d = select(&s, &p);
-        assert_eq!(d.len(), 3, "deduplicated");
-        assert_eq!(d[0].id, at("20260301T000000Z"));
-        assert_eq!(d[0].keep, vec![Reason::Within]);
-        let p = Policy {
-            keep_yearly: Some(1),
-            ..Default::default()
-        };
-        let d = select(&[at("20250101T000000Z"), at("20240101T000000Z")], &p);
-        assert_eq!(kept(&d), ["20250101T000000Z"]);
+        let newest = s.last().unwrap().to_string();
+        assert_eq!(newest, "20260205T233000Z");
+        assert_eq!(
+            reasons(&d, &newest),
+            [
+                Reason::Hourly,
+                Reason::Daily,
+                Reason::Weekly,
+                Reason::Monthly,
+                Reason::Yearly
+            ]
+        );
+        // Hourly: the 24 of 2026-02-05. Daily: 02-05 back to 01-30. Weekly (ISO weeks end on
+        // Sunday; 02-05 is the Thursday of W06): 02-05, 02-01, 01-25, 01-18. Monthly: the last
+        // snapshot of each month from 2026-02 back to 2025-03. Yearly: 2026 and 2025 only.
+        assert_eq!(
+            reasons(&d, "20260201T233000Z"),
+            [Reason::Daily, Reason::Weekly]
+        );
+        assert_eq!(reasons(&d, "20260125T233000Z"), [Reason::Weekly]);
+        assert_eq!(reasons(&d, "20260118T233000Z"), [Reason::Weekly]);
+        assert!(d
+            .iter()
+            .find(|x| x.id == at("20260111T233000Z"))
+            .unwrap()
+            .removed());
+        assert_eq!(
+            reasons(&d, "20260131T233000Z"),
+            [Reason::Daily, Reason::Monthly]
+        );
+        assert_eq!(
+            reasons(&d, "20251231T233000Z"),
+            [Reason::Monthly, Reason::Yearly]
+        );
+        assert_eq!(reasons(&d, "20250331T233000Z"), [Reason::Monthly]);
+        assert!(d
+            .iter()
+            .find(|x| x.id == at("20250228T233000Z"))
+            .unwrap()
+            .removed());
+        let by = |r: Reason| d.iter().filter(|x| x.keep.contains(&r)).count();
+        assert_eq!(
+            (
+                by(Reason::Hourly),
+                by(Reason::Daily),
+                by(Reason::Weekly),
+                by(Reason::Monthly),
+                by(Reason::Yearly)
+            ),
+            (24, 7, 4, 12, 2)
+        );
+        // 24 hourly + 6 more days + 2 more weeks (02-01 is already a daily) + 10 more months
+        // (01-31 is a daily too) + no more years (2025-12-31 is a monthly).
+        assert_eq!(kept(&d).len(), 24 + 6 + 2 + 10);
+    }
+
+    // ---- randomized, against an independent model ----
+
+    /// Knuth's MMIX LCG: deterministic, no `rand` crate.
+    struct Lcg(u64);
+    impl Lcg {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (self.0 >> 33) % n.max(1)
+        }
+        fn rule(&mut self) -> Option<u32> {
+            match self.below(6) {
+                0 | 1 => None,
+                2 => Some(0),
+                _ => Some(1 + self.below(10) as u32),
+            }
+        }
+    }
+
+    /// The rules restated the slow, obvious way: group by calendar fields, rank the groups,
+    /// keep each chosen group's maximum. Shares nothing with `select` but `civil()`.
+    fn model(input: &[SnapshotId], p: &Policy) -> BTreeMap<SnapshotId, Vec<Reason>> {
+        let set: BTreeSet<SnapshotId> = input.iter().copied().collect();
+        let mut out: BTreeMap<SnapshotId, Vec<Reason>> =
+            set.iter().map(|&id| (id, Vec::new())).collect();
+        let any = [
+            p.keep_last,
+            p.keep_hourly,
+            p.keep_daily,
+            p.keep_weekly,
+            p.keep_monthly,
+            p.keep_yearly,
+        ]
+        .iter()
+        .any(|v| v.unwrap_or(0) > 0)
+            || p.keep_within.unwrap_or(0) > 0;
+        if !any {
+            out.values_mut().for_each(|v| v.push(Reason::NoPolicy));
+            return out;
+        }
+        for &id in set.iter().rev().take(p.keep_last.unwrap_or(0) as usize) {
+            out.get_mut(&id).unwrap().push(Reason::Last);
+        }
+        type Fields = fn(&Civil) -> (i64, i64, i64, i64);
+        let periods: [(Option<u32>, Reason, Fields); 5] = [
+            (p.keep_hourly, Reason::Hourly, |c| {
+                (c.year, c.month.into(), c.day.into(), c.hour.into())
+            }),
+            (p.keep_daily, Reason::Daily, |c| {
+                (c.year, c.month.into(), c.day.into(), 0)
+            }),
+            (p.keep_weekly, Reason::Weekly, |c| {
+                (c.iso_year, c.iso_week.into(), 0, 0)
+            }),
+            (p.keep_monthly, Reason::Monthly, |c| {
+                (c.year, c.month.into(), 0, 0)
+            }),
+            (p.keep_yearly, Reason::Yearly, |c| (c.year, 0, 0, 0)),
+        ];
+        for (n, reason, fields) in periods {
+            let mut groups: BTreeMap<(i64, i64, i64, i64), SnapshotId> = BTreeMap::new();
+            for &id in &set {
+                let g = groups.entry(fields(&id.civil())).or_insert(id);
+                *g = (*g).max(id);
+            }
+            for (_, id) in groups.iter().rev().take(n.unwrap_or(0) as usize) {
+                out.get_mut(id).unwrap().push(reason);
+            }
+        }
+        if let (Some(w), Some(&newest)) = (p.keep_within.filter(|w| *w > 0), set.last()) {
+            for (id, v) in out.iter_mut() {
+                if i128::from(newest.unix()) - i128::from(id.unix()) <= i128::from(w) {
+                    v.push(Reason::Within);
+                }
+            }
+        }
+        if let Some(v) = out.values_mut().next_back() {
+            if v.is_empty() {
+                v.push(Reason::Newest);
+            }
+        }
+        out
     }
 
     #[test]
-    fn randomized_invariants() {
-        let mut seed: u64 = 0x5eed;
-        let mut rnd = |m: u64| {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) % m
-        };
-        for _ in 0..500 {
-            let n = rnd(40) as usize;
-            let base = at("20240101T000000Z").unix();
-            let snaps: Vec<SnapshotId> = (0..n)
-                .map(|_| SnapshotId::from_unix(base + rnd(3 * 365 * 86400) as i64))
+    fn randomized_against_model_and_invariants() {
+        let mut r = Lcg(0x5eed);
+        let bases = [at("19690601T000000Z"), at("20201225T000000Z")];
+        // Spreads from hours to decades, so that every rule sees both crowded and sparse
+        // periods.
+        let spreads = [2 * H, 3 * D, 60 * D, 3 * 365 * D, 40 * 365 * D];
+        for round in 0..3000 {
+            let base = bases[r.below(2) as usize].unix();
+            let spread = spreads[r.below(spreads.len() as u64) as usize];
+            let n = r.below(60) as usize;
+            let mut snaps: Vec<SnapshotId> = (0..n)
+                .map(|_| SnapshotId::from_unix(base + r.below(spread as u64) as i64))
                 .collect();
-            let opt = |r: &mut dyn FnMut(u64) -> u64| match r(3) {
-                0 => None,
-                _ => Some(r(8) as u32),
-            };
+            // Some duplicates.
+            for _ in 0..r.below(4) {
+                if let Some(&x) = snaps.get(r.below(n as u64) as usize) {
+                    snaps.push(x);
+                }
+            }
             let p = Policy {
-                keep_last: opt(&mut rnd),
-                keep_hourly: opt(&mut rnd),
-                keep_daily: opt(&mut rnd),
-                keep_weekly: opt(&mut rnd),
-                keep_monthly: opt(&mut rnd),
-                keep_yearly: opt(&mut rnd),
-                keep_within: if rnd(3) == 0 {
-                    Some(rnd(90 * 86400))
-                } else {
-                    None
+                keep_last: r.rule(),
+                keep_hourly: r.rule(),
+                keep_daily: r.rule(),
+                keep_weekly: r.rule(),
+                keep_monthly: r.rule(),
+                keep_yearly: r.rule(),
+                keep_within: match r.below(4) {
+                    0 | 1 => None,
+                    2 => Some(0),
+                    _ => Some(r.below(spread as u64 / 2)),
                 },
             };
             let d = select(&snaps, &p);
-            let unique: BTreeSet<_> = snaps.iter().collect();
-            assert_eq!(d.len(), unique.len());
+            let ctx = format!("round {round}: {p:?}");
+
+            // Same answer as the model, reason lists included.
+            let want = model(&snaps, &p);
+            let got: BTreeMap<SnapshotId, Vec<Reason>> =
+                d.iter().map(|x| (x.id, x.keep.clone())).collect();
+            assert_eq!(got, want, "{ctx}");
+
+            // removed ∪ kept = input (as a set), one decision each, newest first.
+            let input: BTreeSet<SnapshotId> = snaps.iter().copied().collect();
+            let output: BTreeSet<SnapshotId> = d.iter().map(|x| x.id).collect();
+            assert_eq!(output, input, "{ctx}");
+            assert_eq!(d.len(), input.len(), "{ctx}");
+            assert!(d.windows(2).all(|w| w[0].id > w[1].id), "{ctx}");
+
+            // The newest is kept.
             if let Some(first) = d.first() {
-                assert!(!first.removed(), "newest kept");
-                assert_eq!(Some(&first.id), unique.iter().next_back().copied());
+                assert_eq!(Some(&first.id), input.last(), "{ctx}");
+                assert!(!first.removed(), "{ctx}");
             }
-            assert!(
-                d.windows(2).all(|w| w[0].id > w[1].id),
-                "newest first, no duplicates"
-            );
-            let by_last = d.iter().filter(|x| x.keep.contains(&Reason::Last)).count();
-            assert_eq!(
-                by_last,
-                p.keep_last.map(|k| (k as usize).min(d.len())).unwrap_or(0)
-            );
+            // Every kept snapshot has a reason, reasons are distinct and in order.
+            for x in &d {
+                assert!(x.keep.windows(2).all(|w| w[0] < w[1]), "{ctx}");
+            }
+            // Rule counts never exceed N.
+            let by = |reason: Reason| d.iter().filter(|x| x.keep.contains(&reason)).count();
             for (reason, lim) in [
+                (Reason::Last, p.keep_last),
+                (Reason::Hourly, p.keep_hourly),
                 (Reason::Daily, p.keep_daily),
+                (Reason::Weekly, p.keep_weekly),
                 (Reason::Monthly, p.keep_monthly),
+                (Reason::Yearly, p.keep_yearly),
             ] {
-                let c = d.iter().filter(|x| x.keep.contains(&reason)).count();
-                assert!(c <= lim.unwrap_or(0) as usize);
+                assert!(by(reason) <= lim.unwrap_or(0) as usize, "{ctx}");
+            }
+            // Order of the input does not matter.
+            let mut shuffled = snaps.clone();
+            for i in (1..shuffled.len()).rev() {
+                shuffled.swap(i, r.below(i as u64 + 1) as usize);
+            }
+            assert_eq!(select(&shuffled, &p), d, "{ctx}");
+
+            // keep_last alone keeps exactly min(N, count).
+            let k = r.below(12) as u32;
+            let only_last = select(&snaps, &last(k));
+            let n_kept = only_last.iter().filter(|x| !x.removed()).count();
+            if k == 0 {
+                assert_eq!(n_kept, input.len(), "0 = no policy = keep all");
+            } else {
+                assert_eq!(n_kept, (k as usize).min(input.len()), "{ctx}");
             }
         }
     }
