@@ -99,6 +99,19 @@ pub enum Command {
         #[arg(long, value_name = "PERCENT", default_value_t = 100)]
         read_data: u32,
     },
+    /// Print (or --install) a systemd service and timer that run this profile
+    Schedule {
+        profile: String,
+        /// systemd OnCalendar= expression
+        #[arg(long, default_value = "daily")]
+        on_calendar: String,
+        /// A unit to start when a run fails (OnFailure=)
+        #[arg(long, value_name = "UNIT")]
+        on_failure: Option<String>,
+        /// Write the units to /etc/systemd/system and enable the timer
+        #[arg(long)]
+        install: bool,
+    },
     /// Accept a container older than this client's record (after restoring the server on purpose)
     AcceptRollback { profile: String },
     /// Give space freed by deleted snapshots back to the server (NBD + fstrim over SSH)
@@ -131,7 +144,8 @@ impl Command {
             | Command::Grow { profile, .. }
             | Command::Trim { profile }
             | Command::AcceptRollback { profile }
-            | Command::Verify { profile, .. } => profile,
+            | Command::Verify { profile, .. }
+            | Command::Schedule { profile, .. } => profile,
         }
     }
 }
@@ -174,6 +188,12 @@ pub fn main() -> ExitCode {
         } => ops::restore::restore(&profile, snapshot, target, paths, *force),
         Command::Grow { size, online, .. } => ops::grow::grow(&profile, size, *online),
         Command::Trim { .. } => ops::trim::trim(&profile),
+        Command::Schedule {
+            on_calendar,
+            on_failure,
+            install,
+            ..
+        } => ops::schedule::schedule(&profile, on_calendar, on_failure.as_deref(), *install),
         Command::Verify { read_data, .. } => ops::verify::verify(&profile, *read_data),
         Command::AcceptRollback { .. } => ops::restore::accept_rollback(&profile),
         Command::Prune { dry_run, json, .. } => ops::restore::prune(&profile, *dry_run, *json),

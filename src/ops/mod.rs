@@ -7,6 +7,7 @@ pub mod init;
 pub mod maintenance;
 pub mod restore;
 pub mod run;
+pub mod schedule;
 pub mod status;
 pub mod trim;
 pub mod verify;
