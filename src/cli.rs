@@ -112,6 +112,16 @@ pub enum Command {
         #[arg(long)]
         install: bool,
     },
+    /// Write the keyfile back from the key escrow, with an offline recovery identity
+    RecoverKey {
+        profile: String,
+        /// age identity file, or an unencrypted SSH private key
+        #[arg(long, value_name = "FILE")]
+        identity: std::path::PathBuf,
+        /// Replace an existing keyfile (kept as .old)
+        #[arg(long)]
+        force: bool,
+    },
     /// Accept a container older than this client's record (after restoring the server on purpose)
     AcceptRollback { profile: String },
     /// Give space freed by deleted snapshots back to the server (NBD + fstrim over SSH)
@@ -145,7 +155,8 @@ impl Command {
             | Command::Trim { profile }
             | Command::AcceptRollback { profile }
             | Command::Verify { profile, .. }
-            | Command::Schedule { profile, .. } => profile,
+            | Command::Schedule { profile, .. }
+            | Command::RecoverKey { profile, .. } => profile,
         }
     }
 }
@@ -194,6 +205,9 @@ pub fn main() -> ExitCode {
             install,
             ..
         } => ops::schedule::schedule(&profile, on_calendar, on_failure.as_deref(), *install),
+        Command::RecoverKey {
+            identity, force, ..
+        } => ops::maintenance::recover_key(&profile, identity, *force),
         Command::Verify { read_data, .. } => ops::verify::verify(&profile, *read_data),
         Command::AcceptRollback { .. } => ops::restore::accept_rollback(&profile),
         Command::Prune { dry_run, json, .. } => ops::restore::prune(&profile, *dry_run, *json),

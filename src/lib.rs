@@ -11,6 +11,7 @@
 pub mod cli;
 pub mod cmd;
 pub mod error;
+pub mod escrow;
 pub mod generation;
 pub mod logging;
 pub mod manifest;

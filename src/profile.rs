@@ -174,6 +174,23 @@ pub struct Container {
     /// Exact inode count for mkfs.ext4, overriding `bytes_per_inode`.
     #[serde(default)]
     pub inodes: Option<u64>,
+    /// Offline recovery recipients (age `age1...` or SSH public keys): `init` encrypts the
+    /// keyfile to them and stores the escrow beside the container and the keyfile.
+    #[serde(default)]
+    pub recovery_recipients: Vec<Recipient>,
+}
+
+/// One recovery recipient, checked when the profile is read.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Recipient(pub String);
+
+impl TryFrom<String> for Recipient {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        crate::escrow::parse_recipient(&s)?;
+        Ok(Recipient(s.trim().to_string()))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -376,6 +393,18 @@ impl Profile {
                 PathBuf::from(s)
             }
         }
+    }
+
+    /// The client's copy of the key escrow.
+    pub fn escrow_client(&self) -> PathBuf {
+        let mut s = self.container.keyfile.0.clone().into_os_string();
+        s.push(".escrow.age");
+        PathBuf::from(s)
+    }
+
+    /// The escrow's file name next to the container on the server.
+    pub fn escrow_server_name(&self) -> String {
+        format!("{}.escrow.age", self.container.file.0)
     }
 
     /// Device-mapper name of the opened container.

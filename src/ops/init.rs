@@ -151,6 +151,24 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
         r.print();
         anyhow::bail!("could not close the new container cleanly; it was not committed");
     }
+    if !p.container.recovery_recipients.is_empty() {
+        let rs: Vec<String> = p
+            .container
+            .recovery_recipients
+            .iter()
+            .map(|r| r.0.clone())
+            .collect();
+        let sealed = crate::escrow::seal(&key, &rs)?;
+        let on_server = final_path.with_file_name(p.escrow_server_name());
+        crate::teardown::write_synced(&on_server, &sealed)?;
+        crate::teardown::write_synced(&p.escrow_client(), &sealed)?;
+        info!(
+            "key escrow for {} recipient(s) stored as {} on the server and {} here",
+            rs.len(),
+            p.escrow_server_name(),
+            p.escrow_client().display()
+        );
+    }
     std::fs::rename(&partial, &final_path)
         .with_context(|| format!("renaming {} to {}", partial.display(), final_path.display()))?;
     std::fs::rename(&header_tmp, &header)

@@ -127,3 +127,52 @@ pub fn validate(p: &Profile, connect: bool) -> Exit {
     println!("{}: OK", p.source_file.display());
     Exit::Ok
 }
+
+/// `recover-key --identity FILE PROFILE`: decrypt the key escrow (the server's copy, or the
+/// client's if the server is unreachable) with an offline identity and write the keyfile.
+pub fn recover_key(p: &Profile, identity: &Path, force: bool) -> Exit {
+    let r = (|| -> anyhow::Result<()> {
+        let kf = &p.container.keyfile.0;
+        if kf.exists() && !force {
+            return Err(crate::error::usage(format!(
+                "keyfile {} exists; pass --force to replace it (the old one is kept as .old)",
+                kf.display()
+            )));
+        }
+        let escrow = match ssh::Remote::connect(&p.server).and_then(|r| {
+            let dir = p.server.path.trim_end_matches('/');
+            r.read_file(&format!("{dir}/{}", p.escrow_server_name()))
+        }) {
+            Ok(b) => {
+                info!("read the key escrow from {}", p.server.host);
+                b
+            }
+            Err(e) => {
+                warn!("cannot read the escrow from the server ({e:#}); trying the client's copy");
+                std::fs::read(p.escrow_client()).map_err(|e2| {
+                    anyhow::anyhow!(
+                        "no escrow: server: {e:#}; client {}: {e2}",
+                        p.escrow_client().display()
+                    )
+                })?
+            }
+        };
+        let key = crate::escrow::open(&escrow, identity)?;
+        if kf.exists() {
+            let mut old = kf.clone().into_os_string();
+            old.push(".old");
+            std::fs::rename(kf, &old)?;
+        }
+        crate::stack::luks::write_keyfile(kf, &key)?;
+        info!(
+            "keyfile {} recovered ({} bytes)",
+            kf.display(),
+            key.bytes().len()
+        );
+        Ok(())
+    })();
+    match r {
+        Ok(()) => Exit::Ok,
+        Err(e) => super::fail(e),
+    }
+}

@@ -45,6 +45,27 @@ pub fn tests_key(bytes: Vec<u8>) -> Key {
     Key(bytes)
 }
 
+/// Wrap recovered key material (escrow).
+pub fn key_from_bytes(bytes: Vec<u8>) -> Key {
+    Key(bytes)
+}
+
+/// Write a keyfile (mode 0400) that must not exist yet.
+pub fn write_keyfile(path: &Path, key: &Key) -> Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        crate::teardown::create_private_dir(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o400)
+        .open(path)
+        .with_context(|| format!("creating keyfile {}", path.display()))?;
+    f.write_all(key.bytes()).and_then(|_| f.sync_all())?;
+    Ok(())
+}
+
 impl Drop for Key {
     fn drop(&mut self) {
         for b in self.0.iter_mut() {

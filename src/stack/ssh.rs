@@ -251,6 +251,17 @@ impl Remote {
         })
     }
 
+    /// Read a (small) file from the server over SFTP.
+    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        let sftp = self.session.sftp()?;
+        let mut f = sftp
+            .open(Path::new(path))
+            .map_err(|e| anyhow!("{path} on {}: {e}", self.label))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        Ok(buf)
+    }
+
     /// Bytes the server has allocated for a file (st_blocks * 512), if it runs `stat`.
     pub fn allocated_bytes(&self, path: &str) -> Option<u64> {
         match self.exec(&format!("stat -c %b.%B -- {}", shell_quote(path))) {
