@@ -112,6 +112,11 @@ pub enum Command {
         #[arg(long)]
         install: bool,
     },
+    /// Key checks: `keys verify` tests the keyfile, the pinned header and the escrows
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Write the keyfile back from the key escrow, with an offline recovery identity
     RecoverKey {
         profile: String,
@@ -138,6 +143,18 @@ pub enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum KeysAction {
+    /// Test that the keyfile opens the container, the pinned header matches, and the
+    /// escrows are intact (and, with --identity, that they hold this keyfile)
+    Verify {
+        profile: String,
+        /// An offline recovery identity to test against the escrow
+        #[arg(long, value_name = "FILE")]
+        identity: Option<std::path::PathBuf>,
+    },
+}
+
 impl Command {
     fn profile(&self) -> &str {
         match self {
@@ -156,7 +173,10 @@ impl Command {
             | Command::AcceptRollback { profile }
             | Command::Verify { profile, .. }
             | Command::Schedule { profile, .. }
-            | Command::RecoverKey { profile, .. } => profile,
+            | Command::RecoverKey { profile, .. }
+            | Command::Keys {
+                action: KeysAction::Verify { profile, .. },
+            } => profile,
         }
     }
 }
@@ -205,6 +225,9 @@ pub fn main() -> ExitCode {
             install,
             ..
         } => ops::schedule::schedule(&profile, on_calendar, on_failure.as_deref(), *install),
+        Command::Keys {
+            action: KeysAction::Verify { identity, .. },
+        } => ops::keys::verify(&profile, identity.as_deref()),
         Command::RecoverKey {
             identity, force, ..
         } => ops::maintenance::recover_key(&profile, identity, *force),

@@ -4,6 +4,7 @@
 
 pub mod grow;
 pub mod init;
+pub mod keys;
 pub mod maintenance;
 pub mod restore;
 pub mod run;

@@ -91,6 +91,19 @@ head -c 40M /dev/urandom > "$DATA/big.bin"
 PID=$!
 check sigterm-reached-rsync wait_for_rsync
 check concurrent-run-exits-4 bash -c "$E2E_BIN run $P; [ \$? = 4 ]"
+# No key bytes in any process's argv or environment while a run is in progress.
+check no-key-in-proc python3 - "$DEMO_DIR/container.key" <<'PY'
+import glob, sys
+key = open(sys.argv[1], "rb").read()
+chunks = [key[i:i + 16] for i in range(0, len(key) - 16, 16)]
+for f in glob.glob("/proc/[0-9]*/cmdline") + glob.glob("/proc/[0-9]*/environ"):
+    try:
+        data = open(f, "rb").read()
+    except OSError:
+        continue
+    if any(c in data for c in chunks):
+        sys.exit(f"key material in {f}")
+PY
 kill -TERM $PID; wait $PID; RC=$?
 check sigterm-exits-130 test "$RC" = 130
 check sigterm-no-leftovers assert_no_leftovers
@@ -104,4 +117,13 @@ server_restore_hostkey
 sed 's/^  host:/  hots:/' "$PROFILE" > /etc/e2ebackup/profiles/typo.yaml
 check typo-exits-2-naming-line bash -c "$E2E_BIN validate typo 2>&1 | tee /dev/stderr | grep -q 'line 4'; [ \${PIPESTATUS[0]} = 2 ]"
 check status-runs E2E status $P
+check no-key-in-output python3 - "$DEMO_DIR/container.key" "$E2E_OUT" <<'PY'
+import glob, sys
+key = open(sys.argv[1], "rb").read()
+chunks = [key[i:i + 16] for i in range(0, len(key) - 16, 16)]
+for f in glob.glob(sys.argv[2] + "/*.log") + glob.glob("/var/lib/e2ebackup/*/*"):
+    data = open(f, "rb").read()
+    if any(c in data for c in chunks):
+        sys.exit(f"key material in {f}")
+PY
 check final-no-leftovers assert_no_leftovers

@@ -1,0 +1,116 @@
+//! `e2ebackup keys verify PROFILE [--identity FILE]`: will the keys still open the backup?
+//!
+//! Checked, without mounting anything: the keyfile unlocks the container's keyslot (a LUKS
+//! test activation, no mapping is created), the client's pinned header matches the server's,
+//! the server's and the client's key escrows are identical, and with `--identity`, that the
+//! escrow decrypts to exactly this keyfile. Run it after changing recipients or moving keys,
+//! and now and then from the timer: a key that no longer works is found before it is needed.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+use libcryptsetup_rs::consts::flags::CryptActivate;
+use libcryptsetup_rs::consts::vals::EncryptionFormat;
+use libcryptsetup_rs::{CryptInit, Either};
+
+use crate::error::{Exit, Failure};
+use crate::ops::{fail, finish};
+use crate::profile::Profile;
+use crate::session::Session;
+use crate::stack::luks;
+use crate::{info, warn};
+
+pub fn verify(p: &Profile, identity: Option<&Path>) -> Exit {
+    let mut s = match Session::begin(p, "keys-verify") {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let r = work(p, &mut s, identity);
+    finish(s, &r).0
+}
+
+fn work(p: &Profile, s: &mut Session<'_>, identity: Option<&Path>) -> Result<Exit> {
+    let key = luks::read_keyfile(&p.container.keyfile.0)?;
+    let mut problems: Vec<String> = Vec::new();
+    let facts = s.connect()?.clone();
+    if facts.container_size.is_none() {
+        return Err(crate::error::usage(format!(
+            "no container {}",
+            p.remote_container()
+        )));
+    }
+    s.mount_server("keys-verify")?;
+    let file = s.container_path();
+    let dev = s.attach(&file, true)?;
+    let header = s.pinned_header(&dev)?;
+    match &header {
+        Some(h) => info!("pinned header {} matches the server's", h.display()),
+        None => problems.push(format!(
+            "no pinned header at {}",
+            p.header_backup().display()
+        )),
+    }
+    // A test activation: the keyslot is decrypted, no device-mapper mapping is created.
+    luks::install_logging();
+    let mut cd = match header.as_deref() {
+        Some(h) => CryptInit::init_with_data_device(Either::Right((h, dev.as_path()))),
+        None => CryptInit::init(&dev),
+    }
+    .map_err(|e| anyhow!("opening {}: {e}", dev.display()))?;
+    cd.context_handle()
+        .load::<()>(Some(EncryptionFormat::Luks2), None)
+        .map_err(|e| anyhow!("reading the LUKS2 header: {e}"))?;
+    match cd.activate_handle().activate_by_passphrase(
+        None,
+        None,
+        key.bytes(),
+        CryptActivate::empty(),
+    ) {
+        Ok(slot) => info!(
+            "keyfile {} opens keyslot {slot}",
+            p.container.keyfile.0.display()
+        ),
+        Err(e) => problems.push(format!("the keyfile does not open the container: {e}")),
+    }
+    if !p.container.recovery_recipients.is_empty() {
+        let server = std::fs::read(file.with_file_name(p.escrow_server_name()));
+        let client = std::fs::read(p.escrow_client());
+        match (&server, &client) {
+            (Ok(a), Ok(b)) if a == b => {
+                info!("the server's and the client's key escrows are identical")
+            }
+            (Ok(_), Ok(_)) => {
+                problems.push("the server's and the client's key escrows differ".into())
+            }
+            (Err(e), _) => problems.push(format!("no key escrow on the server: {e}")),
+            (_, Err(e)) => problems.push(format!(
+                "no key escrow at {}: {e}",
+                p.escrow_client().display()
+            )),
+        }
+        if let (Some(id), Ok(sealed)) = (identity, server.as_ref().or(client.as_ref())) {
+            match crate::escrow::open(sealed, id) {
+                Ok(k) if k.bytes() == key.bytes() => {
+                    info!(
+                        "{} opens the escrow, and it holds this keyfile",
+                        id.display()
+                    )
+                }
+                Ok(_) => problems.push("the escrow holds a DIFFERENT key than the keyfile".into()),
+                Err(e) => problems.push(format!("{e:#}")),
+            }
+        } else if identity.is_none() {
+            info!("pass --identity FILE to also test that a recovery identity opens the escrow");
+        }
+    } else {
+        warn!("no recovery_recipients: losing the keyfile would lose every backup");
+    }
+    if problems.is_empty() {
+        info!("keys verify: all good");
+        return Ok(Exit::Ok);
+    }
+    for pr in &problems {
+        crate::logging::emit(-2, "PROBLEM: ", format_args!("{pr}"));
+    }
+    Err(Failure::Security(format!("keys verify found {} problem(s)", problems.len())).into())
+}
