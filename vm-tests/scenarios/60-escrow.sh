@@ -29,6 +29,8 @@ check init E2E init $P
 check escrow-on-server test -s "$SERVER_DIR/esc.luks.escrow.age"
 check escrow-is-age bash -c "head -c 21 $SERVER_DIR/esc.luks.escrow.age | grep -q 'age-encryption.org/v1'"
 check run E2E run $P
+check keys-verify E2E keys verify $P --identity "$OFFLINE/id_ed25519"
+check keys-verify-wrong-identity bash -c "ssh-keygen -q -t ed25519 -N '' -f /root/wrong && ! $E2E_BIN keys verify $P --identity /root/wrong"
 check wipe-client wipe_client
 check run-without-key-fails bash -c "! $E2E_BIN run $P"
 check recover-key E2E recover-key $P --identity "$OFFLINE/id_ed25519"
