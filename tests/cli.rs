@@ -1,13 +1,21 @@
-//! The binary's user-facing contract: exit codes and messages for bad input and locks.
+//! The binary's user-facing contract: exit codes and messages for bad input, locks, a run
+//! that fails half-way, and the recovery of an earlier run's teardown. Tests named `host_*`
+//! need root and a private sshd (run with --test-threads=1); the others run anywhere.
 
 mod common;
 
-use std::process::Command;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_e2ebackup"))
-}
+use clap::CommandFactory;
+use common::{bin, show, Recover, Sshd};
+use e2ebackup::profile::Profile;
+use e2ebackup::session;
+use e2ebackup::stack::{self, lock, loopdev, mount, sshfs};
+use e2ebackup::teardown::{Journal, Stack, Undo};
 
+/// A valid profile for a server that is never contacted (line numbers matter below).
 const PROFILE: &str = "server:
   host: 127.0.0.1
   user: backupuser
@@ -22,67 +30,245 @@ backup:
   sources: [/etc]
 ";
 
+fn write_profile(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+// ---------------------------------------------------------------------------------------
+// Unprivileged
+// ---------------------------------------------------------------------------------------
+
 #[test]
-fn typo_exits_2_naming_file_line_and_key() {
+fn validate_typo_exits_2_naming_file_line_and_key() {
     let d = tempfile::tempdir().unwrap();
-    let p = d.path().join("typo.yaml");
-    std::fs::write(&p, PROFILE.replace("  keyfile:", "  keyfil:")).unwrap();
+    let p = write_profile(
+        d.path(),
+        "typo",
+        &PROFILE.replace("  keyfile:", "  keyfil:"),
+    );
     let out = bin().arg("validate").arg(&p).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("typo.yaml"), "{err}");
-    assert!(err.contains("line 10"), "{err}");
-    assert!(err.contains("keyfil"), "{err}");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(err.contains(&*p.to_string_lossy()), "file not named: {err}");
+    assert!(err.contains("line 10"), "line not named: {err}");
+    assert!(err.contains("keyfil"), "key not named: {err}");
+    assert!(out.stdout.is_empty(), "{}", show(&out));
 }
 
 #[test]
-fn missing_profile_and_bad_args_exit_2() {
-    let out = bin()
-        .args(["run", "/nonexistent/profile.yaml"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/profile.yaml"));
-    let out = bin().args(["frobnicate"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
+fn validate_bad_value_exits_2_naming_line_and_key() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write_profile(
+        d.path(),
+        "badsize",
+        &PROFILE.replace("size: 1G", "size: 2Q"),
+    );
+    let out = bin().arg("validate").arg(&p).output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(err.contains(&*p.to_string_lossy()), "{err}");
+    assert!(err.contains("line 9"), "{err}");
+    assert!(err.contains("container.size"), "{err}");
+
+    let p = write_profile(
+        d.path(),
+        "nopath",
+        &PROFILE.replace("  path: /srv/backup\n", ""),
+    );
+    let out = bin().arg("validate").arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(stderr(&out).contains("path"), "{}", show(&out));
 }
 
 #[test]
-fn help_lists_every_command() {
-    let out = bin().arg("--help").output().unwrap();
-    assert_eq!(out.status.code(), Some(0));
-    let text = String::from_utf8_lossy(&out.stdout);
-    for c in [
-        "init",
-        "run",
-        "validate",
-        "status",
-        "cleanup",
-        "snapshots",
-        "mount",
-        "umount",
-        "restore",
-        "prune",
-        "grow",
-        "trim",
-    ] {
+fn missing_profile_exits_2() {
+    for cmd in ["validate", "run", "status", "cleanup"] {
+        let out = bin()
+            .args([cmd, "/nonexistent/dir/profile.yaml"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {}", show(&out));
         assert!(
-            text.contains(&format!("  {c} ")),
-            "--help lacks {c}:\n{text}"
+            stderr(&out).contains("/nonexistent/dir/profile.yaml"),
+            "{cmd}: {}",
+            show(&out)
         );
+    }
+    // A bare name is looked up in /etc/e2ebackup/profiles.
+    let name = common::unique_name("no-such-profile");
+    let out = bin().args(["validate", &name]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        stderr(&out).contains(&format!("/etc/e2ebackup/profiles/{name}.yaml")),
+        "{}",
+        show(&out)
+    );
+}
+
+#[test]
+fn bad_command_lines_exit_2() {
+    for args in [
+        &["frobnicate"][..],
+        &[],
+        &["run"],
+        &["validate", "--bogus", "x"],
+        &["restore", "p"],
+    ] {
+        let out = bin().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", show(&out));
+        assert!(!out.stderr.is_empty(), "{args:?}: no message");
     }
 }
 
+/// Commands the README and docs/operations.md document (more may exist).
+const COMMANDS: &[&str] = &[
+    "init",
+    "run",
+    "validate",
+    "status",
+    "cleanup",
+    "snapshots",
+    "mount",
+    "umount",
+    "restore",
+    "prune",
+    "grow",
+    "trim",
+];
+
 #[test]
-fn status_json_parses() {
-    let d = tempfile::tempdir().unwrap();
-    let p = d.path().join("statustest.yaml");
-    std::fs::write(&p, PROFILE).unwrap();
-    let out = bin().args(["status", "--json"]).arg(&p).output().unwrap();
+fn help_lists_every_subcommand() {
+    let out = bin().arg("--help").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Every subcommand the parser knows (the documented ones at least) is listed.
+    let known: Vec<String> = e2ebackup::cli::Cli::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .filter(|n| n != "help")
+        .collect();
+    for c in COMMANDS {
+        assert!(
+            known.iter().any(|k| k == c),
+            "no `{c}` subcommand: {known:?}"
+        );
+    }
+    for c in &known {
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{c} "))),
+            "--help lacks {c}:\n{text}"
+        );
+        let out = bin().args([c.as_str(), "--help"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{c} --help: {}", show(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&format!("Usage: e2ebackup {c}")),
+            "{c} --help: {}",
+            show(&out)
+        );
+    }
+    assert!(text.contains("Exit status"), "{text}");
+    let out = bin().arg("--version").output().unwrap();
     assert_eq!(out.status.code(), Some(0));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["profile"], "statustest");
-    assert_eq!(v["luks_open"], false);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn status_json_parses_and_touches_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let name = common::unique_name("statustest");
+    let p = write_profile(d.path(), &name, PROFILE);
+    let lock_file = lock::local_lock_path(&name);
+    let run_dir = Path::new(e2ebackup::RUN_DIR).join(&name);
+    let state_dir = Path::new(e2ebackup::STATE_DIR).join(&name);
+    let out = bin().args(["status", "--json"]).arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {}", show(&out)));
+    assert_eq!(v["profile"], name.as_str());
+    for key in [
+        "sshfs_mounted",
+        "luks_open",
+        "filesystem_mounted",
+        "mounted_by_mount_command",
+    ] {
+        assert_eq!(v[key], false, "{key}: {v}");
+    }
+    assert_eq!(v["lock_holder_pid"], serde_json::Value::Null, "{v}");
+    assert_eq!(v["pending_teardown"], serde_json::json!([]), "{v}");
+    assert_eq!(v["last_run"], serde_json::Value::Null, "{v}");
+    // Read-only: no lock file, no run or state directory.
+    assert!(
+        !lock_file.exists(),
+        "status created {}",
+        lock_file.display()
+    );
+    assert!(!run_dir.exists(), "status created {}", run_dir.display());
+    assert!(
+        !state_dir.exists(),
+        "status created {}",
+        state_dir.display()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Privileged: against a private sshd
+// ---------------------------------------------------------------------------------------
+
+/// A profile for the fixture with its keyfile in place (mode 0400), and the guard that
+/// removes its real /run, /var/lib and lock paths.
+fn host_profile(sshd: &Sshd, prefix: &str) -> (String, PathBuf, Profile, common::RemoveOnDrop) {
+    let name = common::unique_name(prefix);
+    let state = common::real_state_paths(&name);
+    let path = sshd.profile(&name, &[Path::new("/etc")]);
+    let p = Profile::load(&path).unwrap();
+    let kf = &p.container.keyfile.0;
+    let mut key = vec![0u8; 4096];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut key)
+        .unwrap();
+    std::fs::write(kf, key).unwrap();
+    std::fs::set_permissions(kf, std::fs::Permissions::from_mode(0o400)).unwrap();
+    (name, path, p, state)
+}
+
+fn server_entries(sshd: &Sshd) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(sshd.server_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Nothing of the profile's stack is left on this host.
+fn assert_nothing_left(p: &Profile) {
+    let (srv, fs) = (session::sshfs_dir(p), session::fs_dir(p));
+    assert_eq!(mount::mounted_at(&srv).unwrap(), None, "sshfs left mounted");
+    assert_eq!(mount::mounted_at(&fs).unwrap(), None, "ext4 left mounted");
+    assert_eq!(sshfs::sshfs_process_for(&srv), None, "sshfs process left");
+    assert_eq!(
+        loopdev::devices_for(&srv.join(&p.container.file.0)),
+        Vec::<PathBuf>::new(),
+        "loop device left attached"
+    );
+    assert!(
+        !session::journal_path(p).exists(),
+        "undo journal left behind"
+    );
+}
+
+fn status_json(path: &Path) -> serde_json::Value {
+    let out = bin().args(["status", "--json"]).arg(path).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]
@@ -90,18 +276,205 @@ fn host_concurrent_run_exits_4_and_touches_nothing() {
     if common::skip_unless_root("host_concurrent_run_exits_4_and_touches_nothing") {
         return;
     }
-    let sshd = common::Sshd::start();
-    let name = format!("locktest{}", std::process::id());
-    let p = sshd.profile(&name, &[std::path::Path::new("/etc")]);
-    let _held = e2ebackup::stack::lock::lock_local(&name).unwrap();
-    let out = bin().arg("run").arg(&p).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(4), "{err}");
+    let sshd = Sshd::start();
+    let (name, path, p, _state) = host_profile(&sshd, "locktest");
+    let held = lock::lock_local(&name).unwrap();
+
+    // status sees the holder (from /proc/locks, without probing the lock itself).
+    let v = status_json(&path);
+    assert_eq!(v["lock_holder_pid"], std::process::id(), "{v}");
+
+    let out = bin().arg("run").arg(&path).output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{}", show(&out));
     assert!(err.contains("in use"), "{err}");
+    assert!(err.contains(&name), "{err}");
     assert_eq!(
-        std::fs::read_dir(sshd.server_dir()).unwrap().count(),
-        0,
+        server_entries(&sshd),
+        Vec::<String>::new(),
         "server touched"
     );
-    let _ = std::fs::remove_file(e2ebackup::stack::lock::local_lock_path(&name));
+    assert!(
+        !p.run_dir().exists(),
+        "{} created by a run that did not get the lock",
+        p.run_dir().display()
+    );
+    assert!(
+        e2ebackup::ops::read_last_run(&p).is_none(),
+        "a locked-out run must not overwrite the last run record"
+    );
+    // cleanup respects the lock as well.
+    let out = bin().arg("cleanup").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", show(&out));
+
+    // Once the lock is free, a run gets as far as the server (no container there yet: 2).
+    drop(held);
+    let out = bin().arg("run").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(stderr(&out).contains("no container"), "{}", show(&out));
+    assert!(stderr(&out).contains("e2ebackup init"), "{}", show(&out));
+    assert_eq!(
+        server_entries(&sshd),
+        Vec::<String>::new(),
+        "server touched"
+    );
+    assert_nothing_left(&p);
+    let last = e2ebackup::ops::read_last_run(&p).expect("last run recorded");
+    assert_eq!((last.exit_code, last.teardown_complete), (2, true));
+}
+
+#[test]
+fn host_run_failing_unlock_tears_everything_down() {
+    if common::skip_unless_root("host_run_failing_unlock_tears_everything_down") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let (_name, path, p, _state) = host_profile(&sshd, "badcontainer");
+    let _guard = Recover::new(&session::journal_path(&p));
+    // A container file that is not LUKS: the run gets through ssh, sshfs, the server lock
+    // and the loop device, then fails to unlock and must undo all of it.
+    let container = sshd.server_dir().join(&p.container.file.0);
+    std::fs::File::create(&container)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+
+    let out = bin().arg("run").arg(&path).output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(err.contains("ERROR"), "{err}");
+    assert!(
+        err.contains("LUKS"),
+        "failed somewhere else than the unlock: {err}"
+    );
+    assert!(!err.contains("INCOMPLETE"), "{err}");
+    assert_nothing_left(&p);
+    assert_eq!(
+        server_entries(&sshd),
+        vec![p.container.file.0.clone()],
+        "the server lock must be released, nothing else created"
+    );
+    let meta = std::fs::metadata(&container).unwrap();
+    assert_eq!(meta.len(), 64 << 20);
+    assert!(
+        std::fs::read(&container).unwrap().iter().all(|b| *b == 0),
+        "a failed unlock must not write to the container"
+    );
+    let last = e2ebackup::ops::read_last_run(&p).expect("last run recorded");
+    assert_eq!(last.exit_code, 1);
+    assert!(last.teardown_complete);
+    assert!(last.error.is_some());
+    assert_eq!(last.snapshot, None);
+}
+
+#[test]
+fn host_cleanup_and_run_finish_an_earlier_teardown() {
+    if common::skip_unless_root("host_cleanup_and_run_finish_an_earlier_teardown") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let (name, path, p, _state) = host_profile(&sshd, "recover");
+    let journal = session::journal_path(&p);
+    let _guard = Recover::new(&journal);
+    let srv = session::sshfs_dir(&p);
+
+    // What a process leaves behind when it dies holding the server directory and its lock.
+    let leave_behind = |persistent: bool| {
+        let mut s = Stack::persistent(journal.clone(), "run").unwrap();
+        s.push(Undo::UnmountSshfs {
+            target: srv.clone(),
+        })
+        .unwrap();
+        sshfs::mount(&p.server, &srv).unwrap_or_else(|e| panic!("{e:#}"));
+        let lock_path = lock::server_lock_path(&srv, &p.container.file.0);
+        let mut me = lock::ServerLock::mine("run");
+        me.pid_start += 1; // as if held by a process that is gone
+        s.push(Undo::ReleaseServerLock {
+            path: lock_path.clone(),
+            token: me.token.clone(),
+        })
+        .unwrap();
+        lock::acquire_server_lock(&lock_path, &me).unwrap();
+        if persistent {
+            s.set_persistent(true).unwrap();
+        }
+        // Dropped without unwinding: only the journal knows.
+        drop(s);
+        assert!(mount::mounted_at(&srv).unwrap().is_some());
+        assert!(Journal::read(&journal).unwrap().is_some());
+    };
+
+    // A `mount` session: status shows it; run refuses (4) and leaves it; cleanup ends it.
+    leave_behind(true);
+    let v = status_json(&path);
+    assert_eq!(v["sshfs_mounted"], true, "{v}");
+    assert_eq!(v["mounted_by_mount_command"], true, "{v}");
+    assert_eq!(
+        v["pending_teardown"].as_array().map(|a| a.len()),
+        Some(2),
+        "{v}"
+    );
+    let out = bin().arg("run").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", show(&out));
+    assert!(
+        stderr(&out).contains(&format!("e2ebackup umount {name}")),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        mount::mounted_at(&srv).unwrap().is_some(),
+        "run must leave a mount session alone"
+    );
+    let out = bin().arg("cleanup").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_nothing_left(&p);
+    assert_eq!(
+        server_entries(&sshd),
+        Vec::<String>::new(),
+        "lock not released"
+    );
+    let out = bin().arg("cleanup").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        stderr(&out).contains("nothing to clean up"),
+        "{}",
+        show(&out)
+    );
+
+    // A killed run: the next run finishes its teardown before anything else.
+    leave_behind(false);
+    let out = bin().arg("run").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        stderr(&out).contains("finishing the teardown of an earlier"),
+        "{}",
+        show(&out)
+    );
+    assert_nothing_left(&p);
+    assert_eq!(
+        server_entries(&sshd),
+        Vec::<String>::new(),
+        "lock not released"
+    );
+
+    // The same through stack::Real directly, for a journal that names a loop device gone
+    // long ago and a mount point never mounted: every undo is a no-op, and succeeds.
+    let mut s = Stack::persistent(journal.clone(), "run").unwrap();
+    for u in [
+        Undo::UnmountSshfs {
+            target: srv.clone(),
+        },
+        Undo::DetachLoop {
+            device: "/dev/loop250".into(),
+            backing: srv.join(&p.container.file.0),
+        },
+        Undo::Unmount {
+            target: session::fs_dir(&p),
+        },
+    ] {
+        s.push(u).unwrap();
+    }
+    let r = s.unwind(&mut stack::Real);
+    assert!(r.complete(), "{:?}", r.failed);
+    assert_nothing_left(&p);
 }

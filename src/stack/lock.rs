@@ -161,49 +161,86 @@ pub fn read_server_lock(path: &Path) -> Result<Option<ServerLock>> {
     }
 }
 
+fn temp_path(path: &Path, token: &str) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{token}.tmp"))
+}
+
+fn unreadable(path: &Path) -> anyhow::Error {
+    Failure::Locked(format!(
+        "server lock {} exists but cannot be read: another client may be writing it right now, or it \
+         is damaged. Try again; remove it only if no client can be using the container.",
+        path.display()
+    ))
+    .into()
+}
+
 /// Take the server lock; the caller has pushed `ReleaseServerLock` with `lock.token` first.
+///
+/// The lock is written to a private temporary file and published with `link(2)` (SFTP
+/// `hardlink@openssh.com`), which fails if the name exists: creation is atomic on the
+/// server, and nobody ever reads a half-written lock.
 pub fn acquire_server_lock(path: &Path, lock: &ServerLock) -> Result<()> {
     let data = serde_json::to_vec_pretty(lock)?;
-    for _ in 0..2 {
-        match OpenOptions::new()
+    let tmp = temp_path(path, &lock.token);
+    {
+        let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(path)
-        {
-            Ok(mut f) => {
-                f.write_all(&data)?;
-                f.sync_all()?;
-                return Ok(());
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let held = read_server_lock(path)?;
-                match held {
-                    Some(h) if h.is_stale_here() => {
-                        info!("taking over a stale server lock ({})", h.describe());
-                        std::fs::remove_file(path)
-                            .with_context(|| format!("removing stale lock {}", path.display()))?;
-                    }
-                    Some(h) => {
-                        return Err(Failure::Locked(format!(
-                            "the container is in use: server lock {} held by {}. If that host is \
-                             gone and the container closed, remove the lock file on the server.",
-                            path.display(),
-                            h.describe()
-                        ))
-                        .into())
-                    }
-                    None => continue,
-                }
-            }
-            Err(e) => return Err(e).with_context(|| format!("creating lock {}", path.display())),
-        }
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(&data)?;
+        f.sync_all()?;
     }
-    anyhow::bail!("could not take server lock {}", path.display())
+    let r = publish(path, &tmp);
+    let _ = std::fs::remove_file(&tmp);
+    r
 }
 
-/// Remove the server lock if it is ours (same token). Idempotent.
+fn publish(path: &Path, tmp: &Path) -> Result<()> {
+    for _ in 0..3 {
+        let err = match std::fs::hard_link(tmp, path) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if std::fs::symlink_metadata(path).is_err() {
+            // Not an "exists" failure (sshfs maps some SFTP failures to EPERM): retry once
+            // the name is really free, else report the error itself.
+            if err.kind() == std::io::ErrorKind::NotFound {
+                return Err(err).with_context(|| format!("creating lock {}", path.display()));
+            }
+            continue;
+        }
+        match read_server_lock(path) {
+            Ok(Some(h)) if h.is_stale_here() => {
+                info!("taking over a stale server lock ({})", h.describe());
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing stale lock {}", path.display()))?;
+            }
+            Ok(Some(h)) => {
+                return Err(Failure::Locked(format!(
+                    "the container is in use: server lock {} held by {}. If that host is \
+                     gone and the container closed, remove the lock file on the server.",
+                    path.display(),
+                    h.describe()
+                ))
+                .into())
+            }
+            Ok(None) => continue,
+            Err(_) => return Err(unreadable(path)),
+        }
+    }
+    Err(unreadable(path))
+}
+
+/// Remove the server lock if it is ours (same token). Idempotent; a lock we cannot read is
+/// not ours to remove (another client may be writing it).
 pub fn ensure_server_lock_released(path: &Path, token: &str) -> Result<()> {
+    let _ = std::fs::remove_file(temp_path(path, token));
     match read_server_lock(path) {
         Ok(Some(l)) if l.token == token => std::fs::remove_file(path)
             .with_context(|| format!("removing server lock {}", path.display())),
@@ -216,7 +253,13 @@ pub fn ensure_server_lock_released(path: &Path, token: &str) -> Result<()> {
             Ok(())
         }
         Ok(None) => Ok(()),
-        Err(e) => Err(e),
+        Err(e) => {
+            warn!(
+                "server lock {} is unreadable ({e:#}); leaving it",
+                path.display()
+            );
+            Ok(())
+        }
     }
 }
 

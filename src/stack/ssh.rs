@@ -40,7 +40,29 @@ pub struct Facts {
     pub container_size: Option<u64>,
 }
 
-/// Key types pinned for `host`:`port` in a known_hosts file (plain, non-hashed entries).
+/// Whether a known_hosts host field matches `want` (`host` or `[host]:port`), including
+/// OpenSSH's hashed form `|1|base64(salt)|base64(HMAC-SHA1(salt, want))`.
+fn host_field_matches(field: &str, want: &str) -> bool {
+    use base64::Engine as _;
+    use hmac::Mac as _;
+    if let Some(rest) = field.strip_prefix("|1|") {
+        let Some((salt, hash)) = rest.split_once('|') else {
+            return false;
+        };
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let (Ok(salt), Ok(hash)) = (b64.decode(salt), b64.decode(hash)) else {
+            return false;
+        };
+        let Ok(mut m) = hmac::Hmac::<sha1::Sha1>::new_from_slice(&salt) else {
+            return false;
+        };
+        m.update(want.as_bytes());
+        return m.verify_slice(&hash).is_ok();
+    }
+    field.split(',').any(|h| h == want)
+}
+
+/// Key types pinned for `host`:`port` in a known_hosts file (plain and hashed entries).
 pub fn pinned_key_types(known_hosts: &str, host: &str, port: u16) -> Vec<String> {
     let want = if port == 22 {
         host.to_string()
@@ -57,10 +79,7 @@ pub fn pinned_key_types(known_hosts: &str, host: &str, port: u16) -> Vec<String>
         let (Some(hosts), Some(kt)) = (f.next(), f.next()) else {
             continue;
         };
-        // Hashed entries (|1|...) cannot be matched here; libssh2 checks them itself.
-        if (hosts.starts_with('|') || hosts.split(',').any(|h| h == want))
-            && !types.iter().any(|t| t == kt)
-        {
+        if host_field_matches(hosts, &want) && !types.iter().any(|t| t == kt) {
             types.push(kt.to_string());
         }
     }
@@ -129,7 +148,7 @@ impl Remote {
                 prefs.push(t);
             }
         }
-        if !prefs.is_empty() && !types.iter().any(|t| t.starts_with('|')) {
+        if !prefs.is_empty() {
             // Ignore failure: an old libssh2 without some algorithm keeps its defaults.
             let _ = session.method_pref(MethodType::HostKey, &prefs.join(","));
         }
@@ -323,6 +342,28 @@ mod tests {
             vec!["ecdsa-sha2-nistp256"]
         );
         assert!(pinned_key_types(kh, "10.9.9.9", 22).is_empty());
+    }
+
+    #[test]
+    fn hashed_entries_match_only_their_host() {
+        // `ssh-keygen -H` output for 127.0.0.1 with salt "0123456789abcdefghij" (20 bytes).
+        use base64::Engine as _;
+        use hmac::Mac as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let salt = b"0123456789abcdefghij";
+        let mut m = hmac::Hmac::<sha1::Sha1>::new_from_slice(salt).unwrap();
+        m.update(b"127.0.0.1");
+        let field = format!(
+            "|1|{}|{}",
+            b64.encode(salt),
+            b64.encode(m.finalize().into_bytes())
+        );
+        let kh = format!(
+            "{field} ssh-ed25519 AAAA\n|1|{}|AAAA ecdsa-sha2-nistp256 BBBB\n",
+            b64.encode(salt)
+        );
+        assert_eq!(pinned_key_types(&kh, "127.0.0.1", 22), vec!["ssh-ed25519"]);
+        assert!(pinned_key_types(&kh, "127.0.0.2", 22).is_empty());
     }
 
     #[test]

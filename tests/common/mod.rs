@@ -47,8 +47,13 @@ pub fn show(out: &std::process::Output) -> String {
 
 /// Create an ed25519 key pair (`path`, `path.pub`); returns the `TYPE BASE64` of the public key.
 pub fn keygen(path: &Path, comment: &str) -> String {
+    keygen_type(path, "ed25519", comment)
+}
+
+/// Like [`keygen`], for another key type (`ecdsa`, `rsa`).
+pub fn keygen_type(path: &Path, kind: &str, comment: &str) -> String {
     let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+        .args(["-q", "-t", kind, "-N", "", "-C", comment, "-f"])
         .arg(path)
         .stdin(Stdio::null())
         .output()
@@ -82,6 +87,12 @@ fn free_port() -> u16 {
 
 impl Sshd {
     pub fn start() -> Sshd {
+        Sshd::start_with(&[])
+    }
+
+    /// Start with more host keys (e.g. `ecdsa`) next to the ed25519 one, as a stock Debian
+    /// server has. Only the ed25519 key is pinned in `known_hosts`.
+    pub fn start_with(extra_host_key_types: &[&str]) -> Sshd {
         let dir = tempfile::Builder::new()
             .prefix("e2eb-sshd.")
             .tempdir()
@@ -90,6 +101,12 @@ impl Sshd {
         // Privilege separation directory; sshd refuses to start without it.
         std::fs::create_dir_all("/run/sshd").unwrap();
         let host_key = keygen(&d.join("host_key"), "e2eb-test-host");
+        let mut extra_keys = String::new();
+        for kind in extra_host_key_types {
+            let f = d.join(format!("host_key_{kind}"));
+            keygen_type(&f, kind, "e2eb-test-host");
+            extra_keys.push_str(&format!("HostKey {}\n", f.display()));
+        }
         let client = keygen(&d.join("client_key"), "e2eb-test-client");
         std::fs::write(d.join("authorized_keys"), format!("{client}\n")).unwrap();
         std::fs::create_dir(d.join("server")).unwrap();
@@ -105,6 +122,7 @@ impl Sshd {
                 "ListenAddress 127.0.0.1\n\
                  Port {port}\n\
                  HostKey {d}/host_key\n\
+                 {extra_keys}\
                  PidFile {d}/sshd.pid\n\
                  AuthorizedKeysFile {d}/authorized_keys\n\
                  PubkeyAuthentication yes\n\
@@ -131,7 +149,11 @@ impl Sshd {
                 .expect("starting /usr/sbin/sshd (openssh-server)");
             let deadline = Instant::now() + Duration::from_secs(15);
             loop {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Ours (not another process that took the port) and accepting.
+                let listening = std::fs::read_to_string(d.join("sshd.log"))
+                    .unwrap_or_default()
+                    .contains(&format!("Server listening on 127.0.0.1 port {port}."));
+                if listening && TcpStream::connect(("127.0.0.1", port)).is_ok() {
                     let kh = format!("[127.0.0.1]:{port} {host_key}\n");
                     std::fs::write(d.join("known_hosts"), kh).unwrap();
                     return Sshd {
