@@ -108,6 +108,8 @@ if [ "$QRC" -ne 0 ] || [ "$(cat "$RUN/status" 2>/dev/null)" != DONE ]; then
   echo "vm-tests: $PASSED passed, $((FAILED + MISSING)) failed"
   exit 3
 fi
-echo "vm-tests: $PASSED passed, $FAILED failed"
-[ "$FAILED" -eq 0 ] && [ "$PASSED" -eq ${#GUEST_SCEN[@]} ] && exit 0
+MISSING=$(( ${#GUEST_SCEN[@]} - PASSED - FAILED ))
+[ "$MISSING" -gt 0 ] && echo "vm-tests: $MISSING scenario(s) never ran or never reported"
+echo "vm-tests: $PASSED passed, $((FAILED + MISSING)) failed"
+[ "$FAILED" -eq 0 ] && [ "$MISSING" -eq 0 ] && exit 0
 exit 1

@@ -41,13 +41,15 @@ if [ "${e2e_mode:-tests}" = shell ]; then
 fi
 
 mkdir -p "$OUT/checks"
-while IFS= read -r s; do
+# The list is read on fd 3 and every scenario gets /dev/null as stdin: a scenario command
+# that reads stdin (ssh does) must not swallow the rest of the list.
+while IFS= read -r s <&3; do
   [ -n "$s" ] || continue
   name=$(basename "$s" .sh)
   limit=$(sed -n 's/^# timeout: *\([0-9]\+\).*/\1/p' "$s" | head -1); limit=${limit:-600}
   echo "---------------- scenario $name (limit ${limit}s)"
   a=$(cut -d' ' -f1 /proc/uptime)
-  E2E_SCENARIO=$name timeout --kill-after=10 "$limit" bash "$s" 2>&1 | tee "$OUT/$name.log"
+  E2E_SCENARIO=$name timeout --kill-after=10 "$limit" bash "$s" </dev/null 2>&1 | tee "$OUT/$name.log"
   rc=${PIPESTATUS[0]}
   b=$(cut -d' ' -f1 /proc/uptime)
   secs=$(awk -v a="$a" -v b="$b" 'BEGIN{printf "%.0f", b-a}')
@@ -61,7 +63,7 @@ while IFS= read -r s; do
   [ "$nf" -gt 0 ] && grep '^FAIL' "$OUT/checks/$name.txt" | sed 's/^/    /' | tee -a "$OUT/summary.txt"
   # Leave nothing behind for the next scenario, whatever this one did.
   pkill -x e2ebackup 2>/dev/null; pkill -x rsync 2>/dev/null
-done < "$OUT/scenarios.txt"
+done 3< "$OUT/scenarios.txt"
 echo DONE > "$OUT/status"
 sync
 umount "$OUT" 2>/dev/null
