@@ -13,7 +13,7 @@ echo "== unit and host tests (privileged tests run one at a time)"
 cargo test --release --locked -- --test-threads=1
 T1=$(date +%s)
 echo "== vm-tests"
-E2E_BIN="$PWD/target/release/e2ebackup" vm-tests/run.sh --timeout 3000 "$@"
+E2E_BIN="$PWD/target/release/e2ebackup" vm-tests/run.sh --timeout 3600 "$@"
 echo "== vm-tests self-test (a failing and a hanging scenario must be reported as failures)"
 E2E_BIN="$PWD/target/release/e2ebackup" vm-tests/selftest.sh
 T2=$(date +%s)
