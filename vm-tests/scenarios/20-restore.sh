@@ -1,5 +1,5 @@
 #!/bin/bash
-# timeout: 900
+# timeout: 1200
 # Issue 4: getting data back. Odd files survive run + restore byte- and metadata-identical;
 # the read-only mount refuses writes and holds the lock; prune keeps what the policy says.
 source "$(dirname "$0")/../lib/common.sh"

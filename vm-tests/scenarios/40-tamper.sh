@@ -1,5 +1,5 @@
 #!/bin/bash
-# timeout: 600
+# timeout: 900
 # Issue 6: a server that changes the container's LUKS2 header is refused with exit 6 before
 # anything is opened; the client's pinned copy still opens the data and repairs the server's
 # copy. A server that hands back an older copy of the container is refused with exit 6 too

@@ -1,5 +1,5 @@
 #!/bin/bash
-# timeout: 600
+# timeout: 900
 # Issue 6 (verify): a byte flipped inside a file's data on the server is reported by
 # `verify`, naming that file (exit 6); an untouched container verifies clean.
 source "$(dirname "$0")/../lib/common.sh"

@@ -1,5 +1,5 @@
 #!/bin/bash
-# timeout: 600
+# timeout: 900
 # Issue 6 (key-loss resilience), the disaster drill: the client loses its keyfile, header
 # copy and state; with only the offline recovery identity and server access, recover-key
 # brings the keyfile back and a restore gives byte-identical files.
