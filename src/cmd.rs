@@ -102,10 +102,17 @@ impl Cmd {
     }
 
     fn expr(&self) -> duct::Expression {
-        duct::cmd(&self.program, &self.args)
-            .stdin_null()
-            .stdout_capture()
-            .stderr_capture()
+        self.expr_with_stdout(None)
+    }
+
+    /// `stdout`: a pipe to stream the child's output through, instead of capturing it.
+    fn expr_with_stdout(&self, stdout: Option<std::io::PipeWriter>) -> duct::Expression {
+        let e = duct::cmd(&self.program, &self.args).stdin_null();
+        let e = match stdout {
+            Some(w) => e.stdout_file(w),
+            None => e.stdout_capture(),
+        };
+        e.stderr_capture()
             .unchecked()
             .env("LC_ALL", "C")
             .before_spawn(|c| {
@@ -148,6 +155,69 @@ impl Cmd {
                 let out = Output {
                     status: out.status,
                     stdout: out.stdout.clone(),
+                    stderr: out.stderr.clone(),
+                };
+                return self.finish(out);
+            }
+            if let Err(e) = signals::check() {
+                stop(&handle);
+                return Err(e.context(format!("while running `{}`", self.describe())));
+            }
+        }
+    }
+
+    /// Like [`Cmd::run`], handing each line (or `\r`-separated update) of the child's stdout
+    /// to `on_line` as it arrives; lines it returns `true` for are kept in `Done::stdout`.
+    pub fn run_streaming(&self, mut on_line: impl FnMut(&str) -> bool) -> Result<Done> {
+        use std::io::Read;
+        use std::os::fd::AsFd;
+        signals::check()?;
+        debug!("$ {}", self.describe());
+        let (mut reader, writer) = std::io::pipe().context("creating a pipe")?;
+        // Read without blocking, so the wait loop below keeps watching for signals.
+        let fl = nix::fcntl::fcntl(reader.as_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+        let fl = nix::fcntl::OFlag::from_bits_truncate(fl) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(reader.as_fd(), nix::fcntl::FcntlArg::F_SETFL(fl))?;
+        let expr = self.expr_with_stdout(Some(writer));
+        let handle = expr
+            .start()
+            .with_context(|| format!("cannot start `{}`", self.describe()))?;
+        // Our copy of the write end must go, or the pipe never reports end of file.
+        drop(expr);
+        let mut kept = String::new();
+        let mut pending = Vec::new();
+        let mut buf = [0u8; 16384];
+        let mut drain = |pending: &mut Vec<u8>, kept: &mut String, eof: bool| loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+            while let Some(i) = pending.iter().position(|b| *b == b'\n' || *b == b'\r') {
+                let line: Vec<u8> = pending.drain(..=i).collect();
+                let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+                if on_line(&line) {
+                    kept.push_str(&line);
+                    kept.push('\n');
+                }
+            }
+            if eof && !pending.is_empty() {
+                let line = String::from_utf8_lossy(pending).into_owned();
+                pending.clear();
+                if on_line(&line) {
+                    kept.push_str(&line);
+                }
+            }
+        };
+        loop {
+            drain(&mut pending, &mut kept, false);
+            if let Some(out) = handle.wait_timeout(Duration::from_millis(100))? {
+                drain(&mut pending, &mut kept, true);
+                let out = Output {
+                    status: out.status,
+                    stdout: kept.into_bytes(),
                     stderr: out.stderr.clone(),
                 };
                 return self.finish(out);
@@ -239,6 +309,25 @@ mod tests {
             .unwrap();
         assert_eq!(d.code, 24);
         assert_eq!(d.stdout.trim(), "hi");
+    }
+
+    #[test]
+    fn streamed_output_reaches_the_callback_as_it_comes() {
+        let mut seen = Vec::new();
+        let d = Cmd::new("sh")
+            .unwrap()
+            .args([
+                "-c",
+                "printf 'a 1%%\\rb 2%%\\nstats: 3\\n'; echo err >&2; printf tail",
+            ])
+            .run_streaming(|l| {
+                seen.push(l.to_string());
+                !l.contains('%')
+            })
+            .unwrap();
+        assert_eq!(seen, ["a 1%", "b 2%", "stats: 3", "tail"]);
+        assert_eq!(d.stdout, "stats: 3\ntail");
+        assert_eq!(d.stderr.trim(), "err");
     }
 
     #[test]

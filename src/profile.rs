@@ -75,7 +75,7 @@ impl fmt::Display for Size {
             ("K", 1 << 10),
         ];
         for (u, m) in UNITS {
-            if self.0 >= *m && self.0 % m == 0 {
+            if self.0 >= *m && self.0.is_multiple_of(*m) {
                 return write!(f, "{}{u}", self.0 / m);
             }
         }
@@ -206,6 +206,137 @@ pub struct Backup {
     pub one_file_system: bool,
 }
 
+/// A length of time written as `90s`, `15m`, `26h`, `7d` or plain seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "serde_yaml::Value")]
+pub struct Duration(pub u64);
+
+impl Duration {
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let mult = match unit.trim() {
+            "" | "s" => 1,
+            "m" | "min" => 60,
+            "h" => 3600,
+            "d" => 86400,
+            u => return Err(format!("`{s}`: unknown unit `{u}` (use s, m, h, d)")),
+        };
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a duration (examples: 90s, 15m, 26h, 7d)"))?;
+        n.checked_mul(mult)
+            .filter(|v| *v > 0)
+            .map(Duration)
+            .ok_or_else(|| format!("`{s}` is out of range (must be at least 1s)"))
+    }
+
+    pub fn std(self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.0)
+    }
+}
+
+impl TryFrom<serde_yaml::Value> for Duration {
+    type Error = String;
+    fn try_from(v: serde_yaml::Value) -> Result<Self, String> {
+        match v {
+            serde_yaml::Value::Number(n) => match n.as_u64() {
+                Some(s) if s > 0 => Ok(Duration(s)),
+                _ => Err(format!("`{n}` is not a positive number of seconds")),
+            },
+            serde_yaml::Value::String(s) => Duration::parse(&s),
+            other => Err(format!("expected a duration like 26h, got {other:?}")),
+        }
+    }
+}
+
+impl fmt::Display for Duration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (u, m) in [("d", 86400), ("h", 3600), ("m", 60)] {
+            if self.0.is_multiple_of(m) {
+                return write!(f, "{}{u}", self.0 / m);
+            }
+        }
+        write!(f, "{}s", self.0)
+    }
+}
+
+/// Shell commands for one hook: a single string or a list of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "serde_yaml::Value")]
+pub struct Commands(pub Vec<String>);
+
+impl TryFrom<serde_yaml::Value> for Commands {
+    type Error = String;
+    fn try_from(v: serde_yaml::Value) -> Result<Self, String> {
+        let one = |v: serde_yaml::Value| match v {
+            serde_yaml::Value::String(s) if !s.trim().is_empty() => Ok(s),
+            other => Err(format!(
+                "expected a shell command (a non-empty string), got {other:?}"
+            )),
+        };
+        match v {
+            serde_yaml::Value::Sequence(items) => Ok(Commands(
+                items.into_iter().map(one).collect::<Result<_, _>>()?,
+            )),
+            other => Ok(Commands(vec![one(other)?])),
+        }
+    }
+}
+
+/// Commands run around `run`, in the style of borgmatic's hooks (see docs/profile.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hooks {
+    /// After the local lock is taken, before anything else. Exit 75 skips the run.
+    #[serde(default)]
+    pub before: Commands,
+    /// After a successful run (exit 0 or 3) and its teardown.
+    #[serde(default)]
+    pub after: Commands,
+    /// After a failed run and its teardown.
+    #[serde(default)]
+    pub failed: Commands,
+    /// Always, last.
+    #[serde(default)]
+    pub finally: Commands,
+    /// Limit for each hook command; it is killed after that.
+    #[serde(default = "default_hook_timeout")]
+    pub timeout: Duration,
+}
+
+impl Default for Hooks {
+    fn default() -> Hooks {
+        Hooks {
+            before: Commands::default(),
+            after: Commands::default(),
+            failed: Commands::default(),
+            finally: Commands::default(),
+            timeout: default_hook_timeout(),
+        }
+    }
+}
+
+fn default_hook_timeout() -> Duration {
+    Duration(600)
+}
+
+/// Where a run reports to.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Monitoring {
+    /// healthchecks.io-style ping URL: `/start`, success, `/fail` are appended.
+    #[serde(default)]
+    pub healthcheck_url: Option<String>,
+    /// `status` warns when the last success is older than this.
+    #[serde(default)]
+    pub expected_interval: Option<Duration>,
+    /// Prometheus node-exporter textfile, rewritten atomically after every run.
+    #[serde(default)]
+    pub prometheus_textfile: Option<AbsPath>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
@@ -214,6 +345,10 @@ struct Raw {
     backup: Backup,
     #[serde(default)]
     retention: Option<retention::Policy>,
+    #[serde(default)]
+    hooks: Option<Hooks>,
+    #[serde(default)]
+    monitoring: Option<Monitoring>,
 }
 
 /// A validated profile.
@@ -226,6 +361,8 @@ pub struct Profile {
     pub container: Container,
     pub backup: Backup,
     pub retention: retention::Policy,
+    pub hooks: Hooks,
+    pub monitoring: Monitoring,
 }
 
 /// Make a deserialisation error name the line and key of a bad value.
@@ -341,7 +478,7 @@ impl Profile {
                 Size(MIN_SIZE)
             )));
         }
-        if c.size.0 % (1 << 20) != 0 {
+        if !c.size.0.is_multiple_of(1 << 20) {
             return Err(bad(format!(
                 "container.size: {} must be a whole number of MiB",
                 c.size.0
@@ -374,6 +511,17 @@ impl Profile {
             }
         }
         let retention = raw.retention.unwrap_or_default();
+        let monitoring = raw.monitoring.unwrap_or_default();
+        if let Some(u) = &monitoring.healthcheck_url {
+            let rest = u
+                .strip_prefix("https://")
+                .or_else(|| u.strip_prefix("http://"));
+            if rest.is_none_or(|r| r.is_empty() || r.contains(char::is_whitespace)) {
+                return Err(bad(format!(
+                    "monitoring.healthcheck_url: `{u}` is not an http:// or https:// URL"
+                )));
+            }
+        }
         Ok(Profile {
             name,
             source_file: path.to_path_buf(),
@@ -381,6 +529,8 @@ impl Profile {
             container: raw.container,
             backup: raw.backup,
             retention,
+            hooks: raw.hooks.unwrap_or_default(),
+            monitoring,
         })
     }
 
@@ -486,6 +636,41 @@ backup:
         let e = parse(text).unwrap_err();
         assert_eq!(crate::error::exit_for(&e), crate::error::Exit::Usage);
         format!("{e:#}")
+    }
+
+    #[test]
+    fn hooks_and_monitoring() {
+        let p = parse(&format!(
+            "{GOOD}hooks:\n  before: /usr/local/bin/wake-nas\n  finally: [a, b]\n  timeout: 2m\n\
+             monitoring:\n  healthcheck_url: https://hc-ping.com/x\n  expected_interval: 26h\n"
+        ))
+        .unwrap();
+        assert_eq!(p.hooks.before.0, ["/usr/local/bin/wake-nas"]);
+        assert_eq!(p.hooks.finally.0, ["a", "b"]);
+        assert!(p.hooks.after.0.is_empty());
+        assert_eq!(p.hooks.timeout, Duration(120));
+        assert_eq!(p.monitoring.expected_interval, Some(Duration(26 * 3600)));
+        assert_eq!(parse(GOOD).unwrap().hooks.timeout, Duration(600));
+        let e = err(&format!("{GOOD}hooks:\n  befor: x\n"));
+        assert!(e.contains("befor") && e.contains("line 15"), "{e}");
+        let e = err(&format!("{GOOD}monitoring:\n  expected_interval: 3w\n"));
+        assert!(e.contains("line 15: monitoring.expected_interval"), "{e}");
+        let e = err(&format!(
+            "{GOOD}monitoring:\n  healthcheck_url: hc-ping.com/x\n"
+        ));
+        assert!(e.contains("monitoring.healthcheck_url"), "{e}");
+        let e = err(&format!("{GOOD}hooks:\n  after: ['']\n"));
+        assert!(e.contains("non-empty"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(Duration::parse("90s"), Ok(Duration(90)));
+        assert_eq!(Duration::parse("7d"), Ok(Duration(7 * 86400)));
+        assert_eq!(Duration(93600).to_string(), "26h");
+        assert_eq!(Duration(61).to_string(), "61s");
+        assert!(Duration::parse("0").is_err());
+        assert!(Duration::parse("1.5h").is_err());
     }
 
     #[test]

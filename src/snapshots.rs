@@ -114,6 +114,8 @@ pub fn rsync_command(profile: &Profile, dest: &Path, link_dest: Option<&Path>) -
             "--delete",
             "--relative",
             "--stats",
+            // One overall progress line, rewritten in place: parsed for the progress meter.
+            "--info=progress2",
         ])
         // rsync 24 = vanished source files: normal on a live system.
         .ok_codes(&[0, 24]);
@@ -173,7 +175,18 @@ pub fn take(profile: &Profile, root: &Path) -> Result<Taken> {
             None => "(first snapshot: full copy)".into(),
         }
     );
-    let done = rsync_command(profile, &partial, link.as_deref())?.run()?;
+    let mut meter = crate::progress::Meter::new(std::time::Duration::from_secs(60));
+    let done = rsync_command(profile, &partial, link.as_deref())?.run_streaming(|line| {
+        match crate::progress::parse(line) {
+            Some(r) => {
+                meter.update(r);
+                false
+            }
+            None => true,
+        }
+    });
+    meter.finish();
+    let done = done?;
     let taken = Taken {
         id: id.to_string(),
         vanished_files: done.code == 24,
@@ -259,6 +272,7 @@ mod tests {
                 "--delete",
                 "--relative",
                 "--stats",
+                "--info=progress2",
                 "--one-file-system",
                 "--link-dest=/m/snapshots/W",
                 "--exclude=*.tmp",

@@ -37,6 +37,7 @@ pub fn init(p: &Profile) -> Exit {
             teardown_complete: complete,
             files_transferred: None,
             bytes_transferred: None,
+            ..Default::default()
         },
     );
     if code == Exit::Ok {

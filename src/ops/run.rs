@@ -2,77 +2,176 @@
 
 use anyhow::Result;
 
-use crate::error::Exit;
+use crate::error::{exit_for, Exit};
 use crate::ops::{finish, LastRun};
 use crate::profile::Profile;
-use crate::retention;
 use crate::session::Session;
 use crate::snapshots::{self, Taken};
-use crate::{info, warn};
+use crate::{hooks, info, monitor, retention, warn};
 
 pub fn run(p: &Profile) -> Exit {
     let started = super::now();
+    let clock = std::time::Instant::now();
+    let pinger = monitor::Pinger::new(p);
     let mut s = match Session::begin(p, "run") {
         Ok(s) => s,
+        // Another run holds the lock: it is the one that reports; this one only says so.
+        Err(e) if exit_for(&e) == Exit::Locked => return super::fail(e),
         Err(e) => {
+            let err = Some(format!("{e:#}"));
             let code = super::fail(e);
-            if code != Exit::Locked {
-                record(p, &started, code, None, true, None);
-            }
-            return code;
+            let o = Outcome::new(code, err, true);
+            return conclude(p, &started, clock, o, pinger.as_ref());
         }
     };
-    let mut taken = None;
-    let result = work(p, &mut s, &mut taken);
+    // The `before` hook runs with the local lock held, before anything else is touched.
+    match hooks::before(p) {
+        Ok(hooks::Before::Proceed) => {}
+        Ok(hooks::Before::Skip { command }) => {
+            info!(
+                "before hook `{command}` exited {}: target unavailable, run skipped",
+                hooks::SKIP
+            );
+            let complete = s.close().complete();
+            let mut o = Outcome::new(Exit::Ok, None, complete);
+            o.skipped = true;
+            return conclude(p, &started, clock, o, None);
+        }
+        Err(e) => {
+            let e = e.context("the before hook failed; nothing was touched");
+            let err = Some(format!("{e:#}"));
+            let code = super::fail(e);
+            let complete = s.close().complete();
+            let o = Outcome::new(code, err, complete);
+            return conclude(p, &started, clock, o, pinger.as_ref());
+        }
+    }
+    if let Some(pg) = &pinger {
+        pg.start();
+    }
+    let mut figures = Figures::default();
+    let result = work(p, &mut s, &mut figures);
     let (code, complete) = finish(s, &result);
     let err = result.as_ref().err().map(|e| format!("{e:#}"));
-    record(p, &started, code, err, complete, taken.as_ref());
-    match code {
-        Exit::Ok => info!(
-            "run finished: snapshot {} committed",
-            taken.map(|t| t.id).unwrap_or_default()
-        ),
-        Exit::Warnings => warn!("run finished with warnings (exit 3)"),
-        _ => {}
-    }
-    code
+    let mut o = Outcome::new(code, err, complete);
+    o.figures = figures;
+    conclude(p, &started, clock, o, pinger.as_ref())
 }
 
-fn record(
-    p: &Profile,
-    started: &str,
+/// What a run came to, for the hooks, the record and the monitoring.
+struct Outcome {
     code: Exit,
     error: Option<String>,
-    complete: bool,
-    t: Option<&Taken>,
-) {
-    super::record_last_run(
+    teardown_complete: bool,
+    skipped: bool,
+    figures: Figures,
+}
+
+impl Outcome {
+    fn new(code: Exit, error: Option<String>, teardown_complete: bool) -> Outcome {
+        Outcome {
+            code,
+            error,
+            teardown_complete,
+            skipped: false,
+            figures: Figures::default(),
+        }
+    }
+}
+
+/// Figures gathered while the container was open.
+#[derive(Default)]
+struct Figures {
+    taken: Option<Taken>,
+    container_size: Option<u64>,
+    container_allocated: Option<u64>,
+    snapshot_count: Option<u64>,
+}
+
+/// After the teardown: `after`/`failed` and `finally` hooks, the record, the textfile, the
+/// ping, the closing line.
+fn conclude(
+    p: &Profile,
+    started: &str,
+    clock: std::time::Instant,
+    o: Outcome,
+    pinger: Option<&monitor::Pinger>,
+) -> Exit {
+    let t = o.figures.taken.as_ref();
+    let snapshot = t.map(|t| t.id.clone());
+    let result = if o.skipped {
+        super::SKIPPED
+    } else {
+        super::result_word(o.code)
+    };
+    let ctx = hooks::RunContext {
+        snapshot: snapshot.clone(),
+        exit: Some(o.code),
+        result: Some(result.to_string()),
+        error: o.error.clone(),
+    };
+    let code = if o.skipped {
+        if let Err(e) = hooks::run_stage(p, hooks::Stage::Finally, &ctx) {
+            warn!("{e:#}");
+        }
+        o.code
+    } else {
+        hooks::after_run(p, o.code, &ctx)
+    };
+    let result = if code != o.code {
+        super::result_word(code)
+    } else {
+        result
+    };
+    let rec = super::record_last_run(
         p,
         &LastRun {
             command: "run".into(),
             started: started.into(),
             finished: super::now(),
             exit_code: code as i32,
-            result: super::result_word(code).into(),
-            error,
-            snapshot: t.map(|t| t.id.clone()),
-            teardown_complete: complete,
+            result: result.into(),
+            error: o.error,
+            snapshot: snapshot.clone(),
+            teardown_complete: o.teardown_complete,
             files_transferred: t.and_then(|t| t.files_transferred),
             bytes_transferred: t.and_then(|t| t.bytes_transferred),
+            duration_seconds: Some((clock.elapsed().as_secs_f64() * 10.0).round() / 10.0),
+            container_size: o.figures.container_size,
+            container_allocated: o.figures.container_allocated,
+            snapshot_count: o.figures.snapshot_count,
+            ..Default::default()
         },
     );
+    match code {
+        Exit::Ok if o.skipped => info!("run skipped (target unavailable)"),
+        Exit::Ok => info!(
+            "run finished: snapshot {} committed",
+            snapshot.unwrap_or_default()
+        ),
+        Exit::Warnings => warn!("run finished with warnings (exit 3)"),
+        _ => {}
+    }
+    monitor::report(p, &rec, pinger);
+    code
 }
 
-fn work(p: &Profile, s: &mut Session<'_>, taken: &mut Option<Taken>) -> Result<Exit> {
+fn work(p: &Profile, s: &mut Session<'_>, f: &mut Figures) -> Result<Exit> {
     let root = s.open_all("run", false)?;
     snapshots::remove_partials(&root)?;
     let t = snapshots::take(p, &root)?;
     let warnings = t.vanished_files;
-    *taken = Some(t);
+    f.taken = Some(t);
     crate::signals::check()?;
     prune(p, &root, false)?;
     let g = s.commit_generation(&root)?;
     crate::debug!("container generation {g}");
+    f.snapshot_count = snapshots::list(&root).ok().map(|l| l.len() as u64);
+    f.container_size = std::fs::metadata(s.container_path()).ok().map(|m| m.len());
+    f.container_allocated = s
+        .remote
+        .as_ref()
+        .and_then(|r| r.allocated_bytes(&p.remote_container()));
     Ok(if warnings { Exit::Warnings } else { Exit::Ok })
 }
 

@@ -19,6 +19,8 @@ pub struct Status {
     pub pending_teardown: Vec<String>,
     pub mounted_by_mount_command: bool,
     pub last_run: Option<super::LastRun>,
+    /// Set when the last success is older than `monitoring.expected_interval`.
+    pub stale: Option<String>,
 }
 
 pub fn gather(p: &Profile) -> Status {
@@ -31,6 +33,7 @@ pub fn gather(p: &Profile) -> Status {
         })
         .filter(|pid| lock::pid_start(*pid).is_some() && holder_has_lock(p));
     let journal = Journal::read(&session::journal_path(p)).ok().flatten();
+    let last = super::read_last_run(p);
     Status {
         profile: p.name.clone(),
         lock_holder_pid: holder,
@@ -48,7 +51,8 @@ pub fn gather(p: &Profile) -> Status {
             .map(|j| j.records.iter().rev().map(|r| r.to_string()).collect())
             .unwrap_or_default(),
         mounted_by_mount_command: journal.as_ref().is_some_and(|j| j.persistent),
-        last_run: super::read_last_run(p),
+        stale: crate::monitor::staleness(p, last.as_ref(), crate::snapid::SnapshotId::now().unix()),
+        last_run: last,
     }
 }
 
@@ -72,9 +76,15 @@ fn holder_has_lock(p: &Profile) -> bool {
 
 pub fn status(p: &Profile, json: bool) -> Exit {
     let st = gather(p);
+    // A stale backup is worth a non-zero status: monitoring scripts can test for 3.
+    let code = if st.stale.is_some() {
+        Exit::Warnings
+    } else {
+        Exit::Ok
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
-        return Exit::Ok;
+        return code;
     }
     println!(
         "profile:        {} ({})",
@@ -126,7 +136,13 @@ pub fn status(p: &Profile, json: bool) -> Exit {
         }
         None => println!("last run:       never"),
     }
-    Exit::Ok
+    if let Some(l) = st.last_run.as_ref().and_then(|l| l.last_success.as_ref()) {
+        println!("last success:   {l}");
+    }
+    if let Some(w) = &st.stale {
+        crate::warn!("{}: {w}", p.name);
+    }
+    code
 }
 
 fn yes(b: bool) -> &'static str {

@@ -1,0 +1,331 @@
+//! Reporting a run to the outside: healthchecks-style pings, a Prometheus textfile, and the
+//! staleness check behind `status`.
+//!
+//! None of this may change a run's outcome: a monitoring endpoint that is down costs a
+//! warning, never a backup.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::ops::LastRun;
+use crate::profile::Profile;
+use crate::warn;
+
+/// Pings a healthchecks.io-style URL: `URL/start`, `URL` (success), `URL/fail` (failure).
+pub struct Pinger {
+    url: String,
+    agent: ureq::Agent,
+}
+
+/// At most this much of the log goes with a ping (healthchecks keeps 100 kB by default).
+const BODY_LIMIT: usize = 10_000;
+
+impl Pinger {
+    pub fn new(p: &Profile) -> Option<Pinger> {
+        let url = p.monitoring.healthcheck_url.as_ref()?;
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::PlatformVerifier)
+            .build();
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(10)))
+            .tls_config(tls)
+            .user_agent(concat!("e2ebackup/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .new_agent();
+        Some(Pinger {
+            url: url.trim_end_matches('/').to_string(),
+            agent,
+        })
+    }
+
+    pub fn start(&self) {
+        self.send("start", None);
+    }
+
+    /// Success or failure, with the tail of the log as the body.
+    pub fn finish(&self, success: bool, log: &str) {
+        let mut body = log.to_string();
+        if body.len() > BODY_LIMIT {
+            let mut cut = body.len() - BODY_LIMIT;
+            while !body.is_char_boundary(cut) {
+                cut += 1;
+            }
+            body = body.split_off(cut);
+        }
+        self.send(if success { "" } else { "fail" }, Some(body));
+    }
+
+    /// Three tries, a few seconds apart: a ping lost to a passing network blip would raise a
+    /// false alarm later.
+    fn send(&self, suffix: &str, body: Option<String>) {
+        let url = if suffix.is_empty() {
+            self.url.clone()
+        } else {
+            format!("{}/{suffix}", self.url)
+        };
+        let mut last_err = String::new();
+        for attempt in 0..3 {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_secs(2 * attempt));
+            }
+            let r = match &body {
+                Some(b) => self.agent.post(&url).send(b.as_bytes()).map(|_| ()),
+                None => self.agent.get(&url).call().map(|_| ()),
+            };
+            match r {
+                Ok(()) => {
+                    crate::debug!("pinged {url}");
+                    return;
+                }
+                Err(e) => last_err = e.to_string(),
+            }
+        }
+        warn!("healthcheck ping {url} failed: {last_err}");
+    }
+}
+
+fn escape_label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The Prometheus text exposition of a run record.
+pub fn textfile(p: &Profile, r: &LastRun) -> String {
+    let label = format!("{{profile=\"{}\"}}", escape_label(&p.name));
+    let mut out = String::new();
+    let mut metric = |name: &str, help: &str, v: Option<f64>| {
+        if let Some(v) = v {
+            out.push_str(&format!(
+                "# HELP e2ebackup_{name} {help}\n# TYPE e2ebackup_{name} gauge\ne2ebackup_{name}{label} {v}\n"
+            ));
+        }
+    };
+    let f = |v: Option<u64>| v.map(|v| v as f64);
+    metric(
+        "last_run_timestamp_seconds",
+        "When the last run finished (Unix time).",
+        r.finished_unix.map(|v| v as f64),
+    );
+    metric(
+        "last_success_timestamp_seconds",
+        "When the last successful run finished (Unix time).",
+        r.last_success_unix.map(|v| v as f64),
+    );
+    metric(
+        "last_exit_code",
+        "Exit status of the last run (0 ok, 3 ok with warnings; see docs/operations.md).",
+        Some(r.exit_code as f64),
+    );
+    metric(
+        "last_duration_seconds",
+        "Wall time of the last run, teardown and hooks included.",
+        r.duration_seconds,
+    );
+    metric(
+        "last_files_transferred",
+        "Regular files copied by the last run (the rest are hard links).",
+        f(r.files_transferred),
+    );
+    metric(
+        "last_bytes_transferred",
+        "Bytes of file data copied by the last run.",
+        f(r.bytes_transferred),
+    );
+    metric(
+        "container_size_bytes",
+        "Apparent size of the container file.",
+        f(r.container_size),
+    );
+    metric(
+        "container_allocated_bytes",
+        "Bytes the server allocated for the container file.",
+        f(r.container_allocated),
+    );
+    metric(
+        "snapshots",
+        "Complete snapshots in the container.",
+        f(r.snapshot_count),
+    );
+    out
+}
+
+/// Rewrite the textfile atomically (node-exporter may read it at any moment).
+pub fn write_textfile(path: &Path, text: &str) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))
+}
+
+/// Everything that reports a finished run: the textfile, then the ping.
+pub fn report(p: &Profile, r: &LastRun, pinger: Option<&Pinger>) {
+    if let Some(path) = &p.monitoring.prometheus_textfile {
+        if let Err(e) = write_textfile(&path.0, &textfile(p, r)) {
+            warn!("cannot write the Prometheus textfile: {e:#}");
+        }
+    }
+    if let Some(pg) = pinger {
+        pg.finish(
+            r.exit_code == 0 || r.exit_code == 3,
+            &crate::logging::tail(),
+        );
+    }
+}
+
+/// A warning when the last success is older than the profile's expected interval.
+pub fn staleness(p: &Profile, r: Option<&LastRun>, now_unix: i64) -> Option<String> {
+    let every = p.monitoring.expected_interval?;
+    match r.and_then(|r| r.last_success_unix.map(|t| (t, r))) {
+        None => Some(format!(
+            "no successful run recorded (expected one every {every})"
+        )),
+        Some((t, r)) if now_unix - t > every.0 as i64 => Some(format!(
+            "last success {} is older than the expected interval {every}",
+            r.last_success.as_deref().unwrap_or("?")
+        )),
+        Some(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+
+    fn profile(monitoring: &str) -> Profile {
+        let text = format!(
+            "server:\n  host: 127.0.0.1\n  user: u\n  identity_file: /k\n  known_hosts: /kh\n  path: /srv\n\
+             container:\n  file: c.luks\n  size: 1G\n  keyfile: /key\n\
+             backup:\n  sources: [/etc]\nmonitoring:\n{monitoring}"
+        );
+        Profile::parse(Path::new("/etc/e2ebackup/profiles/mon.yaml"), &text).unwrap()
+    }
+
+    /// A real HTTP server on 127.0.0.1 that records "METHOD PATH BODY" of each request.
+    fn http_server(requests: usize) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/ping/abc-123", l.local_addr().unwrap());
+        let h = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for _ in 0..requests {
+                let (s, _) = l.accept().unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut first = String::new();
+                r.read_line(&mut first).unwrap();
+                let mut len = 0;
+                loop {
+                    let mut h = String::new();
+                    r.read_line(&mut h).unwrap();
+                    if h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                let mut parts = first.split_whitespace();
+                seen.push(format!(
+                    "{} {} {}",
+                    parts.next().unwrap(),
+                    parts.next().unwrap(),
+                    String::from_utf8_lossy(&body)
+                ));
+                let mut s = s;
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nOK")
+                    .unwrap();
+            }
+            seen
+        });
+        (url, h)
+    }
+
+    #[test]
+    fn pings_reach_the_start_success_and_fail_paths() {
+        let (url, server) = http_server(3);
+        let p = profile(&format!("  healthcheck_url: {url}/\n"));
+        let pg = Pinger::new(&p).unwrap();
+        pg.start();
+        pg.finish(true, "all good\n");
+        pg.finish(false, &format!("{}the cause\n", "x".repeat(20_000)));
+        let seen = server.join().unwrap();
+        assert_eq!(seen[0], "GET /ping/abc-123/start ");
+        assert_eq!(seen[1], "POST /ping/abc-123 all good\n");
+        assert!(
+            seen[2].starts_with("POST /ping/abc-123/fail x"),
+            "{}",
+            &seen[2][..40]
+        );
+        assert!(seen[2].ends_with("the cause\n"));
+        assert!(seen[2].len() < BODY_LIMIT + 40);
+    }
+
+    #[test]
+    fn unreachable_endpoint_only_warns() {
+        // Port 9 on 127.0.0.1 (discard) is closed here: connection refused, three times.
+        let p = profile("  healthcheck_url: http://127.0.0.1:9/x\n");
+        Pinger::new(&p).unwrap().start();
+    }
+
+    #[test]
+    fn textfile_has_the_metrics_and_is_replaced_atomically() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("e2ebackup-mon.prom");
+        let p = profile(&format!("  prometheus_textfile: {}\n", path.display()));
+        let r = LastRun {
+            command: "run".into(),
+            exit_code: 0,
+            finished_unix: Some(1_700_000_000),
+            last_success_unix: Some(1_700_000_000),
+            duration_seconds: Some(12.5),
+            bytes_transferred: Some(4096),
+            container_size: Some(1 << 30),
+            container_allocated: Some(60 << 20),
+            snapshot_count: Some(3),
+            ..Default::default()
+        };
+        report(&p, &r, None);
+        let t = std::fs::read_to_string(&path).unwrap();
+        for want in [
+            "e2ebackup_last_success_timestamp_seconds{profile=\"mon\"} 1700000000\n",
+            "e2ebackup_last_exit_code{profile=\"mon\"} 0\n",
+            "e2ebackup_last_duration_seconds{profile=\"mon\"} 12.5\n",
+            "e2ebackup_container_allocated_bytes{profile=\"mon\"} 62914560\n",
+            "e2ebackup_snapshots{profile=\"mon\"} 3\n",
+            "# TYPE e2ebackup_snapshots gauge\n",
+        ] {
+            assert!(t.contains(want), "missing {want:?} in\n{t}");
+        }
+        // Unknown figures are left out rather than reported as 0.
+        assert!(!t.contains("files_transferred"), "{t}");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn stale_when_older_than_the_interval() {
+        let p = profile("  expected_interval: 26h\n");
+        let mut r = LastRun {
+            last_success_unix: Some(1_000_000),
+            last_success: Some("then".into()),
+            ..Default::default()
+        };
+        assert_eq!(staleness(&p, Some(&r), 1_000_000 + 26 * 3600), None);
+        let w = staleness(&p, Some(&r), 1_000_000 + 26 * 3600 + 1).unwrap();
+        assert!(w.contains("older than the expected interval 26h"), "{w}");
+        r.last_success_unix = None;
+        assert!(staleness(&p, Some(&r), 0)
+            .unwrap()
+            .contains("no successful run"));
+        assert!(staleness(&p, None, 0).is_some());
+        assert_eq!(staleness(&profile("  {}\n"), None, 0), None);
+    }
+}
