@@ -66,7 +66,7 @@ count_snaps() { E2E snapshots $P --json | python3 -c 'import json,sys; print(len
 check_success_run() {
   local id; id=$(latest_id) || return 1
   # before (no context), after and finally with the committed snapshot, exit 0, "success".
-  diff <(cat "$HOOKLOG") <(printf '%s\n' "before|$P|||||" "after|$P|$id|0|success|" "finally|$P|$id|0|success|") || return 1
+  diff <(cat "$HOOKLOG") <(printf '%s\n' "before|$P||||" "after|$P|$id|0|success|" "finally|$P|$id|0|success|") || return 1
   grep -q "^GET /ping/0f1e-uuid/start 0" "$HTTPLOG" || return 1
   grep -q "^POST /ping/0f1e-uuid [1-9][0-9]* .*snapshot $id committed" "$HTTPLOG" || return 1
   [ "$(wc -l < "$HTTPLOG")" = 2 ]
@@ -101,7 +101,7 @@ skip_run() {
   [ $rc = 0 ] || { echo "skipped run exited $rc"; return 1; }
   [ "$(count_snaps)" = 1 ] || { echo "a snapshot was taken"; return 1; }
   # Only `finally` ran after the skipping command; no ping.
-  diff <(cat "$HOOKLOG") <(printf '%s\n' "finally|$P|||0|skipped: target unavailable|") || return 1
+  diff <(cat "$HOOKLOG") <(printf '%s\n' "finally|$P||0|skipped: target unavailable|") || return 1
   [ ! -s "$HTTPLOG" ] || { cat "$HTTPLOG"; return 1; }
   E2E status $P --json | python3 -c '
 import json, sys
