@@ -45,6 +45,9 @@ pub enum Command {
         /// Also connect to the server (host key, login, directory, free space)
         #[arg(long)]
         connect: bool,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
     },
     /// Show what is mounted or open, the lock, and the last run
     Status {
@@ -98,6 +101,9 @@ pub enum Command {
         /// Read only this percentage of the files, a different share each day
         #[arg(long, value_name = "PERCENT", default_value_t = 100)]
         read_data: u32,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
     },
     /// Print (or --install) a systemd service and timer that run this profile
     Schedule {
@@ -152,6 +158,9 @@ pub enum KeysAction {
         /// An offline recovery identity to test against the escrow
         #[arg(long, value_name = "FILE")]
         identity: Option<std::path::PathBuf>,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -204,7 +213,9 @@ pub fn main() -> ExitCode {
     let code = match &cli.command {
         Command::Init { .. } => ops::init::init(&profile),
         Command::Run { .. } => ops::run::run(&profile),
-        Command::Validate { connect, .. } => ops::maintenance::validate(&profile, *connect),
+        Command::Validate { connect, json, .. } => {
+            ops::maintenance::validate(&profile, *connect, *json)
+        }
         Command::Status { json, .. } => ops::status::status(&profile, *json),
         Command::Cleanup { .. } => ops::maintenance::cleanup(&profile),
         Command::Snapshots { json, .. } => ops::restore::list(&profile, *json),
@@ -226,12 +237,14 @@ pub fn main() -> ExitCode {
             ..
         } => ops::schedule::schedule(&profile, on_calendar, on_failure.as_deref(), *install),
         Command::Keys {
-            action: KeysAction::Verify { identity, .. },
-        } => ops::keys::verify(&profile, identity.as_deref()),
+            action: KeysAction::Verify { identity, json, .. },
+        } => ops::keys::verify(&profile, identity.as_deref(), *json),
         Command::RecoverKey {
             identity, force, ..
         } => ops::maintenance::recover_key(&profile, identity, *force),
-        Command::Verify { read_data, .. } => ops::verify::verify(&profile, *read_data),
+        Command::Verify {
+            read_data, json, ..
+        } => ops::verify::verify(&profile, *read_data, *json),
         Command::AcceptRollback { .. } => ops::restore::accept_rollback(&profile),
         Command::Prune { dry_run, json, .. } => ops::restore::prune(&profile, *dry_run, *json),
     };

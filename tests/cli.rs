@@ -217,6 +217,34 @@ fn status_json_parses_and_touches_nothing() {
     );
 }
 
+#[test]
+fn validate_json_lists_every_problem() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write_profile(d.path(), &common::unique_name("valjson"), PROFILE);
+    let out = bin().args(["validate", "--json"]).arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("validate --json is not JSON ({e}): {}", show(&out)));
+    assert_eq!(v["command"], "validate");
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["exit_code"], 2);
+    let problems: Vec<&str> = v["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    for want in [
+        "server.identity_file /nonexistent/id does not exist",
+        "server.known_hosts /nonexistent/known_hosts",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.contains(want)),
+            "{want:?} not in {problems:?}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Privileged: against a private sshd
 // ---------------------------------------------------------------------------------------

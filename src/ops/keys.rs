@@ -14,24 +14,30 @@ use libcryptsetup_rs::consts::vals::EncryptionFormat;
 use libcryptsetup_rs::{CryptInit, Either};
 
 use crate::error::{Exit, Failure};
-use crate::ops::{fail, finish};
+use crate::ops::{fail_ref, finish, CheckReport};
 use crate::profile::Profile;
 use crate::session::Session;
 use crate::stack::luks;
 use crate::{info, warn};
 
-pub fn verify(p: &Profile, identity: Option<&Path>) -> Exit {
+pub fn verify(p: &Profile, identity: Option<&Path>, json: bool) -> Exit {
+    let mut rep = CheckReport::new(p, "keys verify");
     let mut s = match Session::begin(p, "keys-verify") {
         Ok(s) => s,
-        Err(e) => return fail(e),
+        Err(e) => return rep.conclude(fail_ref(&e), Some(&e), json),
     };
-    let r = work(p, &mut s, identity);
-    finish(s, &r).0
+    let r = work(p, &mut s, identity, &mut rep.problems);
+    let code = finish(s, &r).0;
+    rep.conclude(code, r.as_ref().err(), json)
 }
 
-fn work(p: &Profile, s: &mut Session<'_>, identity: Option<&Path>) -> Result<Exit> {
+fn work(
+    p: &Profile,
+    s: &mut Session<'_>,
+    identity: Option<&Path>,
+    problems: &mut Vec<String>,
+) -> Result<Exit> {
     let key = luks::read_keyfile(&p.container.keyfile.0)?;
-    let mut problems: Vec<String> = Vec::new();
     let facts = s.connect()?.clone();
     if facts.container_size.is_none() {
         return Err(crate::error::usage(format!(
@@ -109,7 +115,7 @@ fn work(p: &Profile, s: &mut Session<'_>, identity: Option<&Path>) -> Result<Exi
         info!("keys verify: all good");
         return Ok(Exit::Ok);
     }
-    for pr in &problems {
+    for pr in problems.iter() {
         crate::logging::emit(-2, "PROBLEM: ", format_args!("{pr}"));
     }
     Err(Failure::Security(format!("keys verify found {} problem(s)", problems.len())).into())

@@ -27,8 +27,9 @@ pub fn cleanup(p: &Profile) -> Exit {
 }
 
 /// Checks that need no network; with `connect`, also the SSH preflight (read-only).
-pub fn validate(p: &Profile, connect: bool) -> Exit {
-    let mut problems: Vec<String> = Vec::new();
+pub fn validate(p: &Profile, connect: bool, json: bool) -> Exit {
+    let mut rep = super::CheckReport::new(p, "validate");
+    let problems = &mut rep.problems;
     for prog in ["sshfs", "ssh", "rsync", "mkfs.ext4", "e2fsck"] {
         if let Err(e) = crate::cmd::which(prog) {
             problems.push(format!("{e:#}"));
@@ -90,20 +91,24 @@ pub fn validate(p: &Profile, connect: bool) -> Exit {
         }
     }
     if !problems.is_empty() {
-        for pr in &problems {
+        for pr in problems.iter() {
             crate::logging::emit(
                 -2,
                 "ERROR: ",
                 format_args!("{}: {pr}", p.source_file.display()),
             );
         }
-        return Exit::Usage;
+        return rep.conclude(Exit::Usage, None, json);
     }
     if connect {
         match ssh::Remote::connect(&p.server)
             .and_then(|r| r.facts(&p.server.path, &p.remote_container()))
         {
             Ok(f) => {
+                rep.detail("container_exists", f.container_size.is_some());
+                rep.detail("container_size", f.container_size);
+                rep.detail("fsync_supported", f.fsync_supported);
+                rep.detail("server_free_bytes", f.free_bytes);
                 info!(
                     "server reachable; container {}; fsync@openssh.com {}; free {}",
                     if f.container_size.is_some() {
@@ -121,11 +126,16 @@ pub fn validate(p: &Profile, connect: bool) -> Exit {
                         .unwrap_or_else(|| "unknown".into())
                 );
             }
-            Err(e) => return super::fail(e),
+            Err(e) => {
+                let code = super::fail_ref(&e);
+                return rep.conclude(code, Some(&e), json);
+            }
         }
     }
-    println!("{}: OK", p.source_file.display());
-    Exit::Ok
+    if !json {
+        println!("{}: OK", p.source_file.display());
+    }
+    rep.conclude(Exit::Ok, None, json)
 }
 
 /// `recover-key --identity FILE PROFILE`: decrypt the key escrow (the server's copy, or the

@@ -32,6 +32,12 @@ pub fn fail(e: anyhow::Error) -> Exit {
     exit_for(&e)
 }
 
+/// Like [`fail`], for an error the caller still needs (to report it as JSON).
+pub fn fail_ref(e: &anyhow::Error) -> Exit {
+    print_error(e);
+    exit_for(e)
+}
+
 /// Report the work's result, then tear down; teardown failures turn any status into 5.
 pub fn finish(session: Session<'_>, result: &Result<Exit>) -> (Exit, bool) {
     if let Err(e) = result {
@@ -130,6 +136,51 @@ pub const SKIPPED: &str = "skipped: target unavailable";
 
 pub fn read_last_run(p: &Profile) -> Option<LastRun> {
     serde_json::from_slice(&std::fs::read(last_run_path(p)).ok()?).ok()
+}
+
+/// What `validate`, `verify` and `keys verify` print with `--json`: the verdict and every
+/// problem found (the human output prints the same problems on stderr).
+#[derive(Debug, Default, Serialize)]
+pub struct CheckReport {
+    pub profile: String,
+    pub command: String,
+    pub exit_code: i32,
+    pub ok: bool,
+    pub problems: Vec<String>,
+    /// The error that stopped the check, if one did.
+    pub error: Option<String>,
+    /// Command-specific figures (files verified, server facts).
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+impl CheckReport {
+    pub fn new(p: &Profile, command: &str) -> CheckReport {
+        CheckReport {
+            profile: p.name.clone(),
+            command: command.into(),
+            ..Default::default()
+        }
+    }
+
+    pub fn detail(&mut self, key: &str, v: impl Serialize) {
+        if let Ok(v) = serde_json::to_value(v) {
+            self.details.insert(key.into(), v);
+        }
+    }
+
+    /// Fill in the verdict; print the report on stdout if `json`; return `code`.
+    pub fn conclude(mut self, code: Exit, err: Option<&anyhow::Error>, json: bool) -> Exit {
+        self.exit_code = code as i32;
+        self.ok = code == Exit::Ok;
+        self.error = err.map(|e| format!("{e:#}"));
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&self).unwrap_or_default()
+            );
+        }
+        code
+    }
 }
 
 pub fn now() -> String {

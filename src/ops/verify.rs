@@ -8,28 +8,31 @@
 use anyhow::Result;
 
 use crate::error::{Exit, Failure};
-use crate::ops::{fail, finish};
+use crate::ops::{fail_ref, finish, CheckReport};
 use crate::profile::Profile;
 use crate::session::Session;
 use crate::snapid::SnapshotId;
 use crate::stack::ext4;
 use crate::{info, manifest, snapshots, warn};
 
-pub fn verify(p: &Profile, percent: u32) -> Exit {
+pub fn verify(p: &Profile, percent: u32, json: bool) -> Exit {
+    let mut rep = CheckReport::new(p, "verify");
     if !(1..=100).contains(&percent) {
-        return fail(crate::error::usage("--read-data must be between 1 and 100"));
+        let e = crate::error::usage("--read-data must be between 1 and 100");
+        return rep.conclude(fail_ref(&e), Some(&e), json);
     }
     let mut s = match Session::begin(p, "verify") {
         Ok(s) => s,
-        Err(e) => return fail(e),
+        Err(e) => return rep.conclude(fail_ref(&e), Some(&e), json),
     };
-    let r = work(p, &mut s, percent);
-    finish(s, &r).0
+    let r = work(p, &mut s, percent, &mut rep);
+    let code = finish(s, &r).0;
+    rep.conclude(code, r.as_ref().err(), json)
 }
 
-fn work(p: &Profile, s: &mut Session<'_>, percent: u32) -> Result<Exit> {
+fn work(p: &Profile, s: &mut Session<'_>, percent: u32, rep: &mut CheckReport) -> Result<Exit> {
     let mapper = s.unlock_container("verify", true)?;
-    let mut problems = Vec::new();
+    let problems = &mut rep.problems;
     info!("checking the filesystem read-only (e2fsck -fn)");
     if !ext4::check_readonly(&mapper)? {
         problems
@@ -54,11 +57,14 @@ fn work(p: &Profile, s: &mut Session<'_>, percent: u32) -> Result<Exit> {
         "verified {files} file(s) ({percent}% rolling subset) in the snapshots of `{}`",
         p.name
     );
+    rep.detail("files_verified", files);
+    rep.detail("read_data_percent", percent);
+    let problems = &rep.problems;
     if problems.is_empty() {
         info!("verify: no problem found");
         return Ok(Exit::Ok);
     }
-    for pr in &problems {
+    for pr in problems {
         crate::logging::emit(-2, "DIFFERS: ", format_args!("{pr}"));
     }
     Err(Failure::Security(format!(

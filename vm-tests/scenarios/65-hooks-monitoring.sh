@@ -91,7 +91,19 @@ assert r["result"] == "success" and r["snapshot"] and r["duration_seconds"] > 0,
 assert r["container_allocated"] > 0 and r["snapshot_count"] == 1, r
 assert s["stale"] is None and not s["luks_open"] and not s["sshfs_mounted"], s
 ' && E2E snapshots $P --json | python3 -c 'import json,sys; json.load(sys.stdin)' &&
-  E2E prune $P --dry-run --json | python3 -c 'import json,sys; json.load(sys.stdin)'
+  E2E prune $P --dry-run --json | python3 -c 'import json,sys; json.load(sys.stdin)' &&
+  E2E verify $P --json | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+assert v["ok"] and v["problems"] == [] and v["details"]["files_verified"] == 3, v' &&
+  E2E keys verify $P --json | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+assert v["command"] == "keys verify" and v["exit_code"] == 0, v' &&
+  E2E validate $P --connect --json | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+assert v["ok"] and v["details"]["container_exists"] and v["details"]["fsync_supported"], v'
 }
 
 skip_run() {
