@@ -52,18 +52,37 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     s.mount_server("trim")?;
 
     let mark = s.stack.len();
-    let lport = nbd::free_local_port()?;
-    let rport = 20000 + (std::process::id() % 40000) as u16;
-    crate::signals::check()?;
-    let pid = nbd::start_tunnel(&p.server, &p.remote_container(), lport, rport)?;
-    let start = crate::stack::lock::pid_start(pid).unwrap_or(0);
-    s.stack.push(Undo::StopProcess {
-        pid,
-        start,
-        what: "ssh tunnel with the remote nbdkit".into(),
-    })?;
-    info!("NBD server started on the server (127.0.0.1:{rport}), tunnelled to 127.0.0.1:{lport}");
-    nbd::wait_ready(lport, pid, std::time::Duration::from_secs(60))?;
+    // The server-side port is a guess (nothing tells us which are free there): if nbdkit
+    // cannot bind it, the tunnel exits at once, and another port is tried.
+    let mut attempt = 0u32;
+    let lport = loop {
+        let lport = nbd::free_local_port()?;
+        let rport = 20000 + ((std::process::id() + attempt * 7919) % 40000) as u16;
+        crate::signals::check()?;
+        let pid = nbd::start_tunnel(&p.server, &p.remote_container(), lport, rport)?;
+        let start = crate::stack::lock::pid_start(pid).unwrap_or(0);
+        s.stack.push(Undo::StopProcess {
+            pid,
+            start,
+            what: "ssh tunnel with the remote nbdkit".into(),
+        })?;
+        info!(
+            "NBD server starting on the server (127.0.0.1:{rport}), tunnelled to 127.0.0.1:{lport}"
+        );
+        match nbd::wait_ready(lport, pid, std::time::Duration::from_secs(60)) {
+            Ok(()) => break lport,
+            Err(e) if attempt < 2 && crate::stack::lock::pid_start(pid).is_none() => {
+                warn!("{e:#}; trying another server port");
+                let r = s.stack.unwind_to(mark, &mut crate::stack::Real);
+                if !r.complete() {
+                    r.print();
+                    anyhow::bail!("could not stop the failed ssh tunnel");
+                }
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    };
 
     let dev = nbd::free_device()?;
     s.stack.push(Undo::DisconnectNbd {

@@ -105,7 +105,7 @@ pub fn wait_ready(lport: u16, tunnel_pid: u32, timeout: Duration) -> Result<()> 
             }
         }
         if crate::stack::lock::pid_start(tunnel_pid).is_none() {
-            bail!("the ssh tunnel exited: is nbdkit installed on the server (Debian: apt install nbdkit)? Try `ssh SERVER nbdkit --version`");
+            bail!("the ssh tunnel exited: nbdkit could not start on the server (port {lport} forwarded; check `ssh SERVER nbdkit --version`, and that sshd allows TCP forwarding)");
         }
         if Instant::now() > deadline {
             bail!(
