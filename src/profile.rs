@@ -178,6 +178,61 @@ pub struct Container {
     /// keyfile to them and stores the escrow beside the container and the keyfile.
     #[serde(default)]
     pub recovery_recipients: Vec<Recipient>,
+    /// Grow the container during `run` when free space inside gets low.
+    #[serde(default)]
+    pub auto_grow: Option<AutoGrow>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoGrow {
+    /// Grow when the filesystem's free space is under this: `10%` or a size (`20G`).
+    pub when_free_below: Threshold,
+    /// How much to add each time.
+    pub step: Size,
+    /// Never grow beyond this.
+    pub max_size: Size,
+}
+
+/// A free-space threshold: a percentage of the filesystem, or a size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "serde_yaml::Value")]
+pub enum Threshold {
+    Percent(u8),
+    Bytes(u64),
+}
+
+impl Threshold {
+    pub fn is_below(self, free: u64, total: u64) -> bool {
+        match self {
+            Threshold::Percent(p) => (free as u128) * 100 < (total as u128) * p as u128,
+            Threshold::Bytes(b) => free < b,
+        }
+    }
+}
+
+impl TryFrom<serde_yaml::Value> for Threshold {
+    type Error = String;
+    fn try_from(v: serde_yaml::Value) -> Result<Self, String> {
+        if let serde_yaml::Value::String(s) = &v {
+            if let Some(n) = s.trim().strip_suffix('%') {
+                return match n.trim().parse::<u8>() {
+                    Ok(p) if (1..=90).contains(&p) => Ok(Threshold::Percent(p)),
+                    _ => Err(format!("`{s}`: a percentage from 1% to 90%")),
+                };
+            }
+        }
+        Size::try_from(v).map(|s| Threshold::Bytes(s.0))
+    }
+}
+
+impl fmt::Display for Threshold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Threshold::Percent(p) => write!(f, "{p}%"),
+            Threshold::Bytes(b) => write!(f, "{}", Size(*b)),
+        }
+    }
 }
 
 /// One recovery recipient, checked when the profile is read.
@@ -484,6 +539,20 @@ impl Profile {
                 c.size.0
             )));
         }
+        if let Some(ag) = &c.auto_grow {
+            if ag.step.0 < (1 << 20) || !ag.step.0.is_multiple_of(1 << 20) {
+                return Err(bad(format!(
+                    "container.auto_grow.step: {} must be a whole number of MiB, at least 1M",
+                    ag.step
+                )));
+            }
+            if ag.max_size.0 < c.size.0 {
+                return Err(bad(format!(
+                    "container.auto_grow.max_size: {} is smaller than container.size {}",
+                    ag.max_size, c.size
+                )));
+            }
+        }
         if let Some(b) = c.bytes_per_inode {
             if !(4096..=(64 << 20)).contains(&b.0) {
                 return Err(bad(
@@ -661,6 +730,32 @@ backup:
         assert!(e.contains("monitoring.healthcheck_url"), "{e}");
         let e = err(&format!("{GOOD}hooks:\n  after: ['']\n"));
         assert!(e.contains("non-empty"), "{e}");
+    }
+
+    #[test]
+    fn auto_grow_thresholds() {
+        let p = parse(&GOOD.replace(
+            "  keyfile: /etc/e2ebackup/demo/container.key\n",
+            "  keyfile: /etc/e2ebackup/demo/container.key\n  auto_grow: {when_free_below: 10%, step: 1G, max_size: 8G}\n",
+        ))
+        .unwrap();
+        let ag = p.container.auto_grow.unwrap();
+        assert_eq!(ag.when_free_below, Threshold::Percent(10));
+        assert!(ag.when_free_below.is_below(99, 1000));
+        assert!(!ag.when_free_below.is_below(100, 1000));
+        assert_eq!(ag.max_size, Size(8 << 30));
+        let t: Threshold = serde_yaml::from_str("20G").unwrap();
+        assert!(t.is_below((20 << 30) - 1, 1 << 40));
+        let with = |ag: &str| {
+            GOOD.replace(
+                "  keyfile: /etc/e2ebackup/demo/container.key\n",
+                &format!("  keyfile: /etc/e2ebackup/demo/container.key\n  auto_grow: {ag}\n"),
+            )
+        };
+        let e = err(&with("{when_free_below: 95%, step: 1G, max_size: 8G}"));
+        assert!(e.contains("1% to 90%"), "{e}");
+        let e = err(&with("{when_free_below: 10%, step: 1G, max_size: 1G}"));
+        assert!(e.contains("auto_grow.max_size"), "{e}");
     }
 
     #[test]

@@ -105,35 +105,15 @@ fn work(p: &Profile, s: &mut Session<'_>, spec: GrowTo, online: bool) -> Result<
     }
     s.mount_server("grow")?;
     let file = s.container_path();
-    let enlarge = |file: &std::path::Path| -> Result<()> {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(file)
-            .with_context(|| format!("opening {}", file.display()))?;
-        if f.metadata()?.len() < target {
-            info!("enlarging {} to {}", p.remote_container(), Size(target));
-            f.set_len(target)
-                .with_context(|| format!("enlarging {}", file.display()))?;
-            f.sync_all()?;
-        }
-        Ok(())
-    };
-    let name = p.mapping_name();
     if online {
         s.attach(&file, false)?;
         let mapper = s.unlock(&key, false, false)?;
         let root = s.mount_fs(false)?;
         crate::snapshots::check_layout(&root)?;
-        enlarge(&file)?;
-        crate::signals::check()?;
-        s.loopdev.as_ref().expect("attached").refresh_capacity()?;
-        let header = s.pinned_header(&s.loopdev.as_ref().expect("attached").device)?;
-        luks::resize_to_fill(&name, header.as_deref(), &key)?;
-        info!("resizing the mounted filesystem (online)");
-        ext4::resize_to_fill(&mapper)?;
+        enlarge_open(p, s, &key, &mapper, target)?;
         report(&root)?;
     } else {
-        enlarge(&file)?;
+        enlarge_file(p, &file, target)?;
         s.attach(&file, false)?;
         let mapper = s.unlock(&key, false, false)?;
         info!("checking the filesystem before an offline resize (e2fsck -f)");
@@ -146,6 +126,88 @@ fn work(p: &Profile, s: &mut Session<'_>, spec: GrowTo, online: bool) -> Result<
         report(&root)?;
     }
     Ok(Exit::Ok)
+}
+
+/// Enlarge the container file to `target` (never shrinks; a no-op when already there).
+fn enlarge_file(p: &Profile, file: &std::path::Path, target: u64) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(file)
+        .with_context(|| format!("opening {}", file.display()))?;
+    if f.metadata()?.len() < target {
+        info!("enlarging {} to {}", p.remote_container(), Size(target));
+        f.set_len(target)
+            .with_context(|| format!("enlarging {}", file.display()))?;
+        f.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Grow a container that is attached, unlocked and mounted: file, loop capacity, LUKS
+/// mapping (needs the key again), then an online resize2fs.
+pub fn enlarge_open(
+    p: &Profile,
+    s: &mut Session<'_>,
+    key: &luks::Key,
+    mapper: &std::path::Path,
+    target: u64,
+) -> Result<()> {
+    enlarge_file(p, &s.container_path(), target)?;
+    crate::signals::check()?;
+    let lo = s
+        .loopdev
+        .as_ref()
+        .context("the container is not attached")?;
+    lo.refresh_capacity()?;
+    let header = s.pinned_header(&lo.device)?;
+    luks::resize_to_fill(&p.mapping_name(), header.as_deref(), key)?;
+    info!("resizing the mounted filesystem (online)");
+    ext4::resize_to_fill(mapper)
+}
+
+/// `container.auto_grow` during `run`: when the mounted filesystem's free space is under the
+/// threshold, grow by `step`, up to `max_size`, before the snapshot is taken.
+pub fn auto_grow(p: &Profile, s: &mut Session<'_>, root: &std::path::Path) -> Result<()> {
+    let Some(ag) = &p.container.auto_grow else {
+        return Ok(());
+    };
+    let st = nix::sys::statvfs::statvfs(root)?;
+    let total = st.blocks() * st.fragment_size();
+    let free = st.blocks_available() * st.fragment_size();
+    if !ag.when_free_below.is_below(free, total) {
+        return Ok(());
+    }
+    let current = std::fs::metadata(s.container_path())?.len();
+    let target = (current + ag.step.0).min(ag.max_size.0);
+    if target <= current {
+        warn!(
+            "the container has {} free of {} and is at its auto_grow.max_size {}: grow it by hand or prune",
+            Size(free),
+            Size(total),
+            ag.max_size
+        );
+        return Ok(());
+    }
+    if let Some(server_free) = s.facts.as_ref().and_then(|f| f.free_bytes) {
+        if server_free < (target - current) + (256 << 20) {
+            warn!(
+                "auto_grow skipped: the server has only {} free",
+                Size(server_free)
+            );
+            return Ok(());
+        }
+    }
+    info!(
+        "auto_grow: {} free of {} is below {}; growing the container to {}",
+        Size(free),
+        Size(total),
+        ag.when_free_below,
+        Size(target)
+    );
+    let key = luks::read_keyfile(&p.container.keyfile.0)?;
+    let mapper = s.mapper.clone().context("the container is not open")?;
+    enlarge_open(p, s, &key, &mapper, target)?;
+    report(root)
 }
 
 fn report(root: &std::path::Path) -> Result<()> {

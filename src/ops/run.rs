@@ -159,6 +159,7 @@ fn conclude(
 fn work(p: &Profile, s: &mut Session<'_>, f: &mut Figures) -> Result<Exit> {
     let root = s.open_all("run", false)?;
     snapshots::remove_partials(&root)?;
+    super::grow::auto_grow(p, s, &root)?;
     let t = snapshots::take(p, &root)?;
     let warnings = t.vanished_files;
     f.taken = Some(t);

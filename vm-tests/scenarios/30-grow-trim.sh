@@ -53,6 +53,13 @@ check grow-rerun-completes E2E grow $P --size 1280M
 check rerun-grown-data-identical grown_to 1280
 check no-leftovers-after-grow assert_no_leftovers
 
+# auto_grow during run: a threshold above the filesystem size makes the next run grow by one
+# step, up to max_size; at max_size a run only warns.
+check auto-grow-profile sed -i "s#^  keyfile: .*#&\n  auto_grow: {when_free_below: 2000M, step: 64M, max_size: 1344M}#" "$PROFILE"
+check run-auto-grows bash -c "$E2E_BIN run $P > $E2E_OUT/auto-grow.log 2>&1 && grep 'auto_grow: .* growing the container to 1344M' $E2E_OUT/auto-grow.log"
+check auto-grown-data-identical grown_to 1344
+check run-at-max-size-warns bash -c "$E2E_BIN run $P > $E2E_OUT/auto-grow2.log 2>&1 && grep 'at its auto_grow.max_size 1344M' $E2E_OUT/auto-grow2.log"
+
 # ---------------------------------------------------------------- trim
 head -c 48M /dev/urandom > "$SRC/big"
 check run-with-big-file E2E run $P
