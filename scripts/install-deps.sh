@@ -10,6 +10,9 @@ PKGS=(
   # tests: a local sshd, and the VM bed (Debian kernel under QEMU, busybox initramfs)
   openssh-server qemu-system-x86 linux-image-amd64 busybox-static cpio kmod nbdkit
   procps psmisc iproute2
+  # packaging: cargo-deb's $auto (dpkg-shlibdeps), and the VM's package check renders the
+  # man pages (man-db) and verifies the installed units (systemd-analyze)
+  dpkg-dev man-db systemd
 )
 missing=()
 for p in "${PKGS[@]}"; do

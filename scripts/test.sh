@@ -11,10 +11,12 @@ echo "== build"
 cargo build --release --locked
 echo "== unit and host tests (privileged tests run one at a time)"
 cargo test --release --locked -- --test-threads=1
+echo "== Debian package (vm-tests/scenarios/70-package.sh installs it)"
+scripts/build-deb.sh --no-build
 T1=$(date +%s)
 echo "== vm-tests"
 E2E_BIN="$PWD/target/release/e2ebackup" vm-tests/run.sh --timeout 3600 "$@"
 echo "== vm-tests self-test (a failing and a hanging scenario must be reported as failures)"
 E2E_BIN="$PWD/target/release/e2ebackup" vm-tests/selftest.sh
 T2=$(date +%s)
-echo "timing: build+cargo test $((T1-T0)) s, vm-tests $((T2-T1)) s, total $((T2-T0)) s"
+echo "timing: build+cargo test+package $((T1-T0)) s, vm-tests $((T2-T1)) s, total $((T2-T0)) s"

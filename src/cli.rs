@@ -147,6 +147,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write man pages and shell completions into DIR (for packaging; see src/assets.rs)
+    #[command(hide = true)]
+    GenerateAssets { dir: std::path::PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -186,6 +189,7 @@ impl Command {
             | Command::Keys {
                 action: KeysAction::Verify { profile, .. },
             } => profile,
+            Command::GenerateAssets { .. } => unreachable!("generate-assets takes no profile"),
         }
     }
 }
@@ -205,6 +209,11 @@ pub fn main() -> ExitCode {
     crate::logging::set_level(if cli.quiet { -1 } else { cli.verbose as i8 });
     if let Err(e) = crate::signals::install() {
         return ops::fail(e).into();
+    }
+    if let Command::GenerateAssets { dir } = &cli.command {
+        return crate::assets::generate(dir)
+            .map_or_else(ops::fail, |()| Exit::Ok)
+            .into();
     }
     let profile = match Profile::resolve(cli.command.profile()) {
         Ok(p) => p,
@@ -247,6 +256,7 @@ pub fn main() -> ExitCode {
         } => ops::verify::verify(&profile, *read_data, *json),
         Command::AcceptRollback { .. } => ops::restore::accept_rollback(&profile),
         Command::Prune { dry_run, json, .. } => ops::restore::prune(&profile, *dry_run, *json),
+        Command::GenerateAssets { .. } => unreachable!("handled above"),
     };
     code.into()
 }

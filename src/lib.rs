@@ -8,6 +8,7 @@
 //! command, recording every step in an undo journal ([`teardown`]) so that it can always
 //! walk back down: on success, on error, on a signal, or in the next process after a kill.
 
+pub mod assets;
 pub mod cli;
 pub mod cmd;
 pub mod error;

@@ -150,6 +150,7 @@ fn help_lists_every_subcommand() {
     // Every subcommand the parser knows (the documented ones at least) is listed.
     let known: Vec<String> = e2ebackup::cli::Cli::command()
         .get_subcommands()
+        .filter(|c| !c.is_hide_set()) // generate-assets: for packaging only
         .map(|c| c.get_name().to_string())
         .filter(|n| n != "help")
         .collect();
