@@ -56,7 +56,7 @@ check bash-completes-option completes e2ebackup schedule --ins --install
 check zsh-completion test -s /usr/share/zsh/vendor-completions/_e2ebackup
 check fish-completion test -s /usr/share/fish/vendor_completions.d/e2ebackup.fish
 check examples bash -c 'ls /usr/share/doc/e2ebackup/examples/example.yaml /usr/share/doc/e2ebackup/examples/demo.yaml'
-check docs bash -c 'ls /usr/share/doc/e2ebackup/README.md /usr/share/doc/e2ebackup/profile.md /usr/share/doc/e2ebackup/threat-model.md'
+check docs bash -c 'ls /usr/share/doc/e2ebackup/README.md /usr/share/doc/e2ebackup/docs/profile.md /usr/share/doc/e2ebackup/docs/threat-model.md'
 check example-profile-parses bash -c 'install -m 0600 /usr/share/doc/e2ebackup/examples/example.yaml /etc/e2ebackup/profiles/pkgex.yaml &&
   e2ebackup schedule pkgex >/dev/null'
 check dir-etc mode_is 755 /etc/e2ebackup
