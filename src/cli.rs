@@ -114,7 +114,7 @@ pub enum Command {
         /// A unit to start when a run fails (OnFailure=)
         #[arg(long, value_name = "UNIT")]
         on_failure: Option<String>,
-        /// Write the units to /etc/systemd/system and enable the timer
+        /// Write the units to /etc/systemd/system and enable the timer (if systemd runs; else exit 3)
         #[arg(long)]
         install: bool,
     },

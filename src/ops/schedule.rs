@@ -10,6 +10,11 @@
 //! - Hardening that does not get in the way of a root tool that mounts, attaches loop
 //!   devices and reads everything: no new privileges, private /tmp, read-only /usr and /boot
 //!   and /etc (`ProtectSystem=full`), no access to kernel tunables or logs.
+//!
+//! `--install` writes the units to /etc/systemd/system and, when systemd is the running init,
+//! reloads it and enables the timer. Without systemd (a container, another init) it still
+//! writes the units but skips `systemctl`, which could only fail there, and exits 3 with a
+//! warning that says how to enable the timer later.
 
 use std::path::Path;
 
@@ -78,8 +83,8 @@ pub fn schedule(p: &Profile, on_calendar: &str, on_failure: Option<&str>, instal
     let (service, timer) = units(p, &exe, on_calendar, on_failure);
     let base = format!("e2ebackup-{}", p.name);
     if !install {
-        println!("# /etc/systemd/system/{base}.service\n{service}");
-        println!("# /etc/systemd/system/{base}.timer\n{timer}");
+        println!("# {UNIT_DIR}/{base}.service\n{service}");
+        println!("# {UNIT_DIR}/{base}.timer\n{timer}");
         println!("# or, with cron (/etc/cron.d/{base}):");
         println!(
             "# 30 2 * * * root {} -q run {}",
@@ -88,32 +93,65 @@ pub fn schedule(p: &Profile, on_calendar: &str, on_failure: Option<&str>, instal
         );
         return Exit::Ok;
     }
-    let r = (|| -> Result<()> {
-        let dir = Path::new("/etc/systemd/system");
-        for (ext, text) in [("service", &service), ("timer", &timer)] {
-            let path = dir.join(format!("{base}.{ext}"));
-            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-            info!("wrote {}", path.display());
-        }
-        match crate::cmd::which("systemctl") {
-            Ok(_) => {
-                crate::cmd::Cmd::new("systemctl")?
-                    .arg("daemon-reload")
-                    .run()?;
-                crate::cmd::Cmd::new("systemctl")?
-                    .args(["enable", "--now"])
-                    .arg(format!("{base}.timer"))
-                    .run()?;
-                info!("enabled {base}.timer");
-            }
-            Err(_) => warn!("no systemctl here: enable {base}.timer yourself"),
-        }
-        Ok(())
-    })();
-    match r {
-        Ok(()) => Exit::Ok,
+    match install_units(
+        Path::new(UNIT_DIR),
+        &base,
+        &service,
+        &timer,
+        systemd_running(),
+    ) {
+        Ok(code) => code,
         Err(e) => fail(e),
     }
+}
+
+/// Where `--install` writes the units.
+pub const UNIT_DIR: &str = "/etc/systemd/system";
+
+/// Whether systemd is the running init: the test of sd_booted(3).
+pub fn systemd_running() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+/// Write `BASE.service` and `BASE.timer` into `dir`, then, if systemd runs, reload it and
+/// enable the timer. Without systemd (a container, another init) the units are still written,
+/// and the result is a warning (exit 3) saying how to enable the timer later: `systemctl`
+/// would only fail there.
+pub fn install_units(
+    dir: &Path,
+    base: &str,
+    service: &str,
+    timer: &str,
+    systemd_running: bool,
+) -> Result<Exit> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (ext, text) in [("service", service), ("timer", timer)] {
+        let path = dir.join(format!("{base}.{ext}"));
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        info!("wrote {}", path.display());
+    }
+    let later = format!("systemctl daemon-reload && systemctl enable --now {base}.timer");
+    if !systemd_running {
+        warn!(
+            "systemd is not running (no /run/systemd/system): the units are written, but \
+             {base}.timer was not enabled. Once systemd runs, enable it with `{later}`; or use \
+             cron instead (`e2ebackup schedule` without --install prints a cron line)"
+        );
+        return Ok(Exit::Warnings);
+    }
+    if crate::cmd::which("systemctl").is_err() {
+        warn!("no systemctl found: {base}.timer was not enabled; enable it with `{later}`");
+        return Ok(Exit::Warnings);
+    }
+    crate::cmd::Cmd::new("systemctl")?
+        .arg("daemon-reload")
+        .run()?;
+    crate::cmd::Cmd::new("systemctl")?
+        .args(["enable", "--now"])
+        .arg(format!("{base}.timer"))
+        .run()?;
+    info!("enabled {base}.timer");
+    Ok(Exit::Ok)
 }
 
 #[cfg(test)]
@@ -143,6 +181,23 @@ mod tests {
                 && t.contains("RandomizedDelaySec=")
                 && t.contains("OnCalendar=daily")
         );
+    }
+
+    /// Without systemd as init the units are still written; systemctl is not run, and the
+    /// result is a warning (exit 3).
+    #[test]
+    fn install_without_systemd_writes_the_units_and_warns() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("etc/systemd/system");
+        let code = install_units(&dir, "e2ebackup-home", "S\n", "T\n", false).unwrap();
+        assert_eq!(code, Exit::Warnings);
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        assert_eq!(read("e2ebackup-home.service"), "S\n");
+        assert_eq!(read("e2ebackup-home.timer"), "T\n");
+        // Installing again replaces the units.
+        let code = install_units(&dir, "e2ebackup-home", "S2\n", "T2\n", false).unwrap();
+        assert_eq!(code, Exit::Warnings);
+        assert_eq!(read("e2ebackup-home.timer"), "T2\n");
     }
 
     /// The generated units pass `systemd-analyze verify` (where systemd is installed).

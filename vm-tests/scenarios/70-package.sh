@@ -4,7 +4,8 @@
 # repository's target/debian/) installs on this root (a tmpfs overlay over the host's, which
 # has every dependency), its man pages render, the bash completion completes, the examples
 # and the directories are there with their modes, `schedule --install` writes units that
-# pass `systemd-analyze verify`, and removing the package removes the binary.
+# pass `systemd-analyze verify` (without systemd running it does not call systemctl and exits
+# 3; with it, it enables the timer), and removing the package removes the binary.
 # Needs no server: nothing here connects anywhere.
 source "$(dirname "$0")/../lib/common.sh"
 
@@ -19,7 +20,8 @@ export MANPAGER=cat PAGER=cat MANWIDTH=100
 # without this file it does nothing (Debian's documented switch). This root is a tmpfs overlay.
 rm -f /var/lib/man-db/auto-update
 # No systemd runs as PID 1 here, so the real systemctl cannot enable anything: a stub records
-# what `schedule --install` asks of it (the overlay hides the change from the host).
+# what `schedule --install` asks of it (the overlay hides the change from the host), once
+# /run/systemd/system (what `schedule` tests, like sd_booted(3)) is made to exist.
 mkdir -p /run/e2e-pkg
 cat > /run/e2e-pkg/systemctl <<'EOF'
 #!/bin/sh
@@ -64,7 +66,16 @@ check dir-profiles mode_is 755 /etc/e2ebackup/profiles
 check dir-keys mode_is 700 /etc/e2ebackup/keys
 check dir-state mode_is 700 /var/lib/e2ebackup
 
+# Without systemd: the units are written, systemctl is not called, a warning says how to
+# enable the timer, exit 3.
+check schedule-install-no-systemd bash -c '[ ! -e /run/systemd/system ] || { echo "/run/systemd/system exists"; exit 1; }
+  out=$(e2ebackup schedule pkgex --install --on-calendar "*-*-* 03:17:00" 2>&1); rc=$?; echo "$out"
+  [ $rc -eq 3 ] && grep -q "systemctl enable --now e2ebackup-pkgex.timer" <<<"$out" && [ ! -e /run/e2e-pkg/systemctl.calls ]'
+check units-written-no-systemd test -s /etc/systemd/system/e2ebackup-pkgex.timer
+# "With systemd": the stub systemctl records daemon-reload and enable.
+mkdir -p /run/systemd/system
 check schedule-install e2ebackup schedule pkgex --install --on-calendar '*-*-* 03:17:00'
+rmdir /run/systemd/system /run/systemd 2>/dev/null
 check units-written bash -c 'grep -qx "ExecStart=/usr/bin/e2ebackup run /etc/e2ebackup/profiles/pkgex.yaml" /etc/systemd/system/e2ebackup-pkgex.service &&
   grep -qx "OnCalendar=\*-\*-\* 03:17:00" /etc/systemd/system/e2ebackup-pkgex.timer'
 check timer-enabled bash -c 'grep -qx "daemon-reload" /run/e2e-pkg/systemctl.calls && grep -qx "enable --now e2ebackup-pkgex.timer" /run/e2e-pkg/systemctl.calls'
