@@ -243,8 +243,15 @@ pub fn after_run(p: &Profile, code: Exit, ctx: &RunContext) -> Exit {
             code = Exit::Warnings;
         }
     }
+    // A failing `after` hook turned success into warnings: `finally` sees the new verdict.
+    let result = if ctx.exit == Some(code) {
+        ctx.result.clone()
+    } else {
+        Some(crate::ops::result_word(code).to_string())
+    };
     let ctx = RunContext {
         exit: Some(code),
+        result,
         ..ctx
     };
     if let Err(e) = run_stage(p, Stage::Finally, &ctx) {
@@ -361,11 +368,19 @@ mod tests {
         // A failing `after` command stops the rest of `after` and turns success into 3.
         let p = profile(&hooks_yaml(&log, "", "exit 9"), d.path());
         std::fs::remove_file(&log).unwrap();
+        let ctx = RunContext {
+            result: Some("success".into()),
+            ..Default::default()
+        };
+        assert_eq!(after_run(&p, Exit::Ok, &ctx), Exit::Warnings);
+        // ... and `finally` sees the new exit code and verdict.
         assert_eq!(
-            after_run(&p, Exit::Ok, &RunContext::default()),
-            Exit::Warnings
+            lines(&log),
+            [
+                "after profile=hooked snap= exit=0 result=success err=",
+                "finally profile=hooked snap= exit=3 result=success with warnings err=",
+            ]
         );
-        assert_eq!(lines(&log).len(), 2, "{:?}", lines(&log));
     }
 
     #[test]

@@ -546,6 +546,12 @@ impl Profile {
                     ag.step
                 )));
             }
+            if !ag.max_size.0.is_multiple_of(1 << 20) {
+                return Err(bad(format!(
+                    "container.auto_grow.max_size: {} must be a whole number of MiB",
+                    ag.max_size
+                )));
+            }
             if ag.max_size.0 < c.size.0 {
                 return Err(bad(format!(
                     "container.auto_grow.max_size: {} is smaller than container.size {}",
@@ -756,6 +762,11 @@ backup:
         assert!(e.contains("1% to 90%"), "{e}");
         let e = err(&with("{when_free_below: 10%, step: 1G, max_size: 1G}"));
         assert!(e.contains("auto_grow.max_size"), "{e}");
+        let e = err(&with("{when_free_below: 10%, step: 1G, max_size: 8193K}"));
+        assert!(
+            e.contains("max_size: 8193K must be a whole number of MiB"),
+            "{e}"
+        );
     }
 
     #[test]
