@@ -1,6 +1,7 @@
 #!/bin/bash
 # Install what building and testing e2ebackup needs on Debian (run as root).
 # Idempotent: packages already present are left alone; apt runs only when something is missing.
+#   scripts/install-deps.sh [EXTRA-PACKAGE ...]   (scripts/bench.sh adds the peers it compares)
 set -euo pipefail
 PKGS=(
   # build: libcryptsetup-rs needs bindgen (libclang) and libcryptsetup; ssh2 needs OpenSSL
@@ -14,6 +15,7 @@ PKGS=(
   # man pages (man-db) and verifies the installed units (systemd-analyze)
   dpkg-dev man-db systemd
 )
+PKGS+=("$@")
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

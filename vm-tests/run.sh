@@ -10,7 +10,7 @@
 #   exit 0: every scenario passed; 1: a scenario failed; 3: qemu failed, hung or the guest
 #   never reported; 2: the bed could not be prepared.
 #   env: E2E_BIN (binary to test; default: build target/release/e2ebackup), KVER (kernel),
-#        VM_MEM (MiB, default 3072), VM_CPUS (default 2)
+#        VM_MEM (MiB, default 3072), VM_CPUS (default 2); BENCH_* is passed to the guest
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -71,6 +71,8 @@ RUN=$REPO/target/vm-tests/runs/$(date +%Y%m%d-%H%M%S)-$$
 mkdir -p "$RUN"
 cp "$E2E_BIN" "$RUN/e2ebackup"
 printf '%s\n' "${GUEST_SCEN[@]}" > "$RUN/scenarios.txt"
+# BENCH_* settings reach the guest's scenarios (vm-tests/bench/compare.sh).
+export -p | grep '^declare -x BENCH_[A-Z_]*=' > "$RUN/env.sh" || true
 truncate -s 64G "$RUN/server.img"
 MODE=tests; [ $SHELL_MODE -eq 1 ] && MODE=shell
 QEMU=(qemu-system-x86_64

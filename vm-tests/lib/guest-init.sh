@@ -25,6 +25,7 @@ rm -rf /etc/e2ebackup /var/lib/e2ebackup /run/e2ebackup
 
 LIB=$(dirname "$(readlink -f "$0")")
 export E2E_BIN=$OUT/e2ebackup E2E_REPO=/e2e/repo E2E_OUT=$OUT
+[ -f "$OUT/env.sh" ] && source "$OUT/env.sh"   # BENCH_* from the host (run.sh)
 T0=$(cut -d' ' -f1 /proc/uptime)
 if ! bash "$LIB/server-setup.sh" > "$OUT/setup.log" 2>&1; then
   cat "$OUT/setup.log"
