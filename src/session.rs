@@ -180,6 +180,9 @@ impl<'p> Session<'p> {
         self.stack.push(Undo::CloseLuks { name: name.clone() })?;
         let m = luks::open(&dev, header.as_deref(), &name, key, read_only, discards)?;
         self.mapper = Some(m.clone());
+        if let Err(e) = luks::set_read_ahead(&m, luks::READ_AHEAD_KIB) {
+            warn!("read-ahead of {} left at the default: {e:#}", m.display());
+        }
         Ok(m)
     }
 

@@ -296,6 +296,31 @@ pub fn open(
     Ok(PathBuf::from(format!("/dev/mapper/{name}")))
 }
 
+/// Read-ahead of the opened mapping, in KiB (the kernel's default is 128). Every read
+/// travels dm-crypt -> direct-I/O loop -> sshfs -> SSH: a larger window is split into
+/// requests that cross the connection together instead of one round trip after another.
+/// Measured with vm-tests/bench/readahead.sh (docs/benchmarks.md).
+pub const READ_AHEAD_KIB: u32 = 2048;
+
+/// Set the read-ahead of the block device `dev` (a tuning: the caller only warns on error).
+/// Found by device number under /sys/dev/block, which works without udev's symlinks.
+pub fn set_read_ahead(dev: &Path, kib: u32) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dev).with_context(|| format!("stat {}", dev.display()))?;
+    if !m.file_type().is_block_device() {
+        bail!("{} is not a block device", dev.display());
+    }
+    let (major, minor) = (
+        nix::sys::stat::major(m.rdev()),
+        nix::sys::stat::minor(m.rdev()),
+    );
+    let knob = format!("/sys/dev/block/{major}:{minor}/queue/read_ahead_kb");
+    std::fs::write(&knob, kib.to_string()).with_context(|| format!("writing {knob}"))?;
+    debug!("{}: read_ahead_kb {kib}", dev.display());
+    Ok(())
+}
+
 /// Grow the active mapping `name` to fill its (grown) underlying device. LUKS2 keeps the
 /// volume key in the kernel keyring, not in the dm table, so libcryptsetup needs the key
 /// again: unlocking without a name loads it into the context, then resize uses it.
@@ -346,6 +371,16 @@ pub fn ensure_closed(name: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn read_ahead_needs_a_block_device() {
+        let e = format!(
+            "{:#}",
+            set_read_ahead(Path::new("/dev/null"), 2048).unwrap_err()
+        );
+        assert!(e.contains("/dev/null is not a block device"), "{e}");
+    }
+
     use super::*;
 
     #[test]
