@@ -187,22 +187,26 @@ impl Cmd {
         let mut kept = String::new();
         let mut pending = Vec::new();
         let mut buf = [0u8; 16384];
-        let mut drain = |pending: &mut Vec<u8>, kept: &mut String, eof: bool| loop {
-            match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => pending.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
-            while let Some(i) = pending.iter().position(|b| *b == b'\n' || *b == b'\r') {
-                let line: Vec<u8> = pending.drain(..=i).collect();
-                let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
-                if on_line(&line) {
-                    kept.push_str(&line);
-                    kept.push('\n');
+        let mut drain = |pending: &mut Vec<u8>, kept: &mut String, eof: bool| {
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
+                while let Some(i) = pending.iter().position(|b| *b == b'\n' || *b == b'\r') {
+                    let line: Vec<u8> = pending.drain(..=i).collect();
+                    let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+                    if on_line(&line) {
+                        kept.push_str(&line);
+                        kept.push('\n');
+                    }
                 }
             }
+            // After the loop, not inside it: an unterminated last line that an earlier
+            // drain already read is still pending when this read finds end of file.
             if eof && !pending.is_empty() {
                 let line = String::from_utf8_lossy(pending).into_owned();
                 pending.clear();
