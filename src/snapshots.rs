@@ -256,11 +256,11 @@ pub fn take(profile: &Profile, root: &Path) -> Result<Taken> {
     );
     // The previous manifest: its hashes are reused below, and its size says how much
     // metadata the prefetch would pull into memory.
-    let prev = match existing.last() {
-        Some(l) => crate::manifest::read(root, &l.to_string())?.map(|m| (path_of(root, *l), m)),
+    let prev_manifest = match existing.last() {
+        Some(l) => crate::manifest::read(root, &l.to_string())?,
         None => None,
     };
-    if let Some((dir, m)) = &prev {
+    if let (Some(dir), Some(m)) = (&link, &prev_manifest) {
         let files = m.len() as u64;
         match mem_available() {
             Some(avail) if files * PREFETCH_BYTES_PER_FILE < avail / 2 => {
@@ -299,10 +299,7 @@ pub fn take(profile: &Profile, root: &Path) -> Result<Taken> {
     }
     // The manifest (content hashes for `verify`) is written before the snapshot is visible,
     // so every complete snapshot has one.
-    let entries = crate::manifest::build(
-        &partial,
-        prev.as_ref().map(|(p, m)| (p.as_path(), m.clone())),
-    )?;
+    let entries = crate::manifest::build(&partial, link.as_deref().zip(prev_manifest))?;
     crate::manifest::write(root, &id.to_string(), &entries)?;
     // Data first, then the rename that makes the snapshot visible, then the rename itself.
     mount::syncfs(root)?;
@@ -327,6 +324,7 @@ pub fn take(profile: &Profile, root: &Path) -> Result<Taken> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn prefetch_walks_a_whole_tree_and_returns() {
@@ -344,8 +342,6 @@ mod tests {
         }
         prefetch_metadata(&d.path().join("missing"), 4);
     }
-
-    use super::*;
 
     #[test]
     fn parses_rsync_stats() {

@@ -371,6 +371,7 @@ pub fn ensure_closed(name: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn read_ahead_needs_a_block_device() {
@@ -380,8 +381,6 @@ mod tests {
         );
         assert!(e.contains("/dev/null is not a block device"), "{e}");
     }
-
-    use super::*;
 
     #[test]
     fn header_size_parsing() {
