@@ -1,8 +1,9 @@
 #!/bin/bash
 # Benchmark e2ebackup against restic, borg and the physical limit in one VM boot
 # (vm-tests/bench/compare.sh), and print the tables (vm-tests/bench/table.py).
-# Run as root on Debian. Installs what it needs (the peers too). About 30-40 minutes under
-# software emulation with the defaults; BENCH_FILES, BENCH_MIB, BENCH_ALLOC_SIZES scale it.
+# Run as root on Debian. Installs what it needs (the peers too). About 25 minutes under
+# software emulation with the defaults (three runs measured); BENCH_FILES, BENCH_MIB,
+# BENCH_ALLOC_SIZES scale it.
 #   scripts/bench.sh            # results also in target/bench/results.md
 set -euo pipefail
 cd "$(dirname "$0")/.."

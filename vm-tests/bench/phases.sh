@@ -6,20 +6,11 @@
 # start, with the seconds spent inside each call.
 #   vm-tests/run.sh vm-tests/bench/phases.sh
 source "$(dirname "$0")/../lib/common.sh"
+source "$(dirname "$0")/lib.sh"
 P=phases
 SRC=/srv/phases-data
-mk() {
-  python3 - "$SRC" <<'PY'
-import os, sys
-for i in range(2000):
-    d = os.path.join(sys.argv[1], "d%02d" % (i % 40), "s%d" % (i % 7))
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "f%05d" % i), "wb") as f:
-        f.write(os.urandom(2048))
-PY
-}
 check profile scenario_profile $P 1G "$SRC"
-check data mk
+check data small_tree "$SRC" 2000
 check init "$E2E_BIN" init $P
 check run-1 "$E2E_BIN" run $P
 T=$E2E_OUT/phases.strace
