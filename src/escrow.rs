@@ -11,6 +11,9 @@
 use std::io::{BufReader, Read, Write};
 use std::path::Path;
 
+/// A sealed keyfile is about 4.5 KiB for a few recipients; a larger "escrow" is not one.
+pub const MAX_BYTES: u64 = 256 * 1024;
+
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::stack::luks::Key;

@@ -89,7 +89,7 @@ pub fn read_verified(root: &Path, key: &Key) -> Result<Option<State>> {
     Ok(Some(st))
 }
 
-fn client_record(p: &Profile) -> std::path::PathBuf {
+pub fn client_record(p: &Profile) -> std::path::PathBuf {
     p.state_dir().join("generation")
 }
 
@@ -105,8 +105,8 @@ pub fn client_generation(p: &Profile) -> Result<Option<u64>> {
 }
 
 pub fn set_client_generation(p: &Profile, generation: u64) -> Result<()> {
-    crate::teardown::create_private_dir(&p.state_dir())?;
-    crate::teardown::write_synced(&client_record(p), format!("{generation}\n").as_bytes())
+    crate::fsutil::private_dir(&p.state_dir())?;
+    crate::fsutil::write_atomic(&client_record(p), format!("{generation}\n").as_bytes())
 }
 
 /// The decision, separated from I/O so it is tested on its own.
@@ -159,9 +159,7 @@ pub fn commit(p: &Profile, root: &Path, key: &Key, generation: u64) -> Result<()
         written,
         mac,
     };
-    let tmp = root.join(format!("{STATE_FILE}.tmp"));
-    crate::teardown::write_synced(&tmp, &serde_json::to_vec_pretty(&st)?)?;
-    std::fs::rename(&tmp, root.join(STATE_FILE))?;
+    crate::fsutil::write_atomic(&root.join(STATE_FILE), &serde_json::to_vec_pretty(&st)?)?;
     crate::stack::mount::syncfs(root)?;
     set_client_generation(p, generation)
 }

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod cmd;
 pub mod error;
 pub mod escrow;
+pub mod fsutil;
 pub mod generation;
 pub mod hooks;
 pub mod logging;

@@ -136,10 +136,7 @@ pub fn build(snap: &Path, prev: Option<(&Path, Vec<Entry>)>) -> Result<Vec<Entry
 pub fn write(root: &Path, id: &str, entries: &[Entry]) -> Result<()> {
     let dir = root.join(MANIFESTS);
     std::fs::create_dir_all(&dir)?;
-    let tmp = dir.join(format!(".{id}.tmp"));
-    crate::teardown::write_synced(&tmp, &encode(entries))?;
-    std::fs::rename(&tmp, path_of(root, id))?;
-    Ok(())
+    crate::fsutil::write_atomic(&path_of(root, id), &encode(entries))
 }
 
 /// Whether `path` belongs to today's share of a rolling `percent` subset: over

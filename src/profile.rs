@@ -632,6 +632,23 @@ impl Profile {
         format!("{}.escrow.age", self.container.file.0)
     }
 
+    /// Name of an unfinished `init`'s container on the server.
+    pub fn init_partial_name(&self) -> String {
+        format!("{}.init-partial", self.container.file.0)
+    }
+
+    /// Every name the tool reads or writes in the server directory: each must be absent or
+    /// a regular file.
+    pub fn server_names(&self) -> Vec<String> {
+        let c = &self.container.file.0;
+        vec![
+            c.clone(),
+            self.init_partial_name(),
+            self.escrow_server_name(),
+            crate::stack::lock::server_lock_name(c),
+        ]
+    }
+
     /// Device-mapper name of the opened container.
     pub fn mapping_name(&self) -> String {
         format!("e2ebackup-{}", self.name)

@@ -10,9 +10,10 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::error::Failure;
+use crate::fsutil::ServerDir;
 use crate::profile::Profile;
 use crate::stack::{self, lock, loopdev, luks, mount, ssh, sshfs};
 use crate::teardown::{self, Journal, Report, Stack, Undo};
@@ -24,6 +25,9 @@ pub struct Session<'p> {
     _local: lock::LocalLock,
     pub remote: Option<ssh::Remote>,
     pub facts: Option<ssh::Facts>,
+    /// The mounted server directory, held open: every server file is opened beneath it
+    /// without following links.
+    server: Option<ServerDir>,
     pub loopdev: Option<loopdev::Loop>,
     pub mapper: Option<PathBuf>,
     /// Where the container's ext4 is mounted, once it is.
@@ -87,6 +91,7 @@ impl<'p> Session<'p> {
             _local: local,
             remote: None,
             facts: None,
+            server: None,
             loopdev: None,
             mapper: None,
             fs_root: None,
@@ -130,30 +135,50 @@ impl<'p> Session<'p> {
         })?;
         info!("mounting {}:{} with sshfs", p.server.host, p.server.path);
         sshfs::mount(&p.server, &target)?;
+        let dir = ServerDir::open(&target, &format!("{}:{}", p.server.host, p.server.path))?;
         signals::check()?;
-        let lock_path = lock::server_lock_path(&target, &p.container.file.0);
+        // Before anything is written: every name the tool uses there is absent or a regular
+        // file. A planted link, FIFO or device is exit 6, naming it.
+        for name in p.server_names() {
+            dir.stat(&name)?;
+        }
+        let lock_name = lock::server_lock_name(&p.container.file.0);
         let me = lock::ServerLock::mine(command);
         self.stack.push(Undo::ReleaseServerLock {
-            path: lock_path.clone(),
+            path: dir.local_path(&lock_name),
             token: me.token.clone(),
         })?;
-        lock::acquire_server_lock(&lock_path, &me)?;
-        Ok(())
+        let r = lock::acquire_server_lock(&dir, &lock_name, &me);
+        self.server = Some(dir);
+        r
     }
 
-    /// The container file as seen through sshfs.
+    /// The mounted server directory (after [`Session::mount_server`]).
+    pub fn server_dir(&self) -> Result<&ServerDir> {
+        self.server
+            .as_ref()
+            .context("the server directory is not mounted")
+    }
+
+    /// The container file as seen through sshfs (for messages and records; open it with
+    /// [`Session::server_dir`]).
     pub fn container_path(&self) -> PathBuf {
         sshfs_dir(self.profile).join(&self.profile.container.file.0)
     }
 
-    /// Attach a loop device (direct I/O) over `file`.
-    pub fn attach(&mut self, file: &Path, read_only: bool) -> Result<PathBuf> {
+    /// Attach a loop device (direct I/O) over the server file `name`, opened beneath the
+    /// server directory without following links.
+    pub fn attach(&mut self, name: &str, read_only: bool) -> Result<PathBuf> {
         signals::check()?;
-        let l = loopdev::attach(file, read_only)?;
+        let dir = self.server_dir()?;
+        let path = dir.local_path(name);
+        let f = dir.open_file(name, read_only)?;
+        let l = loopdev::attach(&f, &path, read_only)?;
+        drop(f);
         let dev = l.device.clone();
         self.stack.push(Undo::DetachLoop {
             device: dev.clone(),
-            backing: file.to_path_buf(),
+            backing: path.clone(),
         })?;
         crate::debug!(
             "attached {} (direct I/O: {})",
@@ -193,11 +218,31 @@ impl<'p> Session<'p> {
             .clone()
             .unwrap_or_else(|| self.profile.header_backup());
         if !h.exists() {
+            // A client that has committed to this container before had a pinned header:
+            // its loss is not something to shrug off (the server could be serving a
+            // container of its own making). A client with no record (rebuilt after a
+            // disaster) can only warn.
+            if crate::generation::client_generation(self.profile)?.is_some() {
+                return Err(Failure::Security(format!(
+                    "the pinned LUKS header {} is missing, but this client has used the container \
+                     before (record {}): restore the header copy from your backup of the client, or, \
+                     if you trust the server's header, re-pin it with `cryptsetup luksHeaderBackup` \
+                     (docs/disaster-recovery.md)",
+                    h.display(),
+                    crate::generation::client_record(self.profile).display()
+                ))
+                .into());
+            }
+            // Trust on first use, said out loud: pinned now, every later open is checked.
             warn!(
-                "no pinned LUKS header at {}: the server's header is used unchecked",
+                "no pinned LUKS header at {} and no record of this container on this client \
+                 (a rebuilt client?): trusting the server's header this once and pinning it there",
                 h.display()
             );
-            return Ok(None);
+            if let Some(dir) = h.parent() {
+                crate::fsutil::secret_dir(dir)?;
+            }
+            luks::backup_header(device, &h)?;
         }
         luks::verify_pinned_header(device, &h)?;
         Ok(Some(h))
@@ -237,8 +282,7 @@ impl<'p> Session<'p> {
             )));
         }
         self.mount_server(command)?;
-        let file = self.container_path();
-        self.attach(&file, read_only)?;
+        self.attach(&p.container.file.0, read_only)?;
         info!("unlocking {}", p.remote_container());
         let m = self.unlock(&key, read_only, false)?;
         self.key = Some(key);
@@ -269,6 +313,29 @@ impl<'p> Session<'p> {
         Ok(next)
     }
 
+    /// How much is acquired now; [`Session::close_to`] releases what comes after.
+    pub fn mark(&self) -> usize {
+        self.stack.len()
+    }
+
+    /// Release everything acquired after `mark` (newest first); an error if any of it
+    /// could not be released (the records stay for the final teardown).
+    pub fn close_to(&mut self, mark: usize) -> Result<()> {
+        if let Some(root) = self.fs_root.take() {
+            if let Err(e) = mount::syncfs(&root) {
+                warn!("syncing {} before unmount: {e:#}", root.display());
+            }
+        }
+        self.mapper = None;
+        self.loopdev = None;
+        let r = self.stack.unwind_to(mark, &mut stack::Real);
+        if !r.complete() {
+            r.print();
+            bail!("could not release the container between two steps");
+        }
+        Ok(())
+    }
+
     /// Tear everything down (always). The loop device's descriptor is closed first so that
     /// autoclear can detach it as soon as the mapping lets go.
     pub fn close(mut self) -> Report {
@@ -279,6 +346,7 @@ impl<'p> Session<'p> {
         }
         self.loopdev = None;
         self.remote = None;
+        self.server = None;
         let r = self.stack.unwind(&mut stack::Real);
         r.print();
         r

@@ -147,7 +147,7 @@ impl Stack {
     /// A stack persisted at `path` (created with its parent directory, mode 0700).
     pub fn persistent(path: PathBuf, command: &str) -> Result<Stack> {
         if let Some(dir) = path.parent() {
-            create_private_dir(dir)?;
+            crate::fsutil::private_dir(dir)?;
         }
         let s = Stack {
             journal_path: Some(path),
@@ -206,12 +206,8 @@ impl Stack {
         let Some(path) = &self.journal_path else {
             return Ok(());
         };
-        let tmp = path.with_extension("json.tmp");
         let data = serde_json::to_vec_pretty(&self.journal)?;
-        write_synced(&tmp, &data)?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        Ok(())
+        crate::fsutil::write_atomic(path, &data)
     }
 
     /// Undo records down to `mark` records (0 = everything), newest first. Every record is
@@ -221,6 +217,18 @@ impl Stack {
         let mut kept = Vec::new();
         while self.journal.records.len() > mark {
             let u = self.journal.records.pop().expect("len > mark");
+            // The server lock says "a client has this container open". If a layer above it
+            // (mount, mapping, loop device) could not be released, the container may still
+            // be open read-write: keep the lock, so that no second client opens it too.
+            if matches!(u, Undo::ReleaseServerLock { .. }) && !report.failed.is_empty() {
+                warn!("keeping {u}: the container may still be open (teardown above it failed)");
+                report.failed.push((
+                    u.clone(),
+                    "kept: a layer above it is still acquired".to_string(),
+                ));
+                kept.push(u);
+                continue;
+            }
             match undoer.undo(&u) {
                 Ok(()) => {
                     crate::debug!("undone: {u}");
@@ -277,32 +285,6 @@ impl Drop for Stack {
             }
         }
     }
-}
-
-/// Create a directory (and parents) readable only by root.
-pub fn create_private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating directory {}", dir.display()))
-}
-
-/// Write a file and fsync it, so that a crash leaves either the old or the new content.
-pub fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(data)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Log an informational line about a recovered journal.
@@ -364,6 +346,14 @@ mod tests {
         ]
     }
 
+    /// The journal's directory must be private (fsutil::private_dir).
+    fn private_tempdir() -> tempfile::TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        d
+    }
+
     fn stack_in(dir: &Path) -> Stack {
         let mut s = Stack::persistent(dir.join("undo.json"), "run").unwrap();
         for u in full_stack() {
@@ -374,7 +364,7 @@ mod tests {
 
     #[test]
     fn unwinds_in_reverse_and_removes_journal() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let mut s = stack_in(dir.path());
         let mut r = Recorder {
             calls: vec![],
@@ -390,7 +380,7 @@ mod tests {
 
     #[test]
     fn a_failure_does_not_stop_the_rest_and_is_kept() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let mut s = stack_in(dir.path());
         let busy = Undo::CloseLuks {
             name: "e2ebackup-p".into(),
@@ -401,14 +391,19 @@ mod tests {
         };
         let rep = s.unwind(&mut r);
         assert!(!rep.complete());
-        assert_eq!(r.calls.len(), 5, "every undo attempted");
-        assert_eq!(rep.failed.len(), 1);
+        let all = full_stack();
+        // Every undo is attempted but the server lock's: with the mapping still open, the
+        // lock stays, so that no other client opens the container meanwhile.
+        assert_eq!(r.calls.len(), 4);
+        assert!(!r.calls.contains(&all[1]));
+        assert_eq!(rep.failed.len(), 2);
         assert_eq!(rep.failed[0].0, busy);
-        // The journal keeps exactly the failed record for a later cleanup.
+        assert_eq!(rep.failed[1].0, all[1]);
+        // The journal keeps the failed record and the lock for a later cleanup.
         let j = Journal::read(&dir.path().join("undo.json"))
             .unwrap()
             .unwrap();
-        assert_eq!(j.records, vec![busy.clone()]);
+        assert_eq!(j.records, vec![all[1].clone(), busy.clone()]);
         // A later cleanup adopts it and finishes.
         let mut again = Stack::adopt(dir.path().join("undo.json"), j);
         let mut ok = Recorder {
@@ -416,13 +411,13 @@ mod tests {
             fail: vec![],
         };
         assert!(again.unwind(&mut ok).complete());
-        assert_eq!(ok.calls, vec![busy]);
+        assert_eq!(ok.calls, vec![busy, all[1].clone()]);
         assert!(!dir.path().join("undo.json").exists());
     }
 
     #[test]
     fn several_failures_keep_their_order() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let mut s = stack_in(dir.path());
         let all = full_stack();
         let mut r = Recorder {
@@ -430,16 +425,21 @@ mod tests {
             fail: vec![all[0].clone(), all[3].clone(), all[4].clone()],
         };
         let rep = s.unwind(&mut r);
-        assert_eq!(rep.failed.len(), 3);
+        assert_eq!(rep.failed.len(), 4, "three failures and the lock kept");
         assert_eq!(
             s.records(),
-            &[all[0].clone(), all[3].clone(), all[4].clone()]
+            &[
+                all[0].clone(),
+                all[1].clone(),
+                all[3].clone(),
+                all[4].clone()
+            ]
         );
     }
 
     #[test]
     fn unwind_to_mark_keeps_outer_layers() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let mut s = stack_in(dir.path());
         let mut r = Recorder {
             calls: vec![],
@@ -458,7 +458,7 @@ mod tests {
 
     #[test]
     fn journal_round_trips_and_records_before_acquire() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let mut s = Stack::persistent(dir.path().join("undo.json"), "init").unwrap();
         s.push(full_stack()[0].clone()).unwrap();
         let j = Journal::read(&dir.path().join("undo.json"))

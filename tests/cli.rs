@@ -415,7 +415,9 @@ fn host_cleanup_and_run_finish_an_earlier_teardown() {
         })
         .unwrap();
         sshfs::mount(&p.server, &srv).unwrap_or_else(|e| panic!("{e:#}"));
-        let lock_path = lock::server_lock_path(&srv, &p.container.file.0);
+        let sd = e2ebackup::fsutil::ServerDir::open(&srv, "server").unwrap();
+        let lock_name = lock::server_lock_name(&p.container.file.0);
+        let lock_path = sd.local_path(&lock_name);
         let mut me = lock::ServerLock::mine("run");
         me.pid_start += 1; // as if held by a process that is gone
         s.push(Undo::ReleaseServerLock {
@@ -423,7 +425,7 @@ fn host_cleanup_and_run_finish_an_earlier_teardown() {
             token: me.token.clone(),
         })
         .unwrap();
-        lock::acquire_server_lock(&lock_path, &me).unwrap();
+        lock::acquire_server_lock(&sd, &lock_name, &me).unwrap();
         if persistent {
             s.set_persistent(true).unwrap();
         }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::{Recover, Sshd};
 use e2ebackup::error::{exit_for, Exit};
+use e2ebackup::fsutil::ServerDir;
 use e2ebackup::profile::Profile;
 use e2ebackup::snapshots;
 use e2ebackup::stack::lock::{self, ServerLock};
@@ -190,9 +191,14 @@ fn mount_server(stack: &mut Stack, p: &Profile, mnt: &Path) {
     assert_eq!(m.fstype, "fuse.sshfs");
 }
 
-/// Attach a loop device over `file` and record it.
+/// Attach a loop device over `file` (opened beneath its directory, as the session does) and
+/// record it.
 fn attach(stack: &mut Stack, file: &Path, read_only: bool) -> loopdev::Loop {
-    let l = loopdev::attach(file, read_only).unwrap_or_else(|e| panic!("attach: {e:#}"));
+    let dir = ServerDir::open(file.parent().unwrap(), "server").unwrap();
+    let f = dir
+        .open_file(&file.file_name().unwrap().to_string_lossy(), read_only)
+        .unwrap_or_else(|e| panic!("open: {e:#}"));
+    let l = loopdev::attach(&f, file, read_only).unwrap_or_else(|e| panic!("attach: {e:#}"));
     stack
         .push(Undo::DetachLoop {
             device: l.device.clone(),
@@ -357,7 +363,7 @@ fn host_changed_host_key_refused() {
     assert_eq!(last.result, "refused for security");
 
     // sshfs (OpenSSH, StrictHostKeyChecking=yes) checks the same pin: no mount.
-    let run = tempfile::tempdir().unwrap();
+    let run = common::private_tempdir();
     let journal = run.path().join("undo.json");
     let mnt = run.path().join("server");
     let _guard = Recover::new(&journal);
@@ -547,7 +553,7 @@ fn host_sshfs_loop_ext4_snapshots() {
     build_source(&s);
     let p = sshd.load_profile("stack", &[&s]);
 
-    let run = tempfile::tempdir().unwrap();
+    let run = common::private_tempdir();
     let journal = run.path().join("undo.json");
     let mnt = run.path().join("server");
     let fs = run.path().join("fs");
@@ -723,18 +729,19 @@ fn host_server_lock_over_sshfs() {
     }
     let sshd = Sshd::start();
     let p = sshd.load_profile("lock", &[Path::new("/etc")]);
-    let run = tempfile::tempdir().unwrap();
+    let run = common::private_tempdir();
     let journal = run.path().join("undo.json");
     let mnt = run.path().join("server");
     let _guard = Recover::new(&journal);
     let mut stack = Stack::persistent(journal.clone(), "test").unwrap();
     mount_server(&mut stack, &p, &mnt);
 
-    let path = lock::server_lock_path(&mnt, &p.container.file.0);
-    let on_server = sshd
-        .server_dir()
-        .join(format!("{}.lock", p.container.file.0));
-    let read_on_server = || lock::read_server_lock(&on_server).unwrap();
+    let n = lock::server_lock_name(&p.container.file.0);
+    let sd = ServerDir::open(&mnt, "server").unwrap();
+    let path = sd.local_path(&n);
+    let on_server = sshd.server_dir().join(&n);
+    let server_side = ServerDir::open(&sshd.server_dir(), "server's own view").unwrap();
+    let read_on_server = || lock::read_server_lock(&server_side, &n).unwrap();
 
     // Taken: the file exists on the server with our record, readable only by its owner.
     let me = ServerLock::mine("run");
@@ -744,7 +751,7 @@ fn host_server_lock_over_sshfs() {
             token: me.token.clone(),
         })
         .unwrap();
-    lock::acquire_server_lock(&path, &me).unwrap_or_else(|e| panic!("{e:#}"));
+    lock::acquire_server_lock(&sd, &n, &me).unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(read_on_server().as_ref(), Some(&me));
     let mode = std::fs::metadata(&on_server).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "lock file mode {mode:o}");
@@ -752,7 +759,7 @@ fn host_server_lock_over_sshfs() {
     // Another host's run is refused (exit 4), naming who holds it; the lock is unchanged.
     let mut other = ServerLock::mine("run");
     other.host = "other-host.example".into();
-    let e = lock::acquire_server_lock(&path, &other).unwrap_err();
+    let e = lock::acquire_server_lock(&sd, &n, &other).unwrap_err();
     assert_eq!(exit_for(&e), Exit::Locked, "{e:#}");
     let msg = format!("{e:#}");
     assert!(msg.contains(&lock::hostname()), "{msg}");
@@ -760,7 +767,7 @@ fn host_server_lock_over_sshfs() {
     assert_eq!(read_on_server().as_ref(), Some(&me));
 
     // A second run on this host while ours is alive: not stale, refused as well.
-    let e = lock::acquire_server_lock(&path, &ServerLock::mine("run")).unwrap_err();
+    let e = lock::acquire_server_lock(&sd, &n, &ServerLock::mine("run")).unwrap_err();
     assert_eq!(exit_for(&e), Exit::Locked, "{e:#}");
 
     // Release with somebody else's token leaves the lock; with ours removes it; idempotent.
@@ -773,7 +780,7 @@ fn host_server_lock_over_sshfs() {
     // A stale lock of this host (the pid's start time differs: a recycled pid) is taken over.
     let mut stale = ServerLock::mine("run");
     stale.pid_start += 1;
-    lock::acquire_server_lock(&path, &stale).unwrap();
+    lock::acquire_server_lock(&sd, &n, &stale).unwrap();
     let fresh = ServerLock::mine("run");
     stack
         .push(Undo::ReleaseServerLock {
@@ -781,24 +788,25 @@ fn host_server_lock_over_sshfs() {
             token: fresh.token.clone(),
         })
         .unwrap();
-    lock::acquire_server_lock(&path, &fresh).unwrap_or_else(|e| panic!("takeover: {e:#}"));
+    lock::acquire_server_lock(&sd, &n, &fresh).unwrap_or_else(|e| panic!("takeover: {e:#}"));
     assert_eq!(read_on_server().as_ref(), Some(&fresh));
     // So is one from an earlier boot of this host.
     lock::ensure_server_lock_released(&path, &fresh.token).unwrap();
     let mut rebooted = ServerLock::mine("run");
     rebooted.boot_id = "00000000-0000-0000-0000-000000000000".into();
-    lock::acquire_server_lock(&path, &rebooted).unwrap();
-    lock::acquire_server_lock(&path, &fresh).unwrap_or_else(|e| panic!("takeover: {e:#}"));
+    lock::acquire_server_lock(&sd, &n, &rebooted).unwrap();
+    lock::acquire_server_lock(&sd, &n, &fresh).unwrap_or_else(|e| panic!("takeover: {e:#}"));
     assert_eq!(read_on_server().as_ref(), Some(&fresh));
     lock::ensure_server_lock_released(&path, &fresh.token).unwrap();
 
     // Another host's lock is never broken, even when its pid means nothing here.
     let mut foreign = ServerLock::mine("run");
     foreign.host = "elsewhere.example".into();
+    foreign.machine_id = "elsewhere-machine-id".into();
     foreign.pid = 999_999;
     foreign.pid_start = 1;
-    lock::acquire_server_lock(&path, &foreign).unwrap();
-    let e = lock::acquire_server_lock(&path, &ServerLock::mine("run")).unwrap_err();
+    lock::acquire_server_lock(&sd, &n, &foreign).unwrap();
+    let e = lock::acquire_server_lock(&sd, &n, &ServerLock::mine("run")).unwrap_err();
     assert_eq!(exit_for(&e), Exit::Locked, "{e:#}");
     assert!(format!("{e:#}").contains("elsewhere.example"), "{e:#}");
     assert_eq!(read_on_server().as_ref(), Some(&foreign));
@@ -818,7 +826,7 @@ fn host_server_lock_over_sshfs() {
         let results: Vec<anyhow::Result<()>> = std::thread::scope(|sc| {
             let hs: Vec<_> = racers
                 .iter()
-                .map(|l| sc.spawn(|| lock::acquire_server_lock(&path, l)))
+                .map(|l| sc.spawn(|| lock::acquire_server_lock(&sd, &n, l)))
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
@@ -840,6 +848,7 @@ fn host_server_lock_over_sshfs() {
         lock::ensure_server_lock_released(&path, &winners[0].token).unwrap();
     }
 
+    drop(sd); // an open directory descriptor keeps the mount busy
     let report = stack.unwind(&mut stack::Real);
     assert!(report.complete(), "{:?}", report.failed);
     assert!(!on_server.exists());
@@ -861,15 +870,19 @@ fn host_server_lock_second_client_sees_lock_being_written() {
     }
     let sshd = Sshd::start();
     let p = sshd.load_profile("twoclients", &[Path::new("/etc")]);
-    let run = tempfile::tempdir().unwrap();
+    let run = common::private_tempdir();
     let journal = run.path().join("undo.json");
     let (ma, mb) = (run.path().join("a"), run.path().join("b"));
     let _guard = Recover::new(&journal);
     let mut stack = Stack::persistent(journal.clone(), "test").unwrap();
     mount_server(&mut stack, &p, &ma);
     mount_server(&mut stack, &p, &mb);
-    let pa = lock::server_lock_path(&ma, &p.container.file.0);
-    let pb = lock::server_lock_path(&mb, &p.container.file.0);
+    let n = lock::server_lock_name(&p.container.file.0);
+    let (da, db) = (
+        ServerDir::open(&ma, "a").unwrap(),
+        ServerDir::open(&mb, "b").unwrap(),
+    );
+    let (pa, pb) = (da.local_path(&n), db.local_path(&n));
 
     // A: created, not yet written. B: looks it up.
     let a = ServerLock::mine("run");
@@ -886,10 +899,12 @@ fn host_server_lock_second_client_sees_lock_being_written() {
 
     let mut b = ServerLock::mine("run");
     b.host = "client-b.example".into();
-    let r = lock::acquire_server_lock(&pb, &b);
+    b.machine_id = "client-b-machine-id".into();
+    let r = lock::acquire_server_lock(&db, &n, &b);
     let released = lock::ensure_server_lock_released(&pb, &b.token);
-    let after = lock::read_server_lock(&pa);
+    let after = lock::read_server_lock(&da, &n);
     let _ = lock::ensure_server_lock_released(&pa, &a.token);
+    drop((da, db)); // open directory descriptors keep the mounts busy
     let report = stack.unwind(&mut stack::Real);
     assert!(report.complete(), "{:?}", report.failed);
 
@@ -944,7 +959,7 @@ fn host_killed_run_journal_recovered() {
     let sshd = Sshd::start();
     let profile_path = sshd.profile("killed", &[Path::new("/etc")]);
     let p = Profile::load(&profile_path).unwrap();
-    let run = tempfile::tempdir().unwrap();
+    let run = common::private_tempdir();
     let journal = run.path().join("undo.json");
     let (mnt, fs) = (run.path().join("server"), run.path().join("fs"));
     let file = mnt.join(&p.container.file.0);

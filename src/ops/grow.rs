@@ -104,17 +104,25 @@ fn work(p: &Profile, s: &mut Session<'_>, spec: GrowTo, online: bool) -> Result<
         }
     }
     s.mount_server("grow")?;
-    let file = s.container_path();
+    let name = p.container.file.0.clone();
+    s.key = Some(luks::read_keyfile(&p.container.keyfile.0)?);
     if online {
-        s.attach(&file, false)?;
+        s.attach(&name, false)?;
         let mapper = s.unlock(&key, false, false)?;
-        let root = s.mount_fs(false)?;
-        crate::snapshots::check_layout(&root)?;
+        // Layout and authenticated generation (rollback) checked before anything grows.
+        let root = s.mount_checked(false)?;
         enlarge_open(p, s, &key, &mapper, target)?;
         report(&root)?;
     } else {
-        enlarge_file(p, &file, target)?;
-        s.attach(&file, false)?;
+        // The rollback check needs the filesystem, and an offline grow must not have it
+        // mounted read-write: check on a read-only open first, close, then grow.
+        let mark = s.mark();
+        s.attach(&name, true)?;
+        s.unlock(&key, true, false)?;
+        s.mount_checked(true)?;
+        s.close_to(mark)?;
+        enlarge_file(p, &s.server_dir()?.open_file(&name, false)?, target)?;
+        s.attach(&name, false)?;
         let mapper = s.unlock(&key, false, false)?;
         info!("checking the filesystem before an offline resize (e2fsck -f)");
         ext4::fsck_preen(&mapper)?;
@@ -128,16 +136,13 @@ fn work(p: &Profile, s: &mut Session<'_>, spec: GrowTo, online: bool) -> Result<
     Ok(Exit::Ok)
 }
 
-/// Enlarge the container file to `target` (never shrinks; a no-op when already there).
-fn enlarge_file(p: &Profile, file: &std::path::Path, target: u64) -> Result<()> {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(file)
-        .with_context(|| format!("opening {}", file.display()))?;
+/// Enlarge the open container file `f` to `target` (never shrinks; a no-op when already
+/// there). The file was opened beneath the server directory without following links.
+fn enlarge_file(p: &Profile, f: &std::fs::File, target: u64) -> Result<()> {
     if f.metadata()?.len() < target {
         info!("enlarging {} to {}", p.remote_container(), Size(target));
         f.set_len(target)
-            .with_context(|| format!("enlarging {}", file.display()))?;
+            .with_context(|| format!("enlarging {}", p.remote_container()))?;
         f.sync_all()?;
     }
     Ok(())
@@ -152,7 +157,9 @@ pub fn enlarge_open(
     mapper: &std::path::Path,
     target: u64,
 ) -> Result<()> {
-    enlarge_file(p, &s.container_path(), target)?;
+    let f = s.server_dir()?.open_file(&p.container.file.0, false)?;
+    enlarge_file(p, &f, target)?;
+    drop(f);
     crate::signals::check()?;
     let lo = s
         .loopdev
@@ -177,7 +184,10 @@ pub fn auto_grow(p: &Profile, s: &mut Session<'_>, root: &std::path::Path) -> Re
     if !ag.when_free_below.is_below(free, total) {
         return Ok(());
     }
-    let current = std::fs::metadata(s.container_path())?.len();
+    let current = s
+        .server_dir()?
+        .len(&p.container.file.0)?
+        .context("the container file is gone")?;
     let target = (current + ag.step.0).min(ag.max_size.0);
     if target <= current {
         warn!(

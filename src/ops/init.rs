@@ -104,7 +104,8 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
 
     s.mount_server("init")?;
     let final_path = s.container_path();
-    let partial = final_path.with_file_name(format!("{}.init-partial", p.container.file.0));
+    let partial_name = p.init_partial_name();
+    let partial = s.server_dir()?.local_path(&partial_name);
     s.stack.push(Undo::RemoveFile {
         path: partial.clone(),
     })?;
@@ -115,15 +116,12 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
         p.container.size
     );
     {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&partial)
-            .with_context(|| format!("creating {}", partial.display()))?;
+        // O_EXCL beneath the server directory, never following a link (fsutil::ServerDir).
+        let f = s.server_dir()?.create_new(&partial_name)?;
         f.set_len(p.container.size.0)
             .with_context(|| format!("sizing {}", partial.display()))?;
     }
-    let dev = s.attach(&partial, false)?;
+    let dev = s.attach(&partial_name, false)?;
     info!("formatting LUKS2 (aes-xts-plain64, 4096-byte sectors, keyfile slot with PBKDF2)");
     crate::signals::check()?;
     luks::format(&dev, &key, &format!("e2ebackup-{}", p.name))?;
@@ -160,9 +158,8 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
             .map(|r| r.0.clone())
             .collect();
         let sealed = crate::escrow::seal(&key, &rs)?;
-        let on_server = final_path.with_file_name(p.escrow_server_name());
-        crate::teardown::write_synced(&on_server, &sealed)?;
-        crate::teardown::write_synced(&p.escrow_client(), &sealed)?;
+        s.server_dir()?.replace(&p.escrow_server_name(), &sealed)?;
+        crate::fsutil::write_atomic(&p.escrow_client(), &sealed)?;
         info!(
             "key escrow for {} recipient(s) stored as {} on the server and {} here",
             rs.len(),
@@ -170,10 +167,17 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
             p.escrow_client().display()
         );
     }
-    std::fs::rename(&partial, &final_path)
-        .with_context(|| format!("renaming {} to {}", partial.display(), final_path.display()))?;
+    // The pinned header first: once the container has its final name, every later command
+    // checks the server's header against the client's copy, so that copy must exist by then.
+    // A crash in between leaves a header and no container; a new `init` then says so.
     std::fs::rename(&header_tmp, &header)
         .with_context(|| format!("renaming {} to {}", header_tmp.display(), header.display()))?;
+    if let Some(dir) = header.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all())?;
+    }
+    s.server_dir()?
+        .rename(&partial_name, &p.container.file.0)
+        .with_context(|| format!("committing {}", final_path.display()))?;
     if let Some(remote) = &s.remote {
         if let Some(a) = remote.allocated_bytes(&p.remote_container()) {
             info!(

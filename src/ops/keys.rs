@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use libcryptsetup_rs::consts::flags::CryptActivate;
 use libcryptsetup_rs::consts::vals::EncryptionFormat;
 use libcryptsetup_rs::{CryptInit, Either};
@@ -46,8 +46,7 @@ fn work(
         )));
     }
     s.mount_server("keys-verify")?;
-    let file = s.container_path();
-    let dev = s.attach(&file, true)?;
+    let dev = s.attach(&p.container.file.0, true)?;
     let header = s.pinned_header(&dev)?;
     match &header {
         Some(h) => info!("pinned header {} matches the server's", h.display()),
@@ -79,8 +78,13 @@ fn work(
         Err(e) => problems.push(format!("the keyfile does not open the container: {e}")),
     }
     if !p.container.recovery_recipients.is_empty() {
-        let server = std::fs::read(file.with_file_name(p.escrow_server_name()));
-        let client = std::fs::read(p.escrow_client());
+        let server = s
+            .server_dir()?
+            .read_bounded(&p.escrow_server_name(), crate::escrow::MAX_BYTES)
+            .and_then(|o| o.context("not there"));
+        let client =
+            crate::fsutil::read_local_bounded(&p.escrow_client(), crate::escrow::MAX_BYTES)
+                .map(|(b, _)| b);
         match (&server, &client) {
             (Ok(a), Ok(b)) if a == b => {
                 info!("the server's and the client's key escrows are identical")
@@ -88,13 +92,15 @@ fn work(
             (Ok(_), Ok(_)) => {
                 problems.push("the server's and the client's key escrows differ".into())
             }
-            (Err(e), _) => problems.push(format!("no key escrow on the server: {e}")),
+            (Err(e), _) => problems.push(format!("no key escrow on the server: {e:#}")),
             (_, Err(e)) => problems.push(format!(
                 "no key escrow at {}: {e}",
                 p.escrow_client().display()
             )),
         }
-        if let (Some(id), Ok(sealed)) = (identity, server.as_ref().or(client.as_ref())) {
+        // The client's own copy first: the server could hand over an escrow of its own
+        // making (it may hold the recovery public key too).
+        if let (Some(id), Ok(sealed)) = (identity, client.as_ref().or(server.as_ref())) {
             match crate::escrow::open(sealed, id) {
                 Ok(k) if k.bytes() == key.bytes() => {
                     info!(

@@ -138,8 +138,8 @@ pub fn validate(p: &Profile, connect: bool, json: bool) -> Exit {
     rep.conclude(Exit::Ok, None, json)
 }
 
-/// `recover-key --identity FILE PROFILE`: decrypt the key escrow (the server's copy, or the
-/// client's if the server is unreachable) with an offline identity and write the keyfile.
+/// `recover-key --identity FILE PROFILE`: decrypt the key escrow (the client's copy, or the
+/// server's if the client has none) with an offline identity and write the keyfile.
 pub fn recover_key(p: &Profile, identity: &Path, force: bool) -> Exit {
     let r = (|| -> anyhow::Result<()> {
         let kf = &p.container.keyfile.0;
@@ -149,24 +149,36 @@ pub fn recover_key(p: &Profile, identity: &Path, force: bool) -> Exit {
                 kf.display()
             )));
         }
-        let escrow = match ssh::Remote::connect(&p.server).and_then(|r| {
-            let dir = p.server.path.trim_end_matches('/');
-            r.read_file(&format!("{dir}/{}", p.escrow_server_name()))
-        }) {
-            Ok(b) => {
-                info!("read the key escrow from {}", p.server.host);
-                b
-            }
-            Err(e) => {
-                warn!("cannot read the escrow from the server ({e:#}); trying the client's copy");
-                std::fs::read(p.escrow_client()).map_err(|e2| {
-                    anyhow::anyhow!(
-                        "no escrow: server: {e:#}; client {}: {e2}",
-                        p.escrow_client().display()
-                    )
-                })?
-            }
-        };
+        // The client's own copy first. The server's copy is the fallback for a client that
+        // lost everything; a server that knows the recovery public key could seal a key of
+        // its own making, so using its copy is said out loud.
+        let escrow =
+            match crate::fsutil::read_local_bounded(&p.escrow_client(), crate::escrow::MAX_BYTES) {
+                Ok((b, _)) => {
+                    info!("read the key escrow from {}", p.escrow_client().display());
+                    b
+                }
+                Err(local) => {
+                    warn!(
+                        "no client copy of the key escrow ({local:#}); using the server's copy. \
+                     Check what you restore: the server chose this escrow"
+                    );
+                    ssh::Remote::connect(&p.server)
+                        .and_then(|r| {
+                            let dir = p.server.path.trim_end_matches('/');
+                            r.read_file(
+                                &format!("{dir}/{}", p.escrow_server_name()),
+                                crate::escrow::MAX_BYTES,
+                            )
+                        })
+                        .map_err(|e| {
+                            anyhow::anyhow!(
+                                "no escrow: client {}: {local:#}; server: {e:#}",
+                                p.escrow_client().display()
+                            )
+                        })?
+                }
+            };
         let key = crate::escrow::open(&escrow, identity)?;
         if kf.exists() {
             let mut old = kf.clone().into_os_string();

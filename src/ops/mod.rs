@@ -122,8 +122,8 @@ pub fn record_last_run(p: &Profile, rec: &LastRun) -> LastRun {
         rec.container_allocated = rec.container_allocated.or(prev.container_allocated);
         rec.snapshot_count = rec.snapshot_count.or(prev.snapshot_count);
     }
-    let r = crate::teardown::create_private_dir(&p.state_dir()).and_then(|_| {
-        crate::teardown::write_synced(&last_run_path(p), &serde_json::to_vec_pretty(&rec)?)
+    let r = crate::fsutil::private_dir(&p.state_dir()).and_then(|_| {
+        crate::fsutil::write_atomic(&last_run_path(p), &serde_json::to_vec_pretty(&rec)?)
     });
     if let Err(e) = r {
         crate::warn!("cannot record the last run: {e:#}");

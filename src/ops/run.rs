@@ -168,7 +168,10 @@ fn work(p: &Profile, s: &mut Session<'_>, f: &mut Figures) -> Result<Exit> {
     let g = s.commit_generation(&root)?;
     crate::debug!("container generation {g}");
     f.snapshot_count = snapshots::list(&root).ok().map(|l| l.len() as u64);
-    f.container_size = std::fs::metadata(s.container_path()).ok().map(|m| m.len());
+    f.container_size = s
+        .server_dir()
+        .ok()
+        .and_then(|d| d.len(&p.container.file.0).ok().flatten());
     f.container_allocated = s
         .remote
         .as_ref()

@@ -84,15 +84,12 @@ pub fn direct_io(device: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Attach `backing` (read-write unless `read_only`). The caller pushes `DetachLoop` with the
-/// device path right after this returns; autoclear covers the instant in between.
-pub fn attach(backing: &Path, read_only: bool) -> Result<Loop> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(backing)
-        .with_context(|| format!("opening container {}", backing.display()))?;
+/// Attach the open container `file` (read-write unless `read_only`); `backing` is its path,
+/// recorded as the loop's name. The file is opened by the caller (beneath the server
+/// directory, without following links: [`crate::fsutil::ServerDir`]) and LOOP_CONFIGURE
+/// takes its descriptor, so no path is resolved here. The caller pushes `DetachLoop` with
+/// the device path right after this returns; autoclear covers the instant in between.
+pub fn attach(file: &File, backing: &Path, read_only: bool) -> Result<Loop> {
     let ctl = File::open("/dev/loop-control")
         .context("opening /dev/loop-control (is the loop module loaded?)")?;
     for _attempt in 0..20 {

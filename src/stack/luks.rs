@@ -54,7 +54,7 @@ pub fn key_from_bytes(bytes: Vec<u8>) -> Key {
 pub fn write_keyfile(path: &Path, key: &Key) -> Result<()> {
     use std::io::Write;
     if let Some(dir) = path.parent() {
-        crate::teardown::create_private_dir(dir)?;
+        crate::fsutil::secret_dir(dir)?;
     }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -83,21 +83,36 @@ impl std::fmt::Debug for Key {
 
 pub const KEYFILE_BYTES: usize = 4096;
 
-/// Read a keyfile, refusing one that others can read.
+/// Read a keyfile. Refused (exit 2, nothing touched) unless it is a regular file owned by
+/// root (this user) with no access for group or others: a keyfile someone else can read
+/// or replace is no secret. The read does not wait on a FIFO and is bounded in size.
 pub fn read_keyfile(path: &Path) -> Result<Key> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("opening keyfile {}", path.display()))?;
-    let mode = f.metadata()?.permissions().mode();
-    if mode & 0o077 != 0 {
-        return Err(crate::error::Failure::Security(format!(
-            "keyfile {} is accessible to group or others (mode {:o}); chmod 0400 it",
-            path.display(),
-            mode & 0o777
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |why: String| -> anyhow::Error {
+        crate::error::usage(format!(
+            "keyfile {}: {why}; it must be a regular file owned by root with mode 0400 or 0600",
+            path.display()
         ))
-        .into());
+    };
+    let (buf, md) = match crate::fsutil::read_local_bounded(path, 1 << 20) {
+        Ok(x) => x,
+        Err(e) => match std::fs::symlink_metadata(path) {
+            Err(io) if io.kind() == std::io::ErrorKind::NotFound => {
+                return Err(e.context(format!("opening keyfile {}", path.display())))
+            }
+            _ => return Err(refuse(format!("{e:#}"))),
+        },
+    };
+    let mode = md.permissions().mode();
+    if md.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(refuse(format!("owned by uid {}", md.uid())));
     }
-    let mut buf = Vec::with_capacity(KEYFILE_BYTES);
-    f.read_to_end(&mut buf)?;
+    if mode & 0o077 != 0 {
+        return Err(refuse(format!(
+            "accessible to group or others (mode {:04o}); chmod 0400 it",
+            mode & 0o7777
+        )));
+    }
     if buf.len() < 32 {
         bail!("keyfile {} holds only {} bytes", path.display(), buf.len());
     }
@@ -108,7 +123,7 @@ pub fn read_keyfile(path: &Path) -> Result<Key> {
 pub fn create_keyfile(path: &Path) -> Result<Key> {
     use std::io::Write;
     if let Some(dir) = path.parent() {
-        crate::teardown::create_private_dir(dir)?;
+        crate::fsutil::secret_dir(dir)?;
     }
     let mut key = Key(vec![0u8; KEYFILE_BYTES]);
     std::fs::File::open("/dev/urandom")

@@ -271,13 +271,21 @@ impl Remote {
     }
 
     /// Read a (small) file from the server over SFTP.
-    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+    /// Read a server file over SFTP, at most `max` bytes (more is an error: the server
+    /// chooses what it sends). The session's timeout bounds the wait.
+    pub fn read_file(&self, path: &str, max: u64) -> Result<Vec<u8>> {
         let sftp = self.session.sftp()?;
-        let mut f = sftp
+        let f = sftp
             .open(Path::new(path))
             .map_err(|e| anyhow!("{path} on {}: {e}", self.label))?;
         let mut buf = Vec::new();
-        f.read_to_end(&mut buf)?;
+        f.take(max + 1).read_to_end(&mut buf)?;
+        if buf.len() as u64 > max {
+            bail!(
+                "{path} on {} is larger than {max} bytes; not read",
+                self.label
+            );
+        }
         Ok(buf)
     }
 

@@ -1,0 +1,543 @@
+//! Files the tool touches, opened so that nobody else can choose what they are.
+//!
+//! Two kinds of directory are not ours alone:
+//!
+//! - **The server directory** (through sshfs). The server is an attacker: it can plant a
+//!   symlink where the container, the lock or the escrow should be (`-> /etc/shadow`,
+//!   `-> /dev/sda`), a FIFO (a read that never ends), or a device node. Debian's sshfs refuses
+//!   links that leave the mount (`contain_symlinks`), but older builds resolve them against
+//!   the CLIENT's root, and links that stay inside are followed by every build. So
+//!   [`ServerDir`] holds a descriptor of the mounted directory and opens every name beneath
+//!   it with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
+//!   RESOLVE_NO_XDEV)`, after an `fstatat(AT_SYMLINK_NOFOLLOW)` that names what was found;
+//!   the descriptor is checked again with `fstat` (a regular file, nothing else). Names are
+//!   single path components. Anything else is a [`Failure::Security`] (exit 6) that names the
+//!   server path, raised before anything is written. Reads are bounded in size.
+//! - **Local shared directories.** Our state lives only in root-owned 0700 directories
+//!   ([`private_dir`]): created with mode 0700, or, when they exist, verified by owner and
+//!   mode with `lstat` (a link is never followed); an ancestor that someone else could write
+//!   without the sticky bit is refused too. Files in them are replaced atomically
+//!   ([`write_atomic`]: temporary file, fsync, rename, fsync of the directory), so a crash
+//!   leaves the old or the new content, never an empty file.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{FileStat, Mode, SFlag};
+
+use crate::error::Failure;
+
+/// What a directory entry is, in words for a message.
+pub fn kind_word(mode: u32) -> &'static str {
+    match SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits()) {
+        SFlag::S_IFREG => "regular file",
+        SFlag::S_IFDIR => "directory",
+        SFlag::S_IFLNK => "symbolic link",
+        SFlag::S_IFIFO => "FIFO",
+        SFlag::S_IFCHR => "character device",
+        SFlag::S_IFBLK => "block device",
+        SFlag::S_IFSOCK => "socket",
+        _ => "file of unknown type",
+    }
+}
+
+fn is_regular(mode: u32) -> bool {
+    mode & SFlag::S_IFMT.bits() == SFlag::S_IFREG.bits()
+}
+
+/// A name that must be one path component (no `/`, not `.` or `..`, not empty).
+pub fn check_component(name: &str) -> Result<()> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        bail!("`{name}` is not a plain file name");
+    }
+    Ok(())
+}
+
+/// The server directory, held open: every name is resolved beneath this descriptor.
+#[derive(Debug)]
+pub struct ServerDir {
+    fd: OwnedFd,
+    /// Where it is mounted on the client (for paths handed to other programs).
+    local: PathBuf,
+    /// How a person names it on the server (`host:/path`).
+    shown: String,
+}
+
+/// Flags every open beneath the server directory uses.
+fn beneath() -> ResolveFlag {
+    ResolveFlag::RESOLVE_BENEATH
+        | ResolveFlag::RESOLVE_NO_SYMLINKS
+        | ResolveFlag::RESOLVE_NO_MAGICLINKS
+        | ResolveFlag::RESOLVE_NO_XDEV
+}
+
+impl ServerDir {
+    /// Open the mounted server directory `local`, shown in messages as `shown`.
+    pub fn open(local: &Path, shown: &str) -> Result<ServerDir> {
+        let fd = nix::fcntl::open(
+            local,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(|| {
+            format!(
+                "opening the server directory {shown} at {}",
+                local.display()
+            )
+        })?;
+        Ok(ServerDir {
+            fd,
+            local: local.to_path_buf(),
+            shown: shown.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// The client-side path of `name` (for messages and for programs that need a path).
+    pub fn local_path(&self, name: &str) -> PathBuf {
+        self.local.join(name)
+    }
+
+    /// `host:/dir/name`, as the server's administrator would look for it.
+    pub fn shown(&self, name: &str) -> String {
+        format!("{}/{name}", self.shown)
+    }
+
+    fn planted(&self, name: &str, what: &str) -> anyhow::Error {
+        Failure::Security(format!(
+            "{} on the server is a {what}, not a regular file: e2ebackup does not follow or open \
+             such entries, and nothing was written. The server (or someone with access to it) \
+             put it there; remove it on the server after finding out why",
+            self.shown(name)
+        ))
+        .into()
+    }
+
+    /// `lstat` of `name`: None when absent; an error (exit 6) when it is anything but a
+    /// regular file.
+    pub fn stat(&self, name: &str) -> Result<Option<FileStat>> {
+        check_component(name)?;
+        match nix::sys::stat::fstatat(self.fd.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) if is_regular(st.st_mode) => Ok(Some(st)),
+            Ok(st) => Err(self.planted(name, kind_word(st.st_mode))),
+            Err(nix::errno::Errno::ENOENT) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("examining {}", self.shown(name))),
+        }
+    }
+
+    /// The size of the regular file `name`, None when absent.
+    pub fn len(&self, name: &str) -> Result<Option<u64>> {
+        Ok(self.stat(name)?.map(|st| st.st_size as u64))
+    }
+
+    fn open_how(&self, name: &str, flags: OFlag, mode: u32) -> Result<File> {
+        let how = OpenHow::new()
+            .flags(flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
+            .mode(Mode::from_bits_truncate(mode))
+            .resolve(beneath());
+        let fd = match nix::fcntl::openat2(self.fd.as_fd(), name, how) {
+            Ok(fd) => fd,
+            // ELOOP: a link (RESOLVE_NO_SYMLINKS), EXDEV: a way out (RESOLVE_BENEATH).
+            Err(nix::errno::Errno::ELOOP) => return Err(self.planted(name, "symbolic link")),
+            Err(nix::errno::Errno::EXDEV) => {
+                return Err(self.planted(name, "path leading outside the directory"))
+            }
+            Err(e) => return Err(e).with_context(|| format!("opening {}", self.shown(name))),
+        };
+        let f = File::from(fd);
+        let md = f
+            .metadata()
+            .with_context(|| format!("examining {}", self.shown(name)))?;
+        if !md.file_type().is_file() {
+            return Err(self.planted(name, kind_word(md.mode())));
+        }
+        Ok(f)
+    }
+
+    /// Open the existing regular file `name` (read-write unless `read_only`).
+    pub fn open_file(&self, name: &str, read_only: bool) -> Result<File> {
+        self.stat(name)?;
+        // O_NONBLOCK: should a FIFO appear between the check and the open, the open returns
+        // at once instead of waiting for a writer; fstat then refuses it. (It has no effect
+        // on regular files.)
+        let rw = if read_only {
+            OFlag::O_RDONLY
+        } else {
+            OFlag::O_RDWR
+        };
+        self.open_how(name, rw | OFlag::O_NONBLOCK, 0)
+    }
+
+    /// Create `name`, which must not exist (O_EXCL: never follows a planted link).
+    pub fn create_new(&self, name: &str) -> Result<File> {
+        if self.stat(name)?.is_some() {
+            bail!("{} already exists on the server", self.shown(name));
+        }
+        self.open_how(
+            name,
+            OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NONBLOCK,
+            0o600,
+        )
+    }
+
+    /// Read the regular file `name`, at most `max` bytes (more is an error); None if absent.
+    pub fn read_bounded(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>> {
+        if self.stat(name)?.is_none() {
+            return Ok(None);
+        }
+        let f = match self.open_file(name, true) {
+            Ok(f) => f,
+            Err(e) if e.downcast_ref::<nix::errno::Errno>() == Some(&nix::errno::Errno::ENOENT) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        let mut buf = Vec::new();
+        f.take(max + 1)
+            .read_to_end(&mut buf)
+            .with_context(|| format!("reading {}", self.shown(name)))?;
+        if buf.len() as u64 > max {
+            bail!(
+                "{} on the server is larger than the {max} bytes such a file can hold; not read",
+                self.shown(name)
+            );
+        }
+        Ok(Some(buf))
+    }
+
+    /// Write `data` to `name` through a temporary name and a rename, so a reader sees the
+    /// old or the new content. An existing `name` must be a regular file.
+    pub fn replace(&self, name: &str, data: &[u8]) -> Result<()> {
+        self.stat(name)?;
+        let tmp = format!(".{name}.tmp-{}", std::process::id());
+        self.remove(&tmp)?;
+        let mut f = self.create_new(&tmp)?;
+        f.write_all(data)
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("writing {}", self.shown(&tmp)))?;
+        drop(f);
+        self.rename(&tmp, name)
+    }
+
+    /// Rename `from` to `to` within the directory; `to` must be absent or a regular file
+    /// (rename replaces a link itself, never what it points to, but a planted link is a sign
+    /// worth stopping for).
+    pub fn rename(&self, from: &str, to: &str) -> Result<()> {
+        self.stat(from)?;
+        self.stat(to)?;
+        nix::fcntl::renameat(self.fd.as_fd(), from, self.fd.as_fd(), to)
+            .with_context(|| format!("renaming {} to {}", self.shown(from), self.shown(to)))
+    }
+
+    /// Hard-link `from` as `to` (fails with EEXIST when `to` exists: the atomic publish of a
+    /// lock).
+    pub fn link(&self, from: &str, to: &str) -> nix::Result<()> {
+        nix::unistd::linkat(self.fd.as_fd(), from, self.fd.as_fd(), to, AtFlags::empty())
+    }
+
+    /// Remove `name` (the entry itself, whatever it is); false when it was absent.
+    pub fn remove(&self, name: &str) -> Result<bool> {
+        check_component(name)?;
+        match nix::unistd::unlinkat(
+            self.fd.as_fd(),
+            name,
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        ) {
+            Ok(()) => Ok(true),
+            Err(nix::errno::Errno::ENOENT) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("removing {}", self.shown(name))),
+        }
+    }
+}
+
+/// Create `dir` (mode 0700, parents as needed) or verify the existing one: a real directory
+/// (not a link), owned by this user (root), with no access for group or others. Every
+/// ancestor must be owned by root or by us and not writable by others unless sticky (as
+/// /tmp and /run/lock are). A wrong owner or mode is a [`Failure::Security`] (exit 6).
+pub fn private_dir(dir: &Path) -> Result<()> {
+    checked_dir(dir, true)
+}
+
+/// A directory for a secret the administrator places (keyfile, header copy): created with
+/// mode 0700 when missing; an existing one (perhaps the administrator's own 0755
+/// /etc/e2ebackup) only has to be safe from other users, like every ancestor.
+pub fn secret_dir(dir: &Path) -> Result<()> {
+    checked_dir(dir, false)
+}
+
+fn checked_dir(dir: &Path, strict: bool) -> Result<()> {
+    let me = nix::unistd::geteuid().as_raw();
+    let mut at = PathBuf::new();
+    let comps: Vec<_> = dir.components().collect();
+    for (i, c) in comps.iter().enumerate() {
+        at.push(c);
+        let last = strict && i + 1 == comps.len();
+        let md = match std::fs::symlink_metadata(&at) {
+            Ok(md) => md,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match std::fs::DirBuilder::new().mode(0o700).create(&at) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("creating directory {}", at.display()))
+                    }
+                }
+                std::fs::symlink_metadata(&at)
+                    .with_context(|| format!("examining {}", at.display()))?
+            }
+            Err(e) => return Err(e).with_context(|| format!("examining {}", at.display())),
+        };
+        // An ancestor may be a link that root made (/var/run -> /run); follow it, but check
+        // what it leads to like any other ancestor.
+        let md = if md.file_type().is_symlink() && !last {
+            std::fs::metadata(&at).with_context(|| format!("examining {}", at.display()))?
+        } else {
+            md
+        };
+        let mode = md.permissions().mode();
+        let owner_ok = md.uid() == me || md.uid() == 0;
+        if last {
+            if !md.file_type().is_dir() || md.file_type().is_symlink() {
+                return Err(Failure::Security(format!(
+                    "{} is a {}, not a directory: e2ebackup keeps its state only in directories \
+                     it owns; someone else made it, remove it after finding out who",
+                    at.display(),
+                    kind_word(mode)
+                ))
+                .into());
+            }
+            if md.uid() != me || mode & 0o077 != 0 {
+                return Err(Failure::Security(format!(
+                    "{} is owned by uid {} with mode {:04o}: e2ebackup keeps its state only in \
+                     directories owned by uid {me} with mode 0700; fix or remove it after finding \
+                     out who made it",
+                    at.display(),
+                    md.uid(),
+                    mode & 0o7777
+                ))
+                .into());
+            }
+        } else if !md.file_type().is_dir() || !owner_ok || (mode & 0o022 != 0 && mode & 0o1000 == 0)
+        {
+            return Err(Failure::Security(format!(
+                "{} (owner uid {}, mode {:04o}) could be changed by another user, so nothing \
+                 under it can be trusted as e2ebackup's state; make it root-owned and not \
+                 group- or world-writable",
+                at.display(),
+                md.uid(),
+                mode & 0o7777
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Replace the local file `path` with `data` atomically: a temporary file in the same
+/// directory (O_EXCL, mode 0600), fsync, rename over `path`, fsync of the directory. A crash
+/// at any point leaves the old content or the new one.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} has no file name", path.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let r = (|| -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(data)
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing directory {}", dir.display()))
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+/// Open a regular local file for reading without waiting on a FIFO and with a size bound;
+/// returns the open file's metadata too, for owner and mode checks.
+pub fn read_local_bounded(path: &Path, max: u64) -> Result<(Vec<u8>, std::fs::Metadata)> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let md = f
+        .metadata()
+        .with_context(|| format!("examining {}", path.display()))?;
+    if !md.file_type().is_file() {
+        bail!(
+            "{} is a {}, not a regular file",
+            path.display(),
+            kind_word(md.mode())
+        );
+    }
+    let mut buf = Vec::new();
+    f.take(max + 1)
+        .read_to_end(&mut buf)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if buf.len() as u64 > max {
+        bail!("{} is larger than {max} bytes", path.display());
+    }
+    Ok((buf, md))
+}
+
+/// Make a server-supplied string safe to print or to pass in a hook's environment: control
+/// characters (newlines, escape sequences) are escaped and the length is bounded.
+pub fn printable(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        if out.len() >= max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() || c == '\u{7f}' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{exit_for, Exit};
+
+    fn tmp() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "e2eb-fsutil-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// The no-follow opens hold on a plain directory, without any help from sshfs: links
+    /// (absolute, `..`, inside), a FIFO and a device node are refused with exit 6 and the
+    /// name, and what they point to is untouched.
+    #[test]
+    fn server_dir_refuses_links_fifos_devices() {
+        let root = tmp();
+        let srv = root.join("srv");
+        std::fs::create_dir(&srv).unwrap();
+        let victim = root.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::fs::write(srv.join("inside-target"), b"x").unwrap();
+        std::os::unix::fs::symlink(&victim, srv.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../victim", srv.join("dotdot")).unwrap();
+        std::os::unix::fs::symlink("inside-target", srv.join("inside")).unwrap();
+        nix::unistd::mkfifo(&srv.join("fifo"), Mode::from_bits_truncate(0o600)).unwrap();
+        let d = ServerDir::open(&srv, "host:/srv").unwrap();
+        for name in ["abs", "dotdot", "inside", "fifo"] {
+            for r in [
+                d.open_file(name, false).map(|_| ()),
+                d.open_file(name, true).map(|_| ()),
+                d.read_bounded(name, 100).map(|_| ()),
+                d.replace(name, b"evil"),
+                d.len(name).map(|_| ()),
+            ] {
+                let e = r.unwrap_err();
+                assert_eq!(exit_for(&e), Exit::Security, "{name}: {e:#}");
+                assert!(
+                    format!("{e:#}").contains(&format!("host:/srv/{name}")),
+                    "{e:#}"
+                );
+            }
+            assert!(d.create_new(name).is_err());
+        }
+        // A device node: only root may make one (CI runs as root).
+        if nix::unistd::geteuid().is_root() {
+            nix::sys::stat::mknod(
+                &srv.join("dev"),
+                SFlag::S_IFCHR,
+                Mode::from_bits_truncate(0o600),
+                nix::sys::stat::makedev(1, 3),
+            )
+            .unwrap();
+            let e = d.open_file("dev", false).unwrap_err();
+            assert_eq!(exit_for(&e), Exit::Security);
+            assert!(format!("{e:#}").contains("character device"), "{e:#}");
+        }
+        assert!(d.open_file("../victim", false).is_err());
+        assert!(d.open_file("/etc/passwd", true).is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(std::fs::read(srv.join("inside-target")).unwrap(), b"x");
+        // Regular files work, and reads are bounded.
+        d.replace("ok", b"hello").unwrap();
+        assert_eq!(d.read_bounded("ok", 5).unwrap().unwrap(), b"hello");
+        assert!(d.read_bounded("ok", 4).is_err());
+        assert_eq!(d.read_bounded("absent", 4).unwrap(), None);
+        assert_eq!(d.len("ok").unwrap(), Some(5));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn private_dir_creates_and_refuses_foreign_ones() {
+        let root = tmp();
+        let d = root.join("a/b");
+        private_dir(&d).unwrap();
+        let md = std::fs::symlink_metadata(&d).unwrap();
+        assert_eq!(md.permissions().mode() & 0o777, 0o700);
+        private_dir(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(exit_for(&private_dir(&d).unwrap_err()), Exit::Security);
+        let link = root.join("link");
+        std::os::unix::fs::symlink(&d, &link).unwrap();
+        let e = private_dir(&link).unwrap_err();
+        assert_eq!(exit_for(&e), Exit::Security);
+        assert!(format!("{e:#}").contains("symbolic link"), "{e:#}");
+        let open = root.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(
+            exit_for(&private_dir(&open.join("x")).unwrap_err()),
+            Exit::Security
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn write_atomic_replaces_and_leaves_no_temp() {
+        let root = tmp();
+        let f = root.join("rec");
+        write_atomic(&f, b"1\n").unwrap();
+        write_atomic(&f, b"2\n").unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), b"2\n");
+        let names: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().collect();
+        assert_eq!(names.len(), 1);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn printable_escapes_control_characters() {
+        assert_eq!(printable("a\nb\x1b[2J", 100), "a\\nb\\u{1b}[2J");
+        assert_eq!(printable("abcdef", 3), "abc…");
+    }
+}
