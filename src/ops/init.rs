@@ -90,6 +90,9 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
         None => warn!("cannot tell the server's free space (no shell access?); continuing"),
     }
 
+    // The server directory is mounted and every name checked (a planted link is exit 6)
+    // before the first thing is created, here or there.
+    s.mount_server("init")?;
     let keyfile = &p.container.keyfile.0;
     let key = if keyfile.exists() {
         info!("using the existing keyfile {}", keyfile.display());
@@ -102,7 +105,6 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
         luks::create_keyfile(keyfile)?
     };
 
-    s.mount_server("init")?;
     let final_path = s.container_path();
     let partial_name = p.init_partial_name();
     let partial = s.server_dir()?.local_path(&partial_name);
