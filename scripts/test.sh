@@ -9,8 +9,8 @@ scripts/install-deps.sh
 T0=$(date +%s)
 echo "== build"
 cargo build --release --locked
-echo "== unit and host tests (privileged tests run one at a time)"
-cargo test --release --locked -- --test-threads=1
+echo "== unit and host tests (privileged tests are #[ignore]d unless run as root like this, one at a time)"
+cargo test --release --locked -- --test-threads=1 --include-ignored
 echo "== Debian package (vm-tests/scenarios/70-package.sh installs it)"
 scripts/build-deb.sh --no-build
 T1=$(date +%s)

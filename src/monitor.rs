@@ -58,8 +58,8 @@ impl Pinger {
     }
 
     /// Three tries, a few seconds apart: a ping lost to a passing network blip would raise a
-    /// false alarm later.
-    fn send(&self, suffix: &str, body: Option<String>) {
+    /// false alarm later. Returns whether the ping got through (a failure only warns).
+    fn send(&self, suffix: &str, body: Option<String>) -> bool {
         let url = if suffix.is_empty() {
             self.url.clone()
         } else {
@@ -77,12 +77,13 @@ impl Pinger {
             match r {
                 Ok(()) => {
                     crate::debug!("pinged {url}");
-                    return;
+                    return true;
                 }
                 Err(e) => last_err = e.to_string(),
             }
         }
         warn!("healthcheck ping {url} failed: {last_err}");
+        false
     }
 }
 
@@ -273,7 +274,12 @@ mod tests {
     fn unreachable_endpoint_only_warns() {
         // Port 9 on 127.0.0.1 (discard) is closed here: connection refused, three times.
         let p = profile("  healthcheck_url: http://127.0.0.1:9/x\n");
-        Pinger::new(&p).unwrap().start();
+        let pinger = Pinger::new(&p).unwrap();
+        assert!(
+            !pinger.send("start", None),
+            "a refused ping must report failure"
+        );
+        pinger.start(); // and the public entry point returns instead of failing the run
     }
 
     #[test]

@@ -165,9 +165,11 @@ fn mem_available() -> Option<u64> {
 /// in a container freshly mounted over the network each cold directory or inode-table block
 /// is a round trip (ext4 -> dm-crypt -> loop -> sshfs -> SSH). Parallel walkers keep several
 /// of those in flight. Best effort: errors are ignored (rsync reports what matters), and a
-/// pending signal stops the walk.
-pub fn prefetch_metadata(dir: &Path, threads: usize) {
+/// pending signal stops the walk. Returns the number of entries examined.
+pub fn prefetch_metadata(dir: &Path, threads: usize) -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Condvar, Mutex};
+    let seen = AtomicUsize::new(0);
     struct Queue {
         dirs: Vec<PathBuf>,
         busy: usize,
@@ -203,6 +205,7 @@ pub fn prefetch_metadata(dir: &Path, threads: usize) {
                 let mut found = Vec::new();
                 if let Ok(rd) = std::fs::read_dir(&next) {
                     for e in rd.flatten() {
+                        seen.fetch_add(1, Ordering::Relaxed);
                         match e.file_type() {
                             Ok(t) if t.is_dir() => found.push(e.path()),
                             // lstat: reads the inode (its block of the inode table).
@@ -217,6 +220,7 @@ pub fn prefetch_metadata(dir: &Path, threads: usize) {
             });
         }
     });
+    seen.into_inner()
 }
 
 /// Take a snapshot of the profile's sources into the mounted container at `root`.
@@ -265,7 +269,8 @@ pub fn take(profile: &Profile, root: &Path) -> Result<Taken> {
         match mem_available() {
             Some(avail) if files * PREFETCH_BYTES_PER_FILE < avail / 2 => {
                 let t = std::time::Instant::now();
-                prefetch_metadata(dir, PREFETCH_THREADS);
+                let n = prefetch_metadata(dir, PREFETCH_THREADS);
+                crate::debug!("prefetched the metadata of {n} entries");
                 crate::debug!(
                     "metadata of {} prefetched in {:.1} s",
                     dir.display(),
@@ -337,10 +342,15 @@ mod tests {
             std::fs::write(sub.join("f"), b"x").unwrap();
             std::os::unix::fs::symlink("/nonexistent", sub.join("dangling")).unwrap();
         }
+        // Per top-level entry: a{a}, b, c, f and dangling = 5 entries.
         for threads in [0, 1, 3, 32] {
-            prefetch_metadata(d.path(), threads);
+            assert_eq!(
+                prefetch_metadata(d.path(), threads),
+                12 * 5,
+                "{threads} threads"
+            );
         }
-        prefetch_metadata(&d.path().join("missing"), 4);
+        assert_eq!(prefetch_metadata(&d.path().join("missing"), 4), 0);
     }
 
     #[test]

@@ -301,10 +301,8 @@ fn status_json(path: &Path) -> serde_json::Value {
 }
 
 #[test]
+#[ignore = "needs root (sshd on 127.0.0.1, sshfs, loop devices); run as root with --include-ignored, as CI does"]
 fn host_concurrent_run_exits_4_and_touches_nothing() {
-    if common::skip_unless_root("host_concurrent_run_exits_4_and_touches_nothing") {
-        return;
-    }
     let sshd = Sshd::start();
     let (name, path, p, _state) = host_profile(&sshd, "locktest");
     let held = lock::lock_local(&name).unwrap();
@@ -353,10 +351,8 @@ fn host_concurrent_run_exits_4_and_touches_nothing() {
 }
 
 #[test]
+#[ignore = "needs root (sshd on 127.0.0.1, sshfs, loop devices); run as root with --include-ignored, as CI does"]
 fn host_run_failing_unlock_tears_everything_down() {
-    if common::skip_unless_root("host_run_failing_unlock_tears_everything_down") {
-        return;
-    }
     let sshd = Sshd::start();
     let (_name, path, p, _state) = host_profile(&sshd, "badcontainer");
     let _guard = Recover::new(&session::journal_path(&p));
@@ -397,10 +393,8 @@ fn host_run_failing_unlock_tears_everything_down() {
 }
 
 #[test]
+#[ignore = "needs root (sshd on 127.0.0.1, sshfs, loop devices); run as root with --include-ignored, as CI does"]
 fn host_cleanup_and_run_finish_an_earlier_teardown() {
-    if common::skip_unless_root("host_cleanup_and_run_finish_an_earlier_teardown") {
-        return;
-    }
     let sshd = Sshd::start();
     let (name, path, p, _state) = host_profile(&sshd, "recover");
     let journal = session::journal_path(&p);

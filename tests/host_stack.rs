@@ -248,10 +248,8 @@ fn free_blocks_used(fs: &Path) -> u64 {
 // ---------------------------------------------------------------------------------------
 
 #[test]
+#[ignore = "needs root (sshd on 127.0.0.1, sshfs, loop devices); run as root with --include-ignored, as CI does"]
 fn host_ssh_preflight() {
-    if common::skip_unless_root("host_ssh_preflight") {
-        return;
-    }
     let sshd = Sshd::start();
     let p = sshd.load_profile("preflight", &[Path::new("/etc")]);
     let r = ssh::Remote::connect(&p.server)
@@ -301,10 +299,8 @@ fn host_ssh_preflight() {
 }
 
 #[test]
+#[ignore = "needs root (sshd on 127.0.0.1, sshfs, loop devices); run as root with --include-ignored, as CI does"]
 fn host_changed_host_key_refused() {
-    if common::skip_unless_root("host_changed_host_key_refused") {
-        return;
-    }
     let sshd = Sshd::start();
     let name = common::unique_name("hostkey");
     let _state = common::real_state_paths(&name);
@@ -417,10 +413,8 @@ fn host_changed_host_key_refused() {
 /// this; the libssh2 preflight must too (it once offered ECDSA first, the type of the OTHER
 /// host's hashed line, got the server's ECDSA key and refused it as "CHANGED").
 #[test]
+#[ignore = "needs root (sshd on 127.0.0.1, sshfs, loop devices); run as root with --include-ignored, as CI does"]
 fn host_hashed_known_hosts_of_other_hosts_do_not_break_pinning() {
-    if common::skip_unless_root("host_hashed_known_hosts_of_other_hosts_do_not_break_pinning") {
-        return;
-    }
     let sshd = Sshd::start_with(&["ecdsa"]);
     let p = sshd.load_profile("hashed", &[Path::new("/etc")]);
     let other = common::keygen_type(&sshd.path("other_ecdsa"), "ecdsa", "other");
@@ -543,10 +537,8 @@ fn build_source(s: &Path) {
 }
 
 #[test]
+#[ignore = "needs root (sshd on 127.0.0.1, sshfs, loop devices); run as root with --include-ignored, as CI does"]
 fn host_sshfs_loop_ext4_snapshots() {
-    if common::skip_unless_root("host_sshfs_loop_ext4_snapshots") {
-        return;
-    }
     let sshd = Sshd::start();
     let src_dir = tempfile::tempdir().unwrap();
     let s = src_dir.path().join("src");
@@ -723,10 +715,8 @@ fn host_sshfs_loop_ext4_snapshots() {
 // ---------------------------------------------------------------------------------------
 
 #[test]
+#[ignore = "needs root (sshd on 127.0.0.1, sshfs, loop devices); run as root with --include-ignored, as CI does"]
 fn host_server_lock_over_sshfs() {
-    if common::skip_unless_root("host_server_lock_over_sshfs") {
-        return;
-    }
     let sshd = Sshd::start();
     let p = sshd.load_profile("lock", &[Path::new("/etc")]);
     let run = common::private_tempdir();
@@ -864,10 +854,8 @@ fn host_server_lock_over_sshfs() {
 /// alone without failing (it once failed with exit 1, "not an e2ebackup lock file", and its
 /// ReleaseServerLock undo with exit 5).
 #[test]
+#[ignore = "needs root (sshd on 127.0.0.1, sshfs, loop devices); run as root with --include-ignored, as CI does"]
 fn host_server_lock_second_client_sees_lock_being_written() {
-    if common::skip_unless_root("host_server_lock_second_client_sees_lock_being_written") {
-        return;
-    }
     let sshd = Sshd::start();
     let p = sshd.load_profile("twoclients", &[Path::new("/etc")]);
     let run = common::private_tempdir();
@@ -952,10 +940,8 @@ fn host_killed_run_child() {
 }
 
 #[test]
+#[ignore = "needs root (sshd on 127.0.0.1, sshfs, loop devices); run as root with --include-ignored, as CI does"]
 fn host_killed_run_journal_recovered() {
-    if common::skip_unless_root("host_killed_run_journal_recovered") {
-        return;
-    }
     let sshd = Sshd::start();
     let profile_path = sshd.profile("killed", &[Path::new("/etc")]);
     let p = Profile::load(&profile_path).unwrap();

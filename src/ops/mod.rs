@@ -38,7 +38,9 @@ pub fn fail_ref(e: &anyhow::Error) -> Exit {
     exit_for(e)
 }
 
-/// Report the work's result, then tear down; teardown failures turn any status into 5.
+/// Report the work's result, then tear down. An incomplete teardown turns the status into 5,
+/// except a security refusal: that cause stays 6 (the teardown's failures and the commands
+/// to finish it are printed either way, and the status file records both).
 pub fn finish(session: Session<'_>, result: &Result<Exit>) -> (Exit, bool) {
     if let Err(e) = result {
         print_error(e);
@@ -48,10 +50,18 @@ pub fn finish(session: Session<'_>, result: &Result<Exit>) -> (Exit, bool) {
         Ok(c) => *c,
         Err(e) => exit_for(e),
     };
-    if report.complete() {
-        (code, true)
-    } else {
-        (Exit::TeardownIncomplete, false)
+    (combine(code, report.complete()), report.complete())
+}
+
+/// The exit status for a work result `code` and whether the teardown completed.
+pub fn combine(code: Exit, teardown_complete: bool) -> Exit {
+    match (code, teardown_complete) {
+        (c, true) => c,
+        (Exit::Security, false) => {
+            crate::warn!("exit 6 (refused for security); the teardown is incomplete as well");
+            Exit::Security
+        }
+        (_, false) => Exit::TeardownIncomplete,
     }
 }
 
@@ -86,6 +96,20 @@ pub struct LastRun {
     pub container_allocated: Option<u64>,
     #[serde(default)]
     pub snapshot_count: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incomplete_teardown_keeps_a_security_refusal() {
+        assert_eq!(combine(Exit::Ok, true), Exit::Ok);
+        assert_eq!(combine(Exit::Failed, false), Exit::TeardownIncomplete);
+        assert_eq!(combine(Exit::Ok, false), Exit::TeardownIncomplete);
+        assert_eq!(combine(Exit::Security, false), Exit::Security);
+        assert_eq!(combine(Exit::Security, true), Exit::Security);
+    }
 }
 
 pub fn result_word(code: Exit) -> &'static str {

@@ -202,12 +202,9 @@ mod tests {
 
     /// The generated units pass `systemd-analyze verify` (where systemd is installed).
     #[test]
+    #[ignore = "needs /usr/bin/systemd-analyze (package systemd); CI installs it and runs --include-ignored"]
     fn host_units_pass_systemd_analyze_verify() {
         let analyze = Path::new("/usr/bin/systemd-analyze");
-        if !analyze.exists() {
-            eprintln!("skipping: no systemd-analyze here");
-            return;
-        }
         let d = tempfile::tempdir().unwrap();
         let prof = d.path().join("nightly.yaml");
         std::fs::write(

@@ -15,6 +15,7 @@ setup() {
   scenario_profile $P 256M "$SRC"
   mkdir -p "$SRC"
   id attacker >/dev/null 2>&1 || useradd -M -s /bin/sh attacker
+  chmod 1777 /run/lock   # as on Debian (the guest's init makes it 0755)
   head -c 4096 /dev/urandom > "$VICTIM"; chmod 0644 "$VICTIM"
   sha256sum "$VICTIM" > /root/lock-victim.sha256
 }
@@ -31,11 +32,12 @@ attacker_cannot_enter() {
   as_attacker "ln -s $VICTIM /run/e2ebackup/lock/$P.lock" && return 1
   return 0
 }
-status_ok() { E2E status $P; }
+# `cleanup` takes the local lock (and does nothing else here); `status` takes none.
+status_ok() { E2E status $P && E2E cleanup $P; }
 wrong_mode_refused() {
   local out rc
   chmod 0755 /run/e2ebackup/lock
-  out=$("$E2E_BIN" status $P 2>&1); rc=$?
+  out=$("$E2E_BIN" cleanup $P 2>&1); rc=$?
   chmod 0700 /run/e2ebackup/lock
   echo "$out" | tail -3; metric wrong-mode.exit $rc
   [ $rc = 6 ] && echo "$out" | grep -q "/run/e2ebackup/lock"
@@ -43,7 +45,7 @@ wrong_mode_refused() {
 wrong_owner_refused() {
   local out rc
   chown attacker /run/e2ebackup/lock
-  out=$("$E2E_BIN" status $P 2>&1); rc=$?
+  out=$("$E2E_BIN" cleanup $P 2>&1); rc=$?
   chown root /run/e2ebackup/lock
   echo "$out" | tail -3; metric wrong-owner.exit $rc
   [ $rc = 6 ] && echo "$out" | grep -q "owned by uid"
@@ -51,7 +53,7 @@ wrong_owner_refused() {
 
 check setup setup
 check plant-old-lock plant_old_lock
-check status-runs status_ok
+check status-and-cleanup-run status_ok
 check victim-intact-after-status victim_intact
 check lock-dir-private bash -c '[ "$(stat -c %a:%u /run/e2ebackup/lock)" = 700:0 ]'
 check attacker-cannot-enter attacker_cannot_enter
