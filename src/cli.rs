@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use crate::error::Exit;
 use crate::ops;
@@ -33,15 +33,30 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The profile every command but `generate-assets` acts on.
+#[derive(Debug, Args)]
+pub struct ProfileArg {
+    /// Profile name (/etc/e2ebackup/profiles/NAME.yaml) or path to a profile file
+    #[arg(value_name = "PROFILE")]
+    pub name: String,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create the encrypted container on the server (once)
-    Init { profile: String },
+    Init {
+        #[command(flatten)]
+        profile: ProfileArg,
+    },
     /// Take a snapshot now (what cron or the systemd timer runs)
-    Run { profile: String },
+    Run {
+        #[command(flatten)]
+        profile: ProfileArg,
+    },
     /// Check a profile and the local prerequisites without changing anything
     Validate {
-        profile: String,
+        #[command(flatten)]
+        profile: ProfileArg,
         /// Also connect to the server (host key, login, directory, free space)
         #[arg(long)]
         connect: bool,
@@ -51,30 +66,40 @@ pub enum Command {
     },
     /// Show what is mounted or open, the lock, and the last run
     Status {
-        profile: String,
+        #[command(flatten)]
+        profile: ProfileArg,
         /// Machine-readable output
         #[arg(long)]
         json: bool,
     },
     /// Finish the teardown of a run that was killed (also done by every command first)
-    Cleanup { profile: String },
+    Cleanup {
+        #[command(flatten)]
+        profile: ProfileArg,
+    },
     /// List complete snapshots with their size and the size unique to each
     Snapshots {
-        profile: String,
+        #[command(flatten)]
+        profile: ProfileArg,
         /// Machine-readable output
         #[arg(long)]
         json: bool,
     },
     /// Mount the container read-only and expose its snapshots at DIR for browsing
     Mount {
-        profile: String,
+        #[command(flatten)]
+        profile: ProfileArg,
         dir: std::path::PathBuf,
     },
     /// Tear down what `mount` set up
-    Umount { profile: String },
+    Umount {
+        #[command(flatten)]
+        profile: ProfileArg,
+    },
     /// Copy a snapshot (or some paths of it) to TARGET, keeping owners, modes, links, ACLs, xattrs
     Restore {
-        profile: String,
+        #[command(flatten)]
+        profile: ProfileArg,
         /// A snapshot id (see `snapshots`) or `latest`
         snapshot: String,
         /// Directory to restore into (must be empty unless --force)
@@ -88,7 +113,8 @@ pub enum Command {
     },
     /// Enlarge the container (never shrinks): SIZE is the new size (3G) or an increase (+1G)
     Grow {
-        profile: String,
+        #[command(flatten)]
+        profile: ProfileArg,
         #[arg(long, allow_hyphen_values = true)]
         size: String,
         /// Resize while mounted (default: offline, with e2fsck first)
@@ -97,7 +123,8 @@ pub enum Command {
     },
     /// Check the filesystem (e2fsck, read-only) and the snapshots' content against their manifests
     Verify {
-        profile: String,
+        #[command(flatten)]
+        profile: ProfileArg,
         /// Read only this percentage of the files, a different share each day
         #[arg(long, value_name = "PERCENT", default_value_t = 100)]
         read_data: u32,
@@ -107,7 +134,8 @@ pub enum Command {
     },
     /// Print (or --install) a systemd service and timer that run this profile
     Schedule {
-        profile: String,
+        #[command(flatten)]
+        profile: ProfileArg,
         /// systemd OnCalendar= expression
         #[arg(long, default_value = "daily")]
         on_calendar: String,
@@ -125,7 +153,8 @@ pub enum Command {
     },
     /// Write the keyfile back from the key escrow, with an offline recovery identity
     RecoverKey {
-        profile: String,
+        #[command(flatten)]
+        profile: ProfileArg,
         /// age identity file, or an unencrypted SSH private key
         #[arg(long, value_name = "FILE")]
         identity: std::path::PathBuf,
@@ -134,12 +163,19 @@ pub enum Command {
         force: bool,
     },
     /// Accept a container older than this client's record (after restoring the server on purpose)
-    AcceptRollback { profile: String },
+    AcceptRollback {
+        #[command(flatten)]
+        profile: ProfileArg,
+    },
     /// Give space freed by deleted snapshots back to the server (NBD + fstrim over SSH)
-    Trim { profile: String },
+    Trim {
+        #[command(flatten)]
+        profile: ProfileArg,
+    },
     /// Apply the profile's retention rules now; list what is kept (and why) or removed
     Prune {
-        profile: String,
+        #[command(flatten)]
+        profile: ProfileArg,
         /// Only show what would be removed
         #[arg(long)]
         dry_run: bool,
@@ -157,7 +193,8 @@ pub enum KeysAction {
     /// Test that the keyfile opens the container, the pinned header matches, and the
     /// escrows are intact (and, with --identity, that they hold this keyfile)
     Verify {
-        profile: String,
+        #[command(flatten)]
+        profile: ProfileArg,
         /// An offline recovery identity to test against the escrow
         #[arg(long, value_name = "FILE")]
         identity: Option<std::path::PathBuf>,
@@ -168,8 +205,9 @@ pub enum KeysAction {
 }
 
 impl Command {
-    fn profile(&self) -> &str {
-        match self {
+    /// The profile named on the command line (None for `generate-assets`).
+    fn profile(&self) -> Option<&str> {
+        let t = match self {
             Command::Init { profile }
             | Command::Run { profile }
             | Command::Validate { profile, .. }
@@ -189,8 +227,9 @@ impl Command {
             | Command::Keys {
                 action: KeysAction::Verify { profile, .. },
             } => profile,
-            Command::GenerateAssets { .. } => unreachable!("generate-assets takes no profile"),
-        }
+            Command::GenerateAssets { .. } => return None,
+        };
+        Some(&t.name)
     }
 }
 
@@ -211,11 +250,14 @@ pub fn main() -> ExitCode {
         return ops::fail(e).into();
     }
     if let Command::GenerateAssets { dir } = &cli.command {
-        return crate::assets::generate(dir)
+        return crate::assets::generate(dir, <Cli as clap::CommandFactory>::command())
             .map_or_else(ops::fail, |()| Exit::Ok)
             .into();
     }
-    let profile = match Profile::resolve(cli.command.profile()) {
+    let Some(name) = cli.command.profile() else {
+        return Exit::Usage.into();
+    };
+    let profile = match Profile::resolve(name) {
         Ok(p) => p,
         Err(e) => return ops::fail(e).into(),
     };
@@ -256,7 +298,7 @@ pub fn main() -> ExitCode {
         } => ops::verify::verify(&profile, *read_data, *json),
         Command::AcceptRollback { .. } => ops::restore::accept_rollback(&profile),
         Command::Prune { dry_run, json, .. } => ops::restore::prune(&profile, *dry_run, *json),
-        Command::GenerateAssets { .. } => unreachable!("handled above"),
+        Command::GenerateAssets { .. } => Exit::Usage,
     };
     code.into()
 }
@@ -269,5 +311,35 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// Man pages and completions come from this parser (src/assets.rs).
+    #[test]
+    fn writes_man_pages_and_completions() {
+        let tmp = tempfile::tempdir().unwrap();
+        crate::assets::generate(tmp.path(), Cli::command()).unwrap();
+        let read = |p: &str| std::fs::read_to_string(tmp.path().join(p)).unwrap();
+        let main = read("man/e2ebackup.1");
+        assert!(main.contains(".SH SYNOPSIS"), "{main}");
+        for sub in Cli::command()
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set())
+        {
+            let name = sub.get_name();
+            // roff escapes hyphens: `recover\-key`
+            let roff = name.replace('-', "\\-");
+            assert!(main.contains(&roff), "e2ebackup.1 does not name `{name}`");
+            assert!(!read(&format!("man/e2ebackup-{name}.1")).is_empty());
+        }
+        let kv = read("man/e2ebackup-keys-verify.1");
+        assert!(kv.contains("identity") && kv.contains(env!("CARGO_PKG_VERSION")));
+        // The hidden generator itself stays out of the pages and the completions.
+        assert!(!tmp.path().join("man/e2ebackup-generate-assets.1").exists());
+        assert!(!main.contains("generate"));
+        for (_, file) in crate::assets::COMPLETIONS {
+            let text = read(&format!("completions/{file}"));
+            assert!(text.contains("restore"), "{file}");
+            assert!(!text.contains("generate-assets"), "{file}");
+        }
     }
 }

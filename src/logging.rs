@@ -109,7 +109,7 @@ pub fn emit(min: i8, tag: &str, msg: std::fmt::Arguments<'_>) {
     if level() < min {
         return;
     }
-    crate::progress::clear_line();
+    clear_line();
     let mut err = std::io::stderr().lock();
     match sink() {
         Sink::Journal => {
@@ -143,6 +143,22 @@ macro_rules! warn {
 #[macro_export]
 macro_rules! debug {
     ($($t:tt)*) => { $crate::logging::emit(1, "  ", format_args!($($t)*)) };
+}
+
+/// Whether a live progress line is on the terminal (set by [`crate::progress`], which draws
+/// it; cleared here before a log line is printed over it).
+static LINE_SHOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Record that a live line is shown.
+pub fn line_shown() {
+    LINE_SHOWN.store(true, Ordering::Relaxed);
+}
+
+/// Erase the live line (before a log line is printed over it).
+pub fn clear_line() {
+    if LINE_SHOWN.swap(false, Ordering::Relaxed) {
+        eprint!("\r\x1b[K");
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@
 //! (rsync scans incrementally, so the total grows at first): said so on the line as "of N
 //! found".
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::logging::{self, Sink};
@@ -93,15 +92,6 @@ impl Report {
     }
 }
 
-static LINE_SHOWN: AtomicBool = AtomicBool::new(false);
-
-/// Erase the live line (before a log line is printed over it).
-pub fn clear_line() {
-    if LINE_SHOWN.swap(false, Ordering::Relaxed) {
-        eprint!("\r\x1b[K");
-    }
-}
-
 /// Shows reports as they come.
 pub struct Meter {
     live: bool,
@@ -128,7 +118,7 @@ impl Meter {
                 .is_none_or(|t| t.elapsed() >= Duration::from_millis(200))
             {
                 eprint!("\r\x1b[K  {}", r.line());
-                LINE_SHOWN.store(true, Ordering::Relaxed);
+                logging::line_shown();
                 self.last = Some(Instant::now());
             }
         } else {
@@ -148,7 +138,7 @@ impl Meter {
     }
 
     pub fn finish(self) {
-        clear_line();
+        logging::clear_line();
     }
 }
 
