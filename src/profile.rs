@@ -464,7 +464,7 @@ fn pinpoint(text: &str, msg: &str) -> String {
     located.unwrap_or_else(|| msg.to_string())
 }
 
-/// Minimum container: the 16 MiB LUKS2 header plus room for an ext4 journal and data.
+/// Minimum container: the LUKS2 header (2 MiB) plus room for an ext4 journal and data.
 pub const MIN_SIZE: u64 = 64 << 20;
 
 impl Profile {

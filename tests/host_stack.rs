@@ -562,7 +562,7 @@ fn host_sshfs_loop_ext4_snapshots() {
         loopdev::direct_io(&dev),
         "the kernel refused direct I/O for the loop device over the sshfs (FUSE) file"
     );
-    ext4::mkfs(&dev, "hosttest", 16384).unwrap_or_else(|e| panic!("mkfs: {e:#}"));
+    ext4::mkfs(&dev, "hosttest", 16384, 4 << 20).unwrap_or_else(|e| panic!("mkfs: {e:#}"));
     mount_fs(&mut stack, &dev, &fs, false);
     let m = mount::mounted_at(&fs).unwrap().expect("ext4 mounted");
     assert_eq!(
@@ -929,7 +929,7 @@ fn host_killed_run_child() {
     let file = mnt.join(&p.container.file.0);
     sparse(&file, 128 << 20);
     let l = attach(&mut stack, &file, false);
-    ext4::mkfs(&l.device, "killed", 16384).unwrap();
+    ext4::mkfs(&l.device, "killed", 16384, 4 << 20).unwrap();
     mount_fs(&mut stack, &l.device, &fs, false);
     snapshots::create_layout(&fs).unwrap();
     // Dirty data in the page cache: unmounting after the kill must still write it.

@@ -84,7 +84,8 @@ fn work(p: &Profile, s: &mut Session<'_>, spec: GrowTo, online: bool) -> Result<
     let added = target - current;
     if let Some(free) = facts.free_bytes {
         // resize2fs writes inode tables, bitmaps and descriptors for the new part.
-        let need = ext4::estimate_init_bytes(added, added / 65536).saturating_sub(16 << 20);
+        let need =
+            ext4::estimate_init_bytes(added, added / 65536).saturating_sub(luks::HEADER_BYTES);
         if added > 0 && free < need + (64 << 20) {
             anyhow::bail!(
                 "{}:{} has {} free; growing by {} writes about {}",

@@ -135,11 +135,16 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     luks::backup_header(&dev, &header_tmp)?;
     s.header_override = Some(header_tmp.clone());
     let mapper = s.unlock(&key, false, false)?;
-    info!("creating ext4 ({inodes} inodes, no lazy init)");
+    let journal = ext4::chosen_journal_bytes(p.container.size.0 - luks::HEADER_BYTES);
+    info!(
+        "creating ext4 ({inodes} inodes, {} journal, no lazy init)",
+        Size(journal)
+    );
     ext4::mkfs(
         &mapper,
         &format!("e2eb-{}", &p.name.chars().take(11).collect::<String>()),
         inodes,
+        journal,
     )?;
     let root = s.mount_fs(false)?;
     crate::snapshots::create_layout(&root)?;

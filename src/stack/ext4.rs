@@ -14,10 +14,12 @@ use anyhow::Result;
 
 use crate::cmd::Cmd;
 
-pub fn mkfs(device: &Path, label: &str, inodes: u64) -> Result<()> {
+pub fn mkfs(device: &Path, label: &str, inodes: u64, journal: u64) -> Result<()> {
     Cmd::new("mkfs.ext4")?
         .args(["-q", "-F", "-m", "0", "-I", "256", "-L", label, "-N"])
         .arg(inodes.to_string())
+        .arg("-J")
+        .arg(format!("size={}", journal >> 20))
         .args(["-E", "lazy_itable_init=0,lazy_journal_init=0"])
         .arg(device)
         .run()?;
@@ -50,10 +52,20 @@ pub fn journal_bytes(blocks: u64) -> u64 {
     jblocks * 4096
 }
 
-/// Bytes `init` writes to the server: LUKS2 header (16 MiB), inode tables, journal, and
-/// ~0.3 % of bitmaps and group descriptors (FACTS.md measured 48 MiB at 1 GiB with defaults).
+/// The journal `init` creates for a filesystem of `fs_bytes`: a thousandth of it in whole
+/// MiB, at least 4 MiB (ext4's minimum of 1024 blocks), at most mke2fs's default. Every
+/// journal byte is written at init (lazy_journal_init=0) and stays allocated on the server;
+/// mke2fs's default is 0.4-1.6 % of the size, and a backup target, which writes file data
+/// in large sequential runs, does not need that much (docs/benchmarks.md).
+pub fn chosen_journal_bytes(fs_bytes: u64) -> u64 {
+    ((fs_bytes >> 10) >> 20 << 20).clamp(4 << 20, journal_bytes(fs_bytes / 4096).max(4 << 20))
+}
+
+/// Bytes `init` writes to the server: LUKS2 header (metadata and keyslot area,
+/// [`crate::stack::luks::HEADER_BYTES`]), inode tables, journal, and ~0.3 % of bitmaps and
+/// group descriptors.
 pub fn estimate_init_bytes(size: u64, inodes: u64) -> u64 {
-    (16 << 20) + inodes * 256 + journal_bytes(size / 4096) + size / 300
+    crate::stack::luks::HEADER_BYTES + inodes * 256 + chosen_journal_bytes(size) + size / 300
 }
 
 /// Size of the ext4 filesystem on `device` in bytes (block count x block size).
@@ -100,6 +112,10 @@ mod tests {
     fn estimates_grow_with_inodes_not_only_size() {
         assert_eq!(journal_bytes((1u64 << 30) / 4096), 32 << 20);
         assert_eq!(journal_bytes((1u64 << 40) / 4096), 1 << 30);
+        assert_eq!(chosen_journal_bytes(64 << 20), 4 << 20);
+        assert_eq!(chosen_journal_bytes(1 << 30), 4 << 20);
+        assert_eq!(chosen_journal_bytes(16 << 30), 16 << 20);
+        assert_eq!(chosen_journal_bytes(1 << 40), 1 << 30);
         let small = estimate_init_bytes(16 << 30, (16u64 << 30) / 65536);
         let dflt = estimate_init_bytes(16 << 30, (16u64 << 30) / 16384);
         assert!(small < dflt);
