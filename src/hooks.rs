@@ -247,7 +247,7 @@ pub fn after_run(p: &Profile, code: Exit, ctx: &RunContext) -> Exit {
     let result = if ctx.exit == Some(code) {
         ctx.result.clone()
     } else {
-        Some(crate::ops::result_word(code).to_string())
+        Some(crate::state::result_word(code).to_string())
     };
     let ctx = RunContext {
         exit: Some(code),

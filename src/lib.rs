@@ -28,6 +28,7 @@ pub mod signals;
 pub mod snapid;
 pub mod snapshots;
 pub mod stack;
+pub mod state;
 pub mod teardown;
 
 /// Runtime state: mount points and undo journals (tmpfs: gone after a reboot, like mounts).

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::ops::LastRun;
 use crate::profile::Profile;
+use crate::state::LastRun;
 use crate::warn;
 
 /// Pings a healthchecks.io-style URL: `URL/start`, `URL` (success), `URL/fail` (failure).

@@ -327,7 +327,7 @@ fn host_concurrent_run_exits_4_and_touches_nothing() {
         p.run_dir().display()
     );
     assert!(
-        e2ebackup::ops::read_last_run(&p).is_none(),
+        e2ebackup::state::read_last_run(&p).is_none(),
         "a locked-out run must not overwrite the last run record"
     );
     // cleanup respects the lock as well.
@@ -346,7 +346,7 @@ fn host_concurrent_run_exits_4_and_touches_nothing() {
         "server touched"
     );
     assert_nothing_left(&p);
-    let last = e2ebackup::ops::read_last_run(&p).expect("last run recorded");
+    let last = e2ebackup::state::read_last_run(&p).expect("last run recorded");
     assert_eq!((last.exit_code, last.teardown_complete), (2, true));
 }
 
@@ -385,7 +385,7 @@ fn host_run_failing_unlock_tears_everything_down() {
         std::fs::read(&container).unwrap().iter().all(|b| *b == 0),
         "a failed unlock must not write to the container"
     );
-    let last = e2ebackup::ops::read_last_run(&p).expect("last run recorded");
+    let last = e2ebackup::state::read_last_run(&p).expect("last run recorded");
     assert_eq!(last.exit_code, 1);
     assert!(last.teardown_complete);
     assert!(last.error.is_some());

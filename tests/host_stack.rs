@@ -354,7 +354,7 @@ fn host_changed_host_key_refused() {
         "server directory touched"
     );
     assert!(!e2ebackup::session::journal_path(&p).exists());
-    let last = e2ebackup::ops::read_last_run(&p).expect("last run recorded");
+    let last = e2ebackup::state::read_last_run(&p).expect("last run recorded");
     assert_eq!(last.exit_code, 6);
     assert_eq!(last.result, "refused for security");
 

@@ -9,10 +9,11 @@
 use anyhow::{Context, Result};
 
 use crate::error::{usage, Exit};
-use crate::ops::{finish, LastRun};
+use crate::ops::finish;
 use crate::profile::{Profile, Size};
 use crate::session::Session;
 use crate::stack::{ext4, luks, mount};
+use crate::state::{self, LastRun};
 use crate::teardown::Undo;
 use crate::{info, warn};
 
@@ -24,14 +25,14 @@ pub fn init(p: &Profile) -> Exit {
     };
     let result = work(p, &mut s);
     let (code, complete) = finish(s, &result);
-    super::record_last_run(
+    state::record_last_run(
         p,
         &LastRun {
             command: "init".into(),
             started,
             finished: super::now(),
             exit_code: code as i32,
-            result: super::result_word(code).into(),
+            result: state::result_word(code).into(),
             error: result.as_ref().err().map(|e| format!("{e:#}")),
             snapshot: None,
             teardown_complete: complete,

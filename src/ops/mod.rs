@@ -14,7 +14,7 @@ pub mod trim;
 pub mod verify;
 
 use anyhow::Result;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::error::{exit_for, Exit};
 use crate::profile::Profile;
@@ -65,103 +65,6 @@ pub fn combine(code: Exit, teardown_complete: bool) -> Exit {
     }
 }
 
-/// What `status` shows about the last run; written to the state directory as the JSON status
-/// file `/var/lib/e2ebackup/NAME/last-run.json` (fields added later are optional, so an older
-/// file still reads).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct LastRun {
-    pub command: String,
-    pub started: String,
-    pub finished: String,
-    pub exit_code: i32,
-    pub result: String,
-    pub error: Option<String>,
-    pub snapshot: Option<String>,
-    pub teardown_complete: bool,
-    pub files_transferred: Option<u64>,
-    pub bytes_transferred: Option<u64>,
-    #[serde(default)]
-    pub finished_unix: Option<i64>,
-    #[serde(default)]
-    pub duration_seconds: Option<f64>,
-    /// When the last successful `run` finished (carried over by runs that fail).
-    #[serde(default)]
-    pub last_success: Option<String>,
-    #[serde(default)]
-    pub last_success_unix: Option<i64>,
-    /// Apparent size of the container file, and what the server allocated for it.
-    #[serde(default)]
-    pub container_size: Option<u64>,
-    #[serde(default)]
-    pub container_allocated: Option<u64>,
-    #[serde(default)]
-    pub snapshot_count: Option<u64>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn incomplete_teardown_keeps_a_security_refusal() {
-        assert_eq!(combine(Exit::Ok, true), Exit::Ok);
-        assert_eq!(combine(Exit::Failed, false), Exit::TeardownIncomplete);
-        assert_eq!(combine(Exit::Ok, false), Exit::TeardownIncomplete);
-        assert_eq!(combine(Exit::Security, false), Exit::Security);
-        assert_eq!(combine(Exit::Security, true), Exit::Security);
-    }
-}
-
-pub fn result_word(code: Exit) -> &'static str {
-    match code {
-        Exit::Ok => "success",
-        Exit::Warnings => "success with warnings",
-        Exit::Locked => "skipped: locked",
-        Exit::Interrupted => "interrupted",
-        Exit::Security => "refused for security",
-        Exit::TeardownIncomplete => "failed, teardown incomplete",
-        Exit::Usage => "invalid usage",
-        Exit::Failed => "failed",
-    }
-}
-
-pub fn last_run_path(p: &Profile) -> std::path::PathBuf {
-    p.state_dir().join("last-run.json")
-}
-
-/// Write the record; fills in the time fields and carries the last success over from the
-/// previous record unless this was a successful `run`. Returns what was written.
-pub fn record_last_run(p: &Profile, rec: &LastRun) -> LastRun {
-    let mut rec = rec.clone();
-    let now = SnapshotId::now();
-    rec.finished_unix = Some(now.unix());
-    let ok = rec.command == "run" && (rec.exit_code == 0 || rec.exit_code == 3);
-    if ok && rec.result != SKIPPED {
-        rec.last_success = Some(rec.finished.clone());
-        rec.last_success_unix = Some(now.unix());
-    } else if let Some(prev) = read_last_run(p) {
-        rec.last_success = prev.last_success;
-        rec.last_success_unix = prev.last_success_unix;
-        rec.container_size = rec.container_size.or(prev.container_size);
-        rec.container_allocated = rec.container_allocated.or(prev.container_allocated);
-        rec.snapshot_count = rec.snapshot_count.or(prev.snapshot_count);
-    }
-    let r = crate::fsutil::private_dir(&p.state_dir()).and_then(|_| {
-        crate::fsutil::write_atomic(&last_run_path(p), &serde_json::to_vec_pretty(&rec)?)
-    });
-    if let Err(e) = r {
-        crate::warn!("cannot record the last run: {e:#}");
-    }
-    rec
-}
-
-/// `result` of a run skipped by a `before` hook exiting 75.
-pub const SKIPPED: &str = "skipped: target unavailable";
-
-pub fn read_last_run(p: &Profile) -> Option<LastRun> {
-    serde_json::from_slice(&std::fs::read(last_run_path(p)).ok()?).ok()
-}
-
 /// What `validate`, `verify` and `keys verify` print with `--json`: the verdict and every
 /// problem found (the human output prints the same problems on stderr).
 #[derive(Debug, Default, Serialize)]
@@ -209,4 +112,18 @@ impl CheckReport {
 
 pub fn now() -> String {
     SnapshotId::now().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incomplete_teardown_keeps_a_security_refusal() {
+        assert_eq!(combine(Exit::Ok, true), Exit::Ok);
+        assert_eq!(combine(Exit::Failed, false), Exit::TeardownIncomplete);
+        assert_eq!(combine(Exit::Ok, false), Exit::TeardownIncomplete);
+        assert_eq!(combine(Exit::Security, false), Exit::Security);
+        assert_eq!(combine(Exit::Security, true), Exit::Security);
+    }
 }

@@ -3,10 +3,11 @@
 use anyhow::Result;
 
 use crate::error::{exit_for, Exit};
-use crate::ops::{finish, LastRun};
+use crate::ops::finish;
 use crate::profile::Profile;
 use crate::session::Session;
 use crate::snapshots::{self, Taken};
+use crate::state::{self, LastRun};
 use crate::{hooks, info, monitor, retention, warn};
 
 pub fn run(p: &Profile) -> Exit {
@@ -100,9 +101,9 @@ fn conclude(
     let t = o.figures.taken.as_ref();
     let snapshot = t.map(|t| t.id.clone());
     let result = if o.skipped {
-        super::SKIPPED
+        state::SKIPPED
     } else {
-        super::result_word(o.code)
+        state::result_word(o.code)
     };
     let ctx = hooks::RunContext {
         snapshot: snapshot.clone(),
@@ -119,11 +120,11 @@ fn conclude(
         hooks::after_run(p, o.code, &ctx)
     };
     let result = if code != o.code {
-        super::result_word(code)
+        state::result_word(code)
     } else {
         result
     };
-    let rec = super::record_last_run(
+    let rec = state::record_last_run(
         p,
         &LastRun {
             command: "run".into(),

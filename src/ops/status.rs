@@ -18,7 +18,7 @@ pub struct Status {
     pub filesystem_mounted: bool,
     pub pending_teardown: Vec<String>,
     pub mounted_by_mount_command: bool,
-    pub last_run: Option<super::LastRun>,
+    pub last_run: Option<crate::state::LastRun>,
     /// Set when the last success is older than `monitoring.expected_interval`.
     pub stale: Option<String>,
 }
@@ -33,7 +33,7 @@ pub fn gather(p: &Profile) -> Status {
         })
         .filter(|pid| lock::pid_start(*pid).is_some() && holder_has_lock(p));
     let journal = Journal::read(&session::journal_path(p)).ok().flatten();
-    let last = super::read_last_run(p);
+    let last = crate::state::read_last_run(p);
     Status {
         profile: p.name.clone(),
         lock_holder_pid: holder,
