@@ -89,15 +89,11 @@ pub fn read_verified(root: &Path, key: &Key) -> Result<Option<State>> {
     Ok(Some(st))
 }
 
-pub fn client_record(p: &Profile) -> std::path::PathBuf {
-    p.state_dir().join("generation")
-}
-
 /// The last generation this client committed, if any.
 pub fn client_generation(p: &Profile) -> Result<Option<u64>> {
-    match std::fs::read_to_string(client_record(p)) {
+    match std::fs::read_to_string(p.generation_record()) {
         Ok(s) => Ok(Some(s.trim().parse().with_context(|| {
-            format!("{} is not a number", client_record(p).display())
+            format!("{} is not a number", p.generation_record().display())
         })?)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.into()),
@@ -106,7 +102,7 @@ pub fn client_generation(p: &Profile) -> Result<Option<u64>> {
 
 pub fn set_client_generation(p: &Profile, generation: u64) -> Result<()> {
     crate::fsutil::private_dir(&p.state_dir())?;
-    crate::fsutil::write_atomic(&client_record(p), format!("{generation}\n").as_bytes())
+    crate::fsutil::write_atomic(&p.generation_record(), format!("{generation}\n").as_bytes())
 }
 
 /// The decision, separated from I/O so it is tested on its own.

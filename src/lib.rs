@@ -16,6 +16,7 @@ pub mod escrow;
 pub mod fsutil;
 pub mod generation;
 pub mod hooks;
+pub mod layout;
 pub mod logging;
 pub mod manifest;
 pub mod monitor;
@@ -30,8 +31,3 @@ pub mod snapshots;
 pub mod stack;
 pub mod state;
 pub mod teardown;
-
-/// Runtime state: mount points and undo journals (tmpfs: gone after a reboot, like mounts).
-pub const RUN_DIR: &str = "/run/e2ebackup";
-/// Persistent state: last run record.
-pub const STATE_DIR: &str = "/var/lib/e2ebackup";

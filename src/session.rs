@@ -42,22 +42,10 @@ pub struct Session<'p> {
     pub accept_any_generation: bool,
 }
 
-pub fn journal_path(p: &Profile) -> PathBuf {
-    p.run_dir().join("undo.json")
-}
-
-pub fn sshfs_dir(p: &Profile) -> PathBuf {
-    p.run_dir().join("server")
-}
-
-pub fn fs_dir(p: &Profile) -> PathBuf {
-    p.run_dir().join("fs")
-}
-
 /// Finish the teardown recorded by an earlier process, if any. With `include_persistent`
 /// also a `mount` session's (that is what `umount` and `cleanup` do).
 pub fn recover(p: &Profile, include_persistent: bool) -> Result<Option<Report>> {
-    let path = journal_path(p);
+    let path = p.journal_path();
     let Some(j) = Journal::read(&path)? else {
         return Ok(None);
     };
@@ -84,7 +72,7 @@ impl<'p> Session<'p> {
                 bail!("could not finish the teardown of an earlier run; fix the cause above, then run `e2ebackup cleanup {}`", profile.name);
             }
         }
-        let stack = Stack::persistent(journal_path(profile), command)?;
+        let stack = Stack::persistent(profile.journal_path(), command)?;
         Ok(Session {
             profile,
             stack,
@@ -129,7 +117,7 @@ impl<'p> Session<'p> {
     pub fn mount_server(&mut self, command: &str) -> Result<()> {
         signals::check()?;
         let p = self.profile;
-        let target = sshfs_dir(p);
+        let target = p.sshfs_dir();
         self.stack.push(Undo::UnmountSshfs {
             target: target.clone(),
         })?;
@@ -142,7 +130,7 @@ impl<'p> Session<'p> {
         for name in p.server_names() {
             dir.stat(&name)?;
         }
-        let lock_name = lock::server_lock_name(&p.container.file.0);
+        let lock_name = p.server_lock_name();
         let me = lock::ServerLock::mine(command);
         self.stack.push(Undo::ReleaseServerLock {
             path: dir.local_path(&lock_name),
@@ -163,7 +151,9 @@ impl<'p> Session<'p> {
     /// The container file as seen through sshfs (for messages and records; open it with
     /// [`Session::server_dir`]).
     pub fn container_path(&self) -> PathBuf {
-        sshfs_dir(self.profile).join(&self.profile.container.file.0)
+        self.profile
+            .sshfs_dir()
+            .join(&self.profile.container.file.0)
     }
 
     /// Attach a loop device (direct I/O) over the server file `name`, opened beneath the
@@ -229,7 +219,7 @@ impl<'p> Session<'p> {
                      if you trust the server's header, re-pin it with `cryptsetup luksHeaderBackup` \
                      (docs/disaster-recovery.md)",
                     h.display(),
-                    crate::generation::client_record(self.profile).display()
+                    self.profile.generation_record().display()
                 ))
                 .into());
             }
@@ -252,7 +242,7 @@ impl<'p> Session<'p> {
     pub fn mount_fs(&mut self, read_only: bool) -> Result<PathBuf> {
         signals::check()?;
         let dev = self.mapper.clone().expect("unlock first");
-        let target = fs_dir(self.profile);
+        let target = self.profile.fs_dir();
         std::fs::create_dir_all(&target)?;
         self.stack.push(Undo::Unmount {
             target: target.clone(),

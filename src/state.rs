@@ -55,10 +55,6 @@ pub fn result_word(code: Exit) -> &'static str {
     }
 }
 
-pub fn last_run_path(p: &Profile) -> std::path::PathBuf {
-    p.state_dir().join("last-run.json")
-}
-
 /// Write the record; fills in the time fields and carries the last success over from the
 /// previous record unless this was a successful `run`. Returns what was written.
 pub fn record_last_run(p: &Profile, rec: &LastRun) -> LastRun {
@@ -77,7 +73,7 @@ pub fn record_last_run(p: &Profile, rec: &LastRun) -> LastRun {
         rec.snapshot_count = rec.snapshot_count.or(prev.snapshot_count);
     }
     let r = crate::fsutil::private_dir(&p.state_dir()).and_then(|_| {
-        crate::fsutil::write_atomic(&last_run_path(p), &serde_json::to_vec_pretty(&rec)?)
+        crate::fsutil::write_atomic(&p.last_run_path(), &serde_json::to_vec_pretty(&rec)?)
     });
     if let Err(e) = r {
         crate::warn!("cannot record the last run: {e:#}");
@@ -89,5 +85,5 @@ pub fn record_last_run(p: &Profile, rec: &LastRun) -> LastRun {
 pub const SKIPPED: &str = "skipped: target unavailable";
 
 pub fn read_last_run(p: &Profile) -> Option<LastRun> {
-    serde_json::from_slice(&std::fs::read(last_run_path(p)).ok()?).ok()
+    serde_json::from_slice(&std::fs::read(p.last_run_path()).ok()?).ok()
 }

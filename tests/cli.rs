@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use clap::CommandFactory;
 use common::{bin, show, Recover, Sshd};
 use e2ebackup::profile::Profile;
-use e2ebackup::session;
 use e2ebackup::stack::{self, lock, loopdev, mount, sshfs};
 use e2ebackup::teardown::{Journal, Stack, Undo};
 
@@ -185,9 +184,9 @@ fn status_json_parses_and_touches_nothing() {
     let d = tempfile::tempdir().unwrap();
     let name = common::unique_name("statustest");
     let p = write_profile(d.path(), &name, PROFILE);
-    let lock_file = lock::local_lock_path(&name);
-    let run_dir = Path::new(e2ebackup::RUN_DIR).join(&name);
-    let state_dir = Path::new(e2ebackup::STATE_DIR).join(&name);
+    let lock_file = e2ebackup::layout::local_lock_path(&name);
+    let run_dir = Path::new(e2ebackup::layout::RUN_DIR).join(&name);
+    let state_dir = Path::new(e2ebackup::layout::STATE_DIR).join(&name);
     let out = bin().args(["status", "--json"]).arg(&p).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
@@ -279,7 +278,7 @@ fn server_entries(sshd: &Sshd) -> Vec<String> {
 
 /// Nothing of the profile's stack is left on this host.
 fn assert_nothing_left(p: &Profile) {
-    let (srv, fs) = (session::sshfs_dir(p), session::fs_dir(p));
+    let (srv, fs) = (p.sshfs_dir(), p.fs_dir());
     assert_eq!(mount::mounted_at(&srv).unwrap(), None, "sshfs left mounted");
     assert_eq!(mount::mounted_at(&fs).unwrap(), None, "ext4 left mounted");
     assert_eq!(sshfs::sshfs_process_for(&srv), None, "sshfs process left");
@@ -288,10 +287,7 @@ fn assert_nothing_left(p: &Profile) {
         Vec::<PathBuf>::new(),
         "loop device left attached"
     );
-    assert!(
-        !session::journal_path(p).exists(),
-        "undo journal left behind"
-    );
+    assert!(!p.journal_path().exists(), "undo journal left behind");
 }
 
 fn status_json(path: &Path) -> serde_json::Value {
@@ -355,7 +351,7 @@ fn host_concurrent_run_exits_4_and_touches_nothing() {
 fn host_run_failing_unlock_tears_everything_down() {
     let sshd = Sshd::start();
     let (_name, path, p, _state) = host_profile(&sshd, "badcontainer");
-    let _guard = Recover::new(&session::journal_path(&p));
+    let _guard = Recover::new(&p.journal_path());
     // A container file that is not LUKS: the run gets through ssh, sshfs, the server lock
     // and the loop device, then fails to unlock and must undo all of it.
     let container = sshd.server_dir().join(&p.container.file.0);
@@ -397,9 +393,9 @@ fn host_run_failing_unlock_tears_everything_down() {
 fn host_cleanup_and_run_finish_an_earlier_teardown() {
     let sshd = Sshd::start();
     let (name, path, p, _state) = host_profile(&sshd, "recover");
-    let journal = session::journal_path(&p);
+    let journal = p.journal_path();
     let _guard = Recover::new(&journal);
-    let srv = session::sshfs_dir(&p);
+    let srv = p.sshfs_dir();
 
     // What a process leaves behind when it dies holding the server directory and its lock.
     let leave_behind = |persistent: bool| {
@@ -410,7 +406,7 @@ fn host_cleanup_and_run_finish_an_earlier_teardown() {
         .unwrap();
         sshfs::mount(&p.server, &srv).unwrap_or_else(|e| panic!("{e:#}"));
         let sd = e2ebackup::fsutil::ServerDir::open(&srv, "server").unwrap();
-        let lock_name = lock::server_lock_name(&p.container.file.0);
+        let lock_name = p.server_lock_name();
         let lock_path = sd.local_path(&lock_name);
         let mut me = lock::ServerLock::mine("run");
         me.pid_start += 1; // as if held by a process that is gone
@@ -493,9 +489,7 @@ fn host_cleanup_and_run_finish_an_earlier_teardown() {
             device: "/dev/loop250".into(),
             backing: srv.join(&p.container.file.0),
         },
-        Undo::Unmount {
-            target: session::fs_dir(&p),
-        },
+        Undo::Unmount { target: p.fs_dir() },
     ] {
         s.push(u).unwrap();
     }

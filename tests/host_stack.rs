@@ -353,7 +353,7 @@ fn host_changed_host_key_refused() {
         0,
         "server directory touched"
     );
-    assert!(!e2ebackup::session::journal_path(&p).exists());
+    assert!(!p.journal_path().exists());
     let last = e2ebackup::state::read_last_run(&p).expect("last run recorded");
     assert_eq!(last.exit_code, 6);
     assert_eq!(last.result, "refused for security");
@@ -726,7 +726,7 @@ fn host_server_lock_over_sshfs() {
     let mut stack = Stack::persistent(journal.clone(), "test").unwrap();
     mount_server(&mut stack, &p, &mnt);
 
-    let n = lock::server_lock_name(&p.container.file.0);
+    let n = p.server_lock_name();
     let sd = ServerDir::open(&mnt, "server").unwrap();
     let path = sd.local_path(&n);
     let on_server = sshd.server_dir().join(&n);
@@ -865,7 +865,7 @@ fn host_server_lock_second_client_sees_lock_being_written() {
     let mut stack = Stack::persistent(journal.clone(), "test").unwrap();
     mount_server(&mut stack, &p, &ma);
     mount_server(&mut stack, &p, &mb);
-    let n = lock::server_lock_name(&p.container.file.0);
+    let n = p.server_lock_name();
     let (da, db) = (
         ServerDir::open(&ma, "a").unwrap(),
         ServerDir::open(&mb, "b").unwrap(),

@@ -5,7 +5,6 @@ use serde::Serialize;
 
 use crate::error::Exit;
 use crate::profile::Profile;
-use crate::session;
 use crate::stack::{lock, luks, mount};
 use crate::teardown::Journal;
 
@@ -24,7 +23,7 @@ pub struct Status {
 }
 
 pub fn gather(p: &Profile) -> Status {
-    let holder = std::fs::read_to_string(lock::local_lock_path(&p.name))
+    let holder = std::fs::read_to_string(crate::layout::local_lock_path(&p.name))
         .ok()
         .and_then(|s| {
             s.trim()
@@ -32,20 +31,14 @@ pub fn gather(p: &Profile) -> Status {
                 .and_then(|x| x.parse::<u32>().ok())
         })
         .filter(|pid| lock::pid_start(*pid).is_some() && holder_has_lock(p));
-    let journal = Journal::read(&session::journal_path(p)).ok().flatten();
+    let journal = Journal::read(&p.journal_path()).ok().flatten();
     let last = crate::state::read_last_run(p);
     Status {
         profile: p.name.clone(),
         lock_holder_pid: holder,
-        sshfs_mounted: mount::mounted_at(&session::sshfs_dir(p))
-            .ok()
-            .flatten()
-            .is_some(),
+        sshfs_mounted: mount::mounted_at(&p.sshfs_dir()).ok().flatten().is_some(),
         luks_open: luks::is_active(&p.mapping_name()),
-        filesystem_mounted: mount::mounted_at(&session::fs_dir(p))
-            .ok()
-            .flatten()
-            .is_some(),
+        filesystem_mounted: mount::mounted_at(&p.fs_dir()).ok().flatten().is_some(),
         pending_teardown: journal
             .as_ref()
             .map(|j| j.records.iter().rev().map(|r| r.to_string()).collect())
@@ -60,7 +53,7 @@ pub fn gather(p: &Profile) -> Status {
 /// with a lock of our own: a probe, however short, could make a starting `run` exit 4.
 fn holder_has_lock(p: &Profile) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(lock::local_lock_path(&p.name)) else {
+    let Ok(meta) = std::fs::metadata(crate::layout::local_lock_path(&p.name)) else {
         return false;
     };
     let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();

@@ -34,18 +34,10 @@ pub struct LocalLock {
     pub path: PathBuf,
 }
 
-pub fn local_lock_dir() -> PathBuf {
-    Path::new(crate::RUN_DIR).join("lock")
-}
-
-pub fn local_lock_path(profile: &str) -> PathBuf {
-    local_lock_dir().join(format!("{profile}.lock"))
-}
-
 /// Take the local lock without waiting; Locked (exit 4) if another process holds it.
 pub fn lock_local(profile: &str) -> Result<LocalLock> {
-    crate::fsutil::private_dir(&local_lock_dir())?;
-    let path = local_lock_path(profile);
+    crate::fsutil::private_dir(&crate::layout::local_lock_dir())?;
+    let path = crate::layout::local_lock_path(profile);
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -181,11 +173,6 @@ impl ServerLock {
             crate::snapid::SnapshotId::from_unix(self.since)
         )
     }
-}
-
-/// Name of the server lock next to the container.
-pub fn server_lock_name(container: &str) -> String {
-    format!("{container}.lock")
 }
 
 /// A server lock is a small JSON file; anything larger is not one of ours.
@@ -366,6 +353,6 @@ mod tests {
         assert_eq!(crate::error::exit_for(&e), crate::error::Exit::Locked);
         drop(a);
         let _b = lock_local(&name).unwrap();
-        let _ = std::fs::remove_file(local_lock_path(&name));
+        let _ = std::fs::remove_file(crate::layout::local_lock_path(&name));
     }
 }

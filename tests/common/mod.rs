@@ -312,9 +312,9 @@ impl Drop for RemoveOnDrop {
 /// The real per-profile paths a command may create for `name` (removed by the guard).
 pub fn real_state_paths(name: &str) -> RemoveOnDrop {
     RemoveOnDrop(vec![
-        Path::new(e2ebackup::RUN_DIR).join(name),
-        Path::new(e2ebackup::STATE_DIR).join(name),
-        e2ebackup::stack::lock::local_lock_path(name),
+        Path::new(e2ebackup::layout::RUN_DIR).join(name),
+        Path::new(e2ebackup::layout::STATE_DIR).join(name),
+        e2ebackup::layout::local_lock_path(name),
     ])
 }
 

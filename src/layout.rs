@@ -1,0 +1,132 @@
+//! Every name and path the tool derives, in one place: directories on the client, mount
+//! points, the device-mapper name, the journal, lock and state files, and the names next to
+//! the container on the server. Everything else asks here (like stratisd's `names.rs`), so
+//! that a change of layout, or a security fix to how a name is formed, is made once.
+//!
+//! ```text
+//!   /run/e2ebackup/                  RUN_DIR (tmpfs: gone after a reboot, like mounts)
+//!     lock/NAME.lock                 local flock (root, 0700: not the shared /run/lock)
+//!     NAME/undo.json                 undo journal
+//!     NAME/server/                   sshfs mount of server.path
+//!     NAME/fs/                       the container's ext4
+//!   /var/lib/e2ebackup/NAME/         STATE_DIR: generation, last-run.json
+//!   <keyfile>.header, <keyfile>.escrow.age      pinned header, client escrow copy
+//!   server.path/<file>, <file>.lock, <file>.escrow.age, <file>.init-partial
+//!   /dev/mapper/e2ebackup-NAME
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use crate::profile::Profile;
+
+/// Runtime state: mount points, undo journals and local locks.
+pub const RUN_DIR: &str = "/run/e2ebackup";
+/// Persistent state: generation record, last run.
+pub const STATE_DIR: &str = "/var/lib/e2ebackup";
+
+/// The root-owned 0700 directory of the local locks.
+pub fn local_lock_dir() -> PathBuf {
+    Path::new(RUN_DIR).join("lock")
+}
+
+/// The local lock of profile `name`.
+pub fn local_lock_path(name: &str) -> PathBuf {
+    local_lock_dir().join(format!("{name}.lock"))
+}
+
+impl Profile {
+    pub fn header_backup(&self) -> PathBuf {
+        match &self.container.header_backup {
+            Some(p) => p.0.clone(),
+            None => {
+                let mut s = self.container.keyfile.0.clone().into_os_string();
+                s.push(".header");
+                PathBuf::from(s)
+            }
+        }
+    }
+
+    /// The client's copy of the key escrow.
+    pub fn escrow_client(&self) -> PathBuf {
+        let mut s = self.container.keyfile.0.clone().into_os_string();
+        s.push(".escrow.age");
+        PathBuf::from(s)
+    }
+
+    /// The escrow's file name next to the container on the server.
+    pub fn escrow_server_name(&self) -> String {
+        format!("{}.escrow.age", self.container.file.0)
+    }
+
+    /// Name of an unfinished `init`'s container on the server.
+    pub fn init_partial_name(&self) -> String {
+        format!("{}.init-partial", self.container.file.0)
+    }
+
+    /// Every name the tool reads or writes in the server directory: each must be absent or
+    /// a regular file.
+    pub fn server_names(&self) -> Vec<String> {
+        let c = &self.container.file.0;
+        vec![
+            c.clone(),
+            self.init_partial_name(),
+            self.escrow_server_name(),
+            self.server_lock_name(),
+        ]
+    }
+
+    /// Device-mapper name of the opened container.
+    pub fn mapping_name(&self) -> String {
+        format!("e2ebackup-{}", self.name)
+    }
+
+    /// Per-profile runtime directory (mount points, undo journal): gone after a reboot,
+    /// exactly like the mounts it describes.
+    pub fn run_dir(&self) -> PathBuf {
+        Path::new(RUN_DIR).join(&self.name)
+    }
+
+    /// Persistent per-profile state (last run, committed generation).
+    pub fn state_dir(&self) -> PathBuf {
+        Path::new(STATE_DIR).join(&self.name)
+    }
+
+    /// The container path as seen on the server.
+    pub fn remote_container(&self) -> String {
+        format!(
+            "{}/{}",
+            self.server.path.trim_end_matches('/'),
+            self.container.file.0
+        )
+    }
+
+    /// The undo journal of this profile's commands.
+    pub fn journal_path(&self) -> PathBuf {
+        self.run_dir().join("undo.json")
+    }
+
+    /// Where the server directory is mounted with sshfs.
+    pub fn sshfs_dir(&self) -> PathBuf {
+        self.run_dir().join("server")
+    }
+
+    /// Where the container's ext4 is mounted.
+    pub fn fs_dir(&self) -> PathBuf {
+        self.run_dir().join("fs")
+    }
+
+    /// The last generation this client committed.
+    pub fn generation_record(&self) -> PathBuf {
+        self.state_dir().join("generation")
+    }
+
+    /// The status file of the last command.
+    pub fn last_run_path(&self) -> PathBuf {
+        self.state_dir().join("last-run.json")
+    }
+
+    /// Name of the server lock next to the container.
+    pub fn server_lock_name(&self) -> String {
+        format!("{}.lock", self.container.file.0)
+    }
+}
