@@ -28,6 +28,7 @@ pub mod snapid;
 pub mod snapshots;
 pub mod stack;
 pub mod teardown;
+pub mod watchdog;
 
 /// Runtime state: mount points and undo journals (tmpfs: gone after a reboot, like mounts).
 pub const RUN_DIR: &str = "/run/e2ebackup";

@@ -36,6 +36,9 @@ pub struct Session<'p> {
     pub generation: Option<u64>,
     /// `accept-rollback` only: skip the comparison with the client's record.
     pub accept_any_generation: bool,
+    /// Watches the sshfs connection for a hung server (see [`crate::watchdog`]), from the
+    /// sshfs mount until the teardown is done.
+    watchdog: Option<crate::watchdog::Watchdog>,
 }
 
 pub fn journal_path(p: &Profile) -> PathBuf {
@@ -81,6 +84,15 @@ impl<'p> Session<'p> {
             }
         }
         let stack = Stack::persistent(journal_path(profile), command)?;
+        let limit = profile.server.run_timeout;
+        signals::set_deadline(
+            std::time::Instant::now() + limit.std(),
+            format!(
+                "`{command}` did not finish within server.run_timeout ({limit}); stopped it. \
+                 Raise server.run_timeout in {} if it needs longer (a first backup of much data)",
+                profile.source_file.display()
+            ),
+        );
         Ok(Session {
             profile,
             stack,
@@ -94,6 +106,7 @@ impl<'p> Session<'p> {
             key: None,
             generation: None,
             accept_any_generation: false,
+            watchdog: None,
         })
     }
 
@@ -130,6 +143,12 @@ impl<'p> Session<'p> {
         })?;
         info!("mounting {}:{} with sshfs", p.server.host, p.server.path);
         sshfs::mount(&p.server, &target)?;
+        self.watchdog = Some(crate::watchdog::Watchdog::start(
+            &p.server.host,
+            &target,
+            &self.container_path(),
+            p.server.stall_limit(),
+        ));
         signals::check()?;
         let lock_path = lock::server_lock_path(&target, &p.container.file.0);
         let me = lock::ServerLock::mine(command);
@@ -280,6 +299,11 @@ impl<'p> Session<'p> {
         self.loopdev = None;
         self.remote = None;
         let r = self.stack.unwind(&mut stack::Real);
+        // Only now: a hung server can hang the teardown's own I/O too.
+        if let Some(w) = self.watchdog.take() {
+            w.stop();
+        }
+        signals::disarm();
         r.print();
         r
     }
