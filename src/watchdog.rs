@@ -152,9 +152,11 @@ impl Probe {
     }
 
     /// Fail every pending and later request of the connection: write its fusectl `abort`,
-    /// then kill sshfs and the ssh under it (a killed sshfs aborts the connection too, when
-    /// its /dev/fuse descriptor closes, and its ssh would otherwise wait on the hung server
-    /// for ever). Returns what was done, for the log.
+    /// then kill sshfs (a killed sshfs aborts the connection too, when its /dev/fuse
+    /// descriptor closes, so this also works without fusectl) and any ssh still its child.
+    /// sshfs 3.x daemonizes after starting ssh, so its ssh is usually reparented instead; it
+    /// exits by itself once sshfs's end of the pipe is closed (measured in the test VM: no
+    /// ssh left after the abort). Returns what was done, for the log.
     pub fn abort(&self) -> Vec<String> {
         let mut done = Vec::new();
         if let Some(c) = &self.connection {
