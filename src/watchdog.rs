@@ -427,7 +427,10 @@ mod tests {
         let samples: Vec<Sample> = (0..6).map(|i| s(1 + i, 1, 7)).collect();
         let v = run(3, &samples);
         let sec = Duration::from_secs;
-        assert_eq!(v[1..3], [Verdict::Waiting(sec(1)), Verdict::Waiting(sec(2))]);
+        assert_eq!(
+            v[1..3],
+            [Verdict::Waiting(sec(1)), Verdict::Waiting(sec(2))]
+        );
         assert_eq!(v[3], Verdict::Stalled(sec(3)));
     }
 
@@ -467,14 +470,24 @@ mod tests {
         let sec = Duration::from_secs;
         assert_eq!(
             v,
-            [Progress, Waiting(sec(1)), Idle, Progress, Waiting(sec(1)), Stalled(sec(2))]
+            [
+                Progress,
+                Waiting(sec(1)),
+                Idle,
+                Progress,
+                Waiting(sec(1)),
+                Stalled(sec(2))
+            ]
         );
     }
 
     #[test]
     fn fewer_pending_requests_count_as_progress() {
         // Requests outside the loop device (no completion counter) being answered.
-        let v = run(2, &[s(5, 0, 0), s(4, 0, 0), s(3, 0, 0), s(3, 0, 0), s(3, 0, 0)]);
+        let v = run(
+            2,
+            &[s(5, 0, 0), s(4, 0, 0), s(3, 0, 0), s(3, 0, 0), s(3, 0, 0)],
+        );
         use Verdict::*;
         assert_eq!(v[..3], [Progress, Progress, Progress]);
         assert_eq!(v[4], Stalled(Duration::from_secs(2)));

@@ -153,7 +153,11 @@ fn host_watchdog_aborts_a_hung_sftp_server() {
     drop(l);
     let r = stack.unwind(&mut e2ebackup::stack::Real);
     assert!(r.complete(), "teardown after the abort: {:?}", r.failed);
-    assert_eq!(mount::mounted_at(&mnt).unwrap(), None, "sshfs still mounted");
+    assert_eq!(
+        mount::mounted_at(&mnt).unwrap(),
+        None,
+        "sshfs still mounted"
+    );
     assert_eq!(loopdev::backing_file(&dev), None, "loop device attached");
     assert_eq!(sshfs::sshfs_process_for(&mnt), None, "sshfs still running");
 }
