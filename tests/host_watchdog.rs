@@ -161,3 +161,33 @@ fn host_watchdog_aborts_a_hung_sftp_server() {
     assert_eq!(loopdev::backing_file(&dev), None, "loop device attached");
     assert_eq!(sshfs::sshfs_process_for(&mnt), None, "sshfs still running");
 }
+
+/// `server.run_timeout` ends a command that outlives it as SIGTERM would (here a `before`
+/// hook that sleeps, so that no LUKS is needed), with exit 1 and a message naming the key;
+/// the `failed` hook afterwards is not cut short by the spent deadline.
+#[test]
+fn host_run_timeout_stops_the_command() {
+    if common::skip_unless_root("host_run_timeout_stops_the_command") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let name = "deadline";
+    let path = sshd.profile(name, &[Path::new("/nonexistent")]);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replace("  timeout: 10\n", "  timeout: 10\n  run_timeout: 2s\n")
+        + "hooks:\n  before: sleep 30\n  failed: echo failed-hook-ran\n";
+    std::fs::write(&path, text).unwrap();
+    let _clean = common::RemoveOnDrop(vec![
+        Path::new(e2ebackup::RUN_DIR).join(name),
+        Path::new(e2ebackup::STATE_DIR).join(name),
+        e2ebackup::stack::lock::local_lock_path(name),
+    ]);
+    let t = Instant::now();
+    let out = common::bin().arg("run").arg(&path).output().unwrap();
+    let took = t.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", common::show(&out));
+    assert!(err.contains("server.run_timeout (2s)"), "{err}");
+    assert!(err.contains("failed-hook-ran"), "{err}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+}
