@@ -42,6 +42,9 @@ pub enum Failure {
     /// SIGINT, SIGTERM or SIGHUP arrived.
     #[error("interrupted by {0}")]
     Interrupted(&'static str),
+    /// The command's overall deadline passed, or the I/O watchdog gave up on the server.
+    #[error("{0}")]
+    TimedOut(String),
 }
 
 impl Failure {
@@ -51,6 +54,7 @@ impl Failure {
             Failure::Locked(_) => Exit::Locked,
             Failure::Security(_) => Exit::Security,
             Failure::Interrupted(_) => Exit::Interrupted,
+            Failure::TimedOut(_) => Exit::Failed,
         }
     }
 }

@@ -31,3 +31,4 @@ pub mod snapshots;
 pub mod stack;
 pub mod state;
 pub mod teardown;
+pub mod watchdog;

@@ -146,6 +146,9 @@ pub struct Server {
     /// Seconds to wait for the TCP connection and each SSH operation.
     #[serde(default = "default_timeout")]
     pub timeout: u32,
+    /// Overall deadline of one command (`run`, `restore`, `verify`, ...), teardown excluded.
+    #[serde(default = "default_run_timeout")]
+    pub run_timeout: Duration,
 }
 
 fn default_port() -> u16 {
@@ -153,6 +156,18 @@ fn default_port() -> u16 {
 }
 fn default_timeout() -> u32 {
     30
+}
+fn default_run_timeout() -> Duration {
+    Duration(24 * 3600)
+}
+
+impl Server {
+    /// How long file requests may stay unanswered, with nothing completing, before the I/O
+    /// watchdog gives up on the server: twice `timeout` plus 30 s. The margin is for a server
+    /// that is slow, not hung (an fsync of a lot of dirty data on a busy disk).
+    pub fn stall_limit(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(2 * u64::from(self.timeout) + 30)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -648,6 +663,8 @@ backup:
         let p = parse(GOOD).unwrap();
         assert_eq!(p.name, "demo");
         assert_eq!(p.server.port, 22);
+        assert_eq!(p.server.run_timeout, Duration(86400));
+        assert_eq!(p.server.stall_limit().as_secs(), 90);
         assert_eq!(p.container.size, Size(2 << 30));
         assert_eq!(p.remote_container(), "/srv/backup/demo.luks");
         assert_eq!(

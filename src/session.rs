@@ -40,6 +40,9 @@ pub struct Session<'p> {
     pub generation: Option<u64>,
     /// `accept-rollback` only: skip the comparison with the client's record.
     pub accept_any_generation: bool,
+    /// Watches the sshfs connection for a hung server (see [`crate::watchdog`]), from the
+    /// sshfs mount until the teardown is done.
+    watchdog: Option<crate::watchdog::Watchdog>,
 }
 
 /// Finish the teardown recorded by an earlier process, if any. With `include_persistent`
@@ -73,6 +76,15 @@ impl<'p> Session<'p> {
             }
         }
         let stack = Stack::persistent(profile.journal_path(), command)?;
+        let limit = profile.server.run_timeout;
+        signals::set_deadline(
+            std::time::Instant::now() + limit.std(),
+            format!(
+                "`{command}` did not finish within server.run_timeout ({limit}); stopped it. \
+                 Raise server.run_timeout in {} if it needs longer (a first backup of much data)",
+                profile.source_file.display()
+            ),
+        );
         Ok(Session {
             profile,
             stack,
@@ -87,6 +99,7 @@ impl<'p> Session<'p> {
             key: None,
             generation: None,
             accept_any_generation: false,
+            watchdog: None,
         })
     }
 
@@ -124,6 +137,12 @@ impl<'p> Session<'p> {
         info!("mounting {}:{} with sshfs", p.server.host, p.server.path);
         sshfs::mount(&p.server, &target)?;
         let dir = ServerDir::open(&target, &format!("{}:{}", p.server.host, p.server.path))?;
+        self.watchdog = Some(crate::watchdog::Watchdog::start(
+            &p.server.host,
+            &target,
+            &self.container_path(),
+            p.server.stall_limit(),
+        ));
         signals::check()?;
         // Before anything is written: every name the tool uses there is absent or a regular
         // file. A planted link, FIFO or device is exit 6, naming it.
@@ -338,6 +357,11 @@ impl<'p> Session<'p> {
         self.remote = None;
         self.server = None;
         let r = self.stack.unwind(&mut stack::Real);
+        // Only now: a hung server can hang the teardown's own I/O too.
+        if let Some(w) = self.watchdog.take() {
+            w.stop();
+        }
+        signals::disarm();
         r.print();
         r
     }

@@ -7,6 +7,11 @@
 //!   after that, when nothing needs it any more. The default (control-group) would kill
 //!   sshfs at the same moment and leave the loop device over a dead FUSE file.
 //! - `SuccessExitStatus=3`: a snapshot committed with warnings is not a failed unit.
+//! - `TimeoutStartSec` ([`start_timeout`]): a oneshot unit has no start limit by default, so
+//!   a run that never ends would block every later one. The limit is the run's own deadline
+//!   (`server.run_timeout`) plus what may follow it: the teardown (one watchdog stall limit
+//!   plus the unmount retries) and the hooks that report the outcome. e2ebackup's own
+//!   deadline fires first; systemd's SIGTERM is the backstop.
 //! - Hardening that does not get in the way of a root tool that mounts, attaches loop
 //!   devices and reads everything: no new privileges, private /tmp, read-only /usr and /boot
 //!   and /etc (`ProtectSystem=full`), no access to kernel tunables or logs.
@@ -24,6 +29,20 @@ use crate::error::Exit;
 use crate::ops::fail;
 use crate::profile::Profile;
 use crate::{info, warn};
+
+/// Seconds for `TimeoutStartSec`: `server.run_timeout`, then a teardown of at most one
+/// watchdog stall limit plus 5 min of unmount and detach retries, then each `failed` (or
+/// `after`, whichever has more) and `finally` hook command at `hooks.timeout`, plus 1 min
+/// for the monitoring ping and the record.
+pub fn start_timeout(p: &Profile) -> u64 {
+    let h = &p.hooks;
+    let after_hooks = h.failed.0.len().max(h.after.0.len()) + h.finally.0.len();
+    p.server.run_timeout.0
+        + p.server.stall_limit().as_secs()
+        + 300
+        + after_hooks as u64 * h.timeout.0
+        + 60
+}
 
 pub fn units(
     p: &Profile,
@@ -45,6 +64,7 @@ After=network-online.target
 Type=oneshot
 ExecStart={exe} run {profile}
 KillMode=mixed
+TimeoutStartSec={start_timeout}
 TimeoutStopSec=180
 SuccessExitStatus=3
 Nice=10
@@ -61,6 +81,7 @@ LockPersonality=yes
 ",
         exe = exe.display(),
         profile = p.source_file.display(),
+        start_timeout = start_timeout(p),
     );
     let timer = format!(
         "[Unit]
@@ -176,11 +197,29 @@ mod tests {
         assert!(s.contains("KillMode=mixed"));
         assert!(s.contains("SuccessExitStatus=3"));
         assert!(s.contains("OnFailure=notify@%n.service"));
+        // Default run_timeout 24h + stall limit (2*30+30) + 300 + 60, no hooks.
+        assert!(s.contains("TimeoutStartSec=86850\n"), "{s}");
         assert!(
             t.contains("Persistent=true")
                 && t.contains("RandomizedDelaySec=")
                 && t.contains("OnCalendar=daily")
         );
+    }
+
+    #[test]
+    fn start_timeout_follows_the_profile() {
+        let p = Profile::parse(
+            Path::new("/etc/e2ebackup/profiles/home.yaml"),
+            "server: {host: h, user: u, identity_file: /k, known_hosts: /kh, path: /srv, \
+             timeout: 15, run_timeout: 2h}\n\
+             container: {file: c.luks, size: 1G, keyfile: /key}\nbackup: {sources: [/home]}\n\
+             hooks: {failed: [a, b], after: c, finally: d, timeout: 1m}\n",
+        )
+        .unwrap();
+        // 2 h + (2*15+30) + 300 + 3 hooks (2 failed + 1 finally) * 60 + 60.
+        assert_eq!(start_timeout(&p), 7200 + 60 + 300 + 180 + 60);
+        let (s, _) = units(&p, Path::new("/usr/bin/e2ebackup"), "daily", None);
+        assert!(s.contains("TimeoutStartSec=7800\n"), "{s}");
     }
 
     /// Without systemd as init the units are still written; systemctl is not run, and the

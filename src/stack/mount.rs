@@ -69,6 +69,21 @@ pub fn mounted_at(target: &Path) -> Result<Option<MountEntry>> {
     Ok(mounts()?.into_iter().rev().find(|m| m.target == target))
 }
 
+/// The device number (`major:minor` of /proc/self/mountinfo) of the topmost mount at
+/// `target`, if any: a FUSE mount's fusectl directory is named by it.
+pub fn device_of(target: &Path) -> Result<Option<(u32, u32)>> {
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    Ok(text.lines().rev().find_map(|line| {
+        let f: Vec<&str> = line.split(' ').collect();
+        if Path::new(&unescape(f.get(4)?)) != target {
+            return None;
+        }
+        let (ma, mi) = f.get(2)?.split_once(':')?;
+        Some((ma.parse().ok()?, mi.parse().ok()?))
+    }))
+}
+
 /// Mount an ext4 filesystem. `nodev,nosuid,noexec`: the container's content is only ever
 /// data to copy, never something to execute or a device to open. `noinit_itable`: after a
 /// grow, do not let ext4lazyinit zero new inode tables across the network in the background.

@@ -85,6 +85,16 @@ impl Sshd {
     /// Start with more host keys (e.g. `ecdsa`) next to the ed25519 one, as a stock Debian
     /// server has. Only the ed25519 key is pinned in `known_hosts`.
     pub fn start_with(extra_host_key_types: &[&str]) -> Sshd {
+        Sshd::start_full(extra_host_key_types, "internal-sftp")
+    }
+
+    /// With OpenSSH's external sftp-server: a process of its own, which a test can stop
+    /// (SIGSTOP) while sshd keeps answering keepalives, as on a server with hung storage.
+    pub fn start_external_sftp() -> Sshd {
+        Sshd::start_full(&[], "/usr/lib/openssh/sftp-server")
+    }
+
+    fn start_full(extra_host_key_types: &[&str], sftp: &str) -> Sshd {
         let dir = tempfile::Builder::new()
             .prefix("e2eb-sshd.")
             .tempdir()
@@ -123,7 +133,7 @@ impl Sshd {
                  PermitRootLogin prohibit-password\n\
                  UsePAM no\n\
                  StrictModes no\n\
-                 Subsystem sftp internal-sftp\n\
+                 Subsystem sftp {sftp}\n\
                  LogLevel VERBOSE\n",
                 d = d.display()
             );
@@ -186,6 +196,11 @@ impl Sshd {
     /// The line that pins this server's key.
     pub fn known_hosts_line(&self) -> String {
         format!("[127.0.0.1]:{} {}", self.port, self.host_key)
+    }
+
+    /// The pid of sshd's listener (the test's child).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log(&self) -> String {
