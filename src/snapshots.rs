@@ -219,6 +219,30 @@ pub fn prefetch_metadata(dir: &Path, threads: usize) {
     });
 }
 
+/// The id of a new snapshot taken at `now`, given the `existing` ones (oldest first), and
+/// the snapshot to hard-link unchanged files to.
+///
+/// The id is the clock's time, bumped only past an id that exists (two runs within one
+/// second). It is not bumped past the newest snapshot: after one run with a clock years
+/// ahead, every later id would otherwise be "newest + 1", dated in that future for good
+/// (retention stops while the newest is in the future, see retention::future). So after a
+/// clock jump back, ids are no longer in the order the runs happened; the previous snapshot
+/// is then the newest one not after `now` (the last run before the jump is the one taken
+/// last by any clock that only jumped once), or the newest if all are later.
+pub fn new_id(existing: &[SnapshotId], now: SnapshotId) -> (SnapshotId, Option<SnapshotId>) {
+    let mut id = now;
+    while existing.binary_search(&id).is_ok() {
+        id = SnapshotId::from_unix(id.unix() + 1);
+    }
+    let prev = existing
+        .iter()
+        .rev()
+        .find(|e| **e < id)
+        .or(existing.last())
+        .copied();
+    (id, prev)
+}
+
 /// Take a snapshot of the profile's sources into the mounted container at `root`.
 pub fn take(profile: &Profile, root: &Path) -> Result<Taken> {
     for s in &profile.backup.sources {
@@ -227,16 +251,10 @@ pub fn take(profile: &Profile, root: &Path) -> Result<Taken> {
         }
     }
     let existing = list(root)?;
-    let mut id = SnapshotId::now();
-    // Never reuse an id (two runs within one second, or a clock that went backwards).
-    if let Some(last) = existing.last() {
-        if id <= *last {
-            id = SnapshotId::from_unix(last.unix() + 1);
-        }
-    }
+    let (id, prev) = new_id(&existing, SnapshotId::now());
     let partial = root.join(PARTIAL).join(id.to_string());
     std::fs::create_dir_all(&partial)?;
-    let link = existing.last().map(|l| path_of(root, *l));
+    let link = prev.map(|l| path_of(root, l));
     info!(
         "snapshot {id}: rsync {} {}",
         profile
@@ -256,7 +274,7 @@ pub fn take(profile: &Profile, root: &Path) -> Result<Taken> {
     );
     // The previous manifest: its hashes are reused below, and its size says how much
     // metadata the prefetch would pull into memory.
-    let prev_manifest = match existing.last() {
+    let prev_manifest = match prev {
         Some(l) => crate::manifest::read(root, &l.to_string())?,
         None => None,
     };
@@ -292,7 +310,7 @@ pub fn take(profile: &Profile, root: &Path) -> Result<Taken> {
         vanished_files: done.code == 24,
         files_transferred: stat_number(&done.stdout, "Number of regular files transferred"),
         bytes_transferred: stat_number(&done.stdout, "Total transferred file size"),
-        link_dest: existing.last().map(|l| l.to_string()),
+        link_dest: prev.map(|l| l.to_string()),
     };
     if taken.vanished_files {
         warn!("some files vanished while rsync copied them (rsync exit 24); the snapshot is committed");
@@ -341,6 +359,45 @@ mod tests {
             prefetch_metadata(d.path(), threads);
         }
         prefetch_metadata(&d.path().join("missing"), 4);
+    }
+
+    #[test]
+    fn new_ids_follow_the_clock_not_a_future_snapshot() {
+        let i = |s: &str| s.parse::<SnapshotId>().unwrap();
+        let none: [SnapshotId; 0] = [];
+        assert_eq!(
+            new_id(&none, i("20260101T000000Z")),
+            (i("20260101T000000Z"), None)
+        );
+        let ex = [i("20260101T000000Z"), i("20260102T000000Z")];
+        assert_eq!(
+            new_id(&ex, i("20260103T000000Z")),
+            (i("20260103T000000Z"), Some(i("20260102T000000Z")))
+        );
+        // Same second as an existing one: bumped, linked to the one it collided with.
+        assert_eq!(
+            new_id(&ex, i("20260102T000000Z")),
+            (i("20260102T000001Z"), Some(i("20260102T000000Z")))
+        );
+        // A snapshot ten years ahead, clock back: the id is the clock's, not 2036 + 1 s,
+        // and unchanged files link to the newest snapshot before it.
+        let ex = [
+            i("20260101T000000Z"),
+            i("20260102T000000Z"),
+            i("20360102T000000Z"),
+        ];
+        assert_eq!(
+            new_id(&ex, i("20260103T000000Z")),
+            (i("20260103T000000Z"), Some(i("20260102T000000Z")))
+        );
+        // Every snapshot later than the clock: link to the newest.
+        assert_eq!(
+            new_id(&ex, i("20250101T000000Z")),
+            (i("20250101T000000Z"), Some(i("20360102T000000Z")))
+        );
+        // Consecutive collisions.
+        let ex = [i("20260101T000000Z"), i("20260101T000001Z")];
+        assert_eq!(new_id(&ex, i("20260101T000000Z")).0, i("20260101T000002Z"));
     }
 
     #[test]

@@ -184,8 +184,18 @@ pub fn prune(
     dry_run: bool,
 ) -> Result<Vec<retention::Decision>> {
     let ids = snapshots::list(root)?;
-    let decisions = retention::select(&ids, &p.retention);
+    let now = crate::snapid::SnapshotId::now().unix();
+    let decisions = retention::select(&ids, &p.retention, now);
     if p.retention.is_empty() {
+        return Ok(decisions);
+    }
+    if let Some(f) = retention::future(&ids, now) {
+        warn!(
+            "snapshot {f} is dated in the future (this clock reads {}; was it set ahead when that snapshot was taken?): \
+             retention is suspended and nothing is pruned until the clock passes {f}; \
+             if that snapshot's date is wrong, remove it by hand (docs/operations.md, clock jumps)",
+            crate::snapid::SnapshotId::from_unix(now)
+        );
         return Ok(decisions);
     }
     for d in &decisions {
