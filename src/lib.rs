@@ -15,6 +15,7 @@ pub mod error;
 pub mod escrow;
 pub mod generation;
 pub mod hooks;
+pub mod localpaths;
 pub mod logging;
 pub mod manifest;
 pub mod monitor;

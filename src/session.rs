@@ -74,6 +74,9 @@ pub fn recover(p: &Profile, include_persistent: bool) -> Result<Option<Report>> 
 impl<'p> Session<'p> {
     /// Take the local lock and finish any earlier teardown; nothing remote is touched yet.
     pub fn begin(profile: &'p Profile, command: &str) -> Result<Session<'p>> {
+        // Before the lock and the first connection: a path that can never be written is a
+        // usage error (exit 2), found without touching anything.
+        crate::localpaths::ensure(profile)?;
         let local = lock::lock_local(&profile.name)?;
         if let Some(r) = recover(profile, false)? {
             if !r.complete() {
