@@ -140,7 +140,8 @@ impl<'p> Session<'p> {
             path: lock_path.clone(),
             token: me.token.clone(),
         })?;
-        lock::acquire_server_lock(&lock_path, &me)?;
+        let shown = format!("{}:{}.lock", p.server.host, p.remote_container());
+        lock::acquire_server_lock_shown(&lock_path, &shown, &me)?;
         Ok(())
     }
 

@@ -9,6 +9,8 @@ use crate::session::Session;
 use crate::snapshots::{self, Taken};
 use crate::{hooks, info, monitor, retention, warn};
 
+mod no_space;
+
 pub fn run(p: &Profile) -> Exit {
     let started = super::now();
     let clock = std::time::Instant::now();
@@ -50,7 +52,7 @@ pub fn run(p: &Profile) -> Exit {
         pg.start();
     }
     let mut figures = Figures::default();
-    let result = work(p, &mut s, &mut figures);
+    let result = work(p, &mut s, &mut figures).map_err(|e| no_space::explain(p, e));
     let (code, complete) = finish(s, &result);
     let err = result.as_ref().err().map(|e| format!("{e:#}"));
     let mut o = Outcome::new(code, err, complete);
@@ -160,6 +162,7 @@ fn work(p: &Profile, s: &mut Session<'_>, f: &mut Figures) -> Result<Exit> {
     let root = s.open_all("run", false)?;
     snapshots::remove_partials(&root)?;
     super::grow::auto_grow(p, s, &root)?;
+    no_space::check_before(p, &root)?;
     let t = snapshots::take(p, &root)?;
     let warnings = t.vanished_files;
     f.taken = Some(t);

@@ -169,11 +169,10 @@ fn temp_path(path: &Path, token: &str) -> PathBuf {
     path.with_file_name(format!(".{name}.{token}.tmp"))
 }
 
-fn unreadable(path: &Path) -> anyhow::Error {
+fn unreadable(shown: &str) -> anyhow::Error {
     Failure::Locked(format!(
-        "server lock {} exists but cannot be read: another client may be writing it right now, or it \
-         is damaged. Try again; remove it only if no client can be using the container.",
-        path.display()
+        "server lock {shown} exists but cannot be read: another client may be writing it right now, or it \
+         is damaged. Try again; remove it only if no client can be using the container."
     ))
     .into()
 }
@@ -184,6 +183,13 @@ fn unreadable(path: &Path) -> anyhow::Error {
 /// `hardlink@openssh.com`), which fails if the name exists: creation is atomic on the
 /// server, and nobody ever reads a half-written lock.
 pub fn acquire_server_lock(path: &Path, lock: &ServerLock) -> Result<()> {
+    acquire_server_lock_shown(path, &path.display().to_string(), lock)
+}
+
+/// [`acquire_server_lock`], naming the lock as `shown` in a "locked" message: the path on
+/// the server (`host:/srv/backup/c.luks.lock`), which is where a user would look for it,
+/// not the client's sshfs view of it.
+pub fn acquire_server_lock_shown(path: &Path, shown: &str, lock: &ServerLock) -> Result<()> {
     let data = serde_json::to_vec_pretty(lock)?;
     let tmp = temp_path(path, &lock.token);
     {
@@ -196,12 +202,12 @@ pub fn acquire_server_lock(path: &Path, lock: &ServerLock) -> Result<()> {
         f.write_all(&data)?;
         f.sync_all()?;
     }
-    let r = publish(path, &tmp);
+    let r = publish(path, &tmp, shown);
     let _ = std::fs::remove_file(&tmp);
     r
 }
 
-fn publish(path: &Path, tmp: &Path) -> Result<()> {
+fn publish(path: &Path, tmp: &Path, shown: &str) -> Result<()> {
     for _ in 0..3 {
         let err = match std::fs::hard_link(tmp, path) {
             Ok(()) => return Ok(()),
@@ -223,18 +229,17 @@ fn publish(path: &Path, tmp: &Path) -> Result<()> {
             }
             Ok(Some(h)) => {
                 return Err(Failure::Locked(format!(
-                    "the container is in use: server lock {} held by {}. If that host is \
-                     gone and the container closed, remove the lock file on the server.",
-                    path.display(),
+                    "the container is in use: server lock {shown} held by {}. If that host is \
+                     gone and the container closed, remove that file on the server.",
                     h.describe()
                 ))
                 .into())
             }
             Ok(None) => continue,
-            Err(_) => return Err(unreadable(path)),
+            Err(_) => return Err(unreadable(shown)),
         }
     }
-    Err(unreadable(path))
+    Err(unreadable(shown))
 }
 
 /// Remove the server lock if it is ours (same token). Idempotent; a lock we cannot read is
