@@ -17,6 +17,7 @@ pub mod fsutil;
 pub mod generation;
 pub mod hooks;
 pub mod layout;
+pub mod localpaths;
 pub mod logging;
 pub mod manifest;
 pub mod monitor;

@@ -8,9 +8,15 @@
 //!   snapshot of each of the N most recent hours (days, ISO weeks, months, years) that have
 //!   snapshots at all. Empty periods do not count: a laptop backed up on three days last month
 //!   still keeps three dailies with `keep_daily: 3`.
-//! - `keep_within D`: every snapshot at most D older than the NEWEST snapshot (inclusive).
-//!   Measured from the newest snapshot, not from now: a client that was switched off for a
-//!   month must not prune everything at its first run. This also keeps the function pure.
+//! - `keep_within D`: every snapshot at most D older than NOW (inclusive; `now` is an
+//!   argument, so the function stays pure). Measured from the current time, not from the
+//!   newest snapshot: snapshot ids come from the clock, and one run with a clock years ahead
+//!   would otherwise make every older snapshot "older than D" and delete the whole history
+//!   in one prune. A client switched off for a month loses nothing either: `run` takes its
+//!   snapshot before it prunes, and keep_last/keep_daily count snapshots, not time.
+//! - Clock jumps: while the newest snapshot is dated more than [`CLOCK_SLACK`] after now,
+//!   [`select`] keeps everything ([`Reason::Future`]) and the caller warns: a clock that is
+//!   wrong now, or was wrong when that snapshot was taken, must not drive any deletion.
 //! - The newest snapshot is always kept ([`Reason::Newest`] if no rule did). With the rules
 //!   above and 0 meaning "off" this cannot trigger, but deleting the only up-to-date copy must
 //!   not hinge on that reasoning staying true as rules are added.
@@ -160,6 +166,8 @@ pub enum Reason {
     Within,
     /// The newest snapshot, kept although no rule kept it (a safety net).
     Newest,
+    /// The newest snapshot is dated in the future: nothing is pruned (see [`future`]).
+    Future,
     /// The policy has no rule: everything is kept.
     NoPolicy,
 }
@@ -176,6 +184,7 @@ impl fmt::Display for Reason {
             Reason::Yearly => "keep_yearly",
             Reason::Within => "keep_within",
             Reason::Newest => "newest",
+            Reason::Future => "a snapshot is dated in the future",
             Reason::NoPolicy => "no retention policy",
         })
     }
@@ -224,8 +233,22 @@ fn period_count(policy: &Policy, reason: Reason) -> Option<u32> {
     }
 }
 
-/// Decide for every distinct snapshot, newest first.
-pub fn select(snapshots: &[SnapshotId], policy: &Policy) -> Vec<Decision> {
+/// How far ahead of now a snapshot may be dated before retention stops: one id can be a
+/// second or so ahead ([`crate::snapshots::take`] never reuses an id), and clocks synced by
+/// NTP differ by far less than this.
+pub const CLOCK_SLACK: i64 = 300;
+
+/// The newest snapshot if it is dated more than [`CLOCK_SLACK`] after `now` (unix seconds).
+pub fn future(snapshots: &[SnapshotId], now: i64) -> Option<SnapshotId> {
+    snapshots
+        .iter()
+        .copied()
+        .max()
+        .filter(|n| n.unix() > now.saturating_add(CLOCK_SLACK))
+}
+
+/// Decide for every distinct snapshot, newest first, at the time `now` (unix seconds).
+pub fn select(snapshots: &[SnapshotId], policy: &Policy, now: i64) -> Vec<Decision> {
     let mut ids = snapshots.to_vec();
     ids.sort_unstable_by(|a, b| b.cmp(a));
     ids.dedup();
@@ -242,14 +265,20 @@ pub fn select(snapshots: &[SnapshotId], policy: &Policy) -> Vec<Decision> {
         }
         return out;
     }
-    apply_rules(&mut out, policy);
+    if future(snapshots, now).is_some() {
+        for d in &mut out {
+            d.keep.push(Reason::Future);
+        }
+        return out;
+    }
+    apply_rules(&mut out, policy, now);
     ensure_newest(&mut out);
     out
 }
 
 /// Apply every rule to `out` (distinct ids, newest first). Rules run in [`Reason`] order, so
 /// each decision's reasons come out in that order without sorting.
-fn apply_rules(out: &mut [Decision], policy: &Policy) {
+fn apply_rules(out: &mut [Decision], policy: &Policy, now: i64) {
     if let Some(n) = policy.keep_last {
         for d in out.iter_mut().take(n as usize) {
             d.keep.push(Reason::Last);
@@ -275,11 +304,11 @@ fn apply_rules(out: &mut [Decision], policy: &Policy) {
             }
         }
     }
-    if let (Some(w), Some(newest)) = (policy.keep_within.filter(|w| *w > 0), out.first()) {
-        let newest = newest.id.unix();
+    if let Some(w) = policy.keep_within.filter(|w| *w > 0) {
         for d in out.iter_mut() {
-            // abs_diff: no overflow for any pair of i64 times or any u64 duration.
-            if newest.abs_diff(d.id.unix()) <= w {
+            // abs_diff: no overflow for any pair of i64 times or any u64 duration. A snapshot
+            // up to CLOCK_SLACK ahead of now counts as within (select stops on anything later).
+            if d.id.unix() >= now || now.abs_diff(d.id.unix()) <= w {
                 d.keep.push(Reason::Within);
             }
         }
@@ -303,6 +332,13 @@ mod tests {
 
     const H: i64 = 3600;
     const D: i64 = 86_400;
+
+    /// `select` at the time of the newest snapshot (what the rules' own tests need: keep_within
+    /// then measures from the newest, and nothing is in the future).
+    fn sel(s: &[SnapshotId], p: &Policy) -> Vec<Decision> {
+        let now = s.iter().map(|i| i.unix()).max().unwrap_or(0);
+        select(s, p, now)
+    }
 
     fn at(s: &str) -> SnapshotId {
         s.parse().unwrap()
@@ -458,6 +494,7 @@ mod tests {
             (Reason::Yearly, "keep_yearly"),
             (Reason::Within, "keep_within"),
             (Reason::Newest, "newest"),
+            (Reason::Future, "a snapshot is dated in the future"),
             (Reason::NoPolicy, "no retention policy"),
         ];
         for (r, s) in all {
@@ -506,15 +543,15 @@ mod tests {
 
     #[test]
     fn empty_input() {
-        assert!(select(&[], &Policy::default()).is_empty());
-        assert!(select(&[], &last(3)).is_empty());
-        assert!(select(&[], &within(86_400)).is_empty());
+        assert!(sel(&[], &Policy::default()).is_empty());
+        assert!(sel(&[], &last(3)).is_empty());
+        assert!(sel(&[], &within(86_400)).is_empty());
     }
 
     #[test]
     fn empty_policy_keeps_all() {
         let s = series("20260101T000000Z", 5, H);
-        let d = select(&s, &Policy::default());
+        let d = sel(&s, &Policy::default());
         assert_eq!(d.len(), 5);
         assert!(d.iter().all(|d| d.keep == [Reason::NoPolicy]));
     }
@@ -523,7 +560,7 @@ mod tests {
     #[test]
     fn zero_means_rule_off() {
         let s = series("20260101T000000Z", 72, H);
-        let d = select(&s, &daily(0));
+        let d = sel(&s, &daily(0));
         assert!(d.iter().all(|d| d.keep == [Reason::NoPolicy]));
         let p = Policy {
             keep_last: Some(1),
@@ -531,7 +568,7 @@ mod tests {
             keep_within: Some(0),
             ..Default::default()
         };
-        let d = select(&s, &p);
+        let d = sel(&s, &p);
         assert_eq!(kept(&d), ["20260103T230000Z"]);
         assert_eq!(d[0].keep, [Reason::Last]);
         let p = Policy {
@@ -539,7 +576,7 @@ mod tests {
             keep_hourly: Some(2),
             ..Default::default()
         };
-        assert_eq!(kept(&select(&s, &p)).len(), 2);
+        assert_eq!(kept(&sel(&s, &p)).len(), 2);
     }
 
     #[test]
@@ -554,7 +591,7 @@ mod tests {
             (yearly(1), Reason::Yearly),
             (within(1), Reason::Within),
         ] {
-            assert_eq!(select(&s, &p)[0].keep, [r]);
+            assert_eq!(sel(&s, &p)[0].keep, [r]);
         }
     }
 
@@ -572,11 +609,11 @@ mod tests {
             keep_within: Some(20 * 3600),
             ..Default::default()
         };
-        let d = select(&messy, &p);
-        assert_eq!(d, select(&sorted, &p));
+        let d = sel(&messy, &p);
+        assert_eq!(d, sel(&sorted, &p));
         assert_eq!(d.len(), 30, "one decision per distinct id");
         assert!(d.windows(2).all(|w| w[0].id > w[1].id), "newest first");
-        let all = select(&messy, &Policy::default());
+        let all = sel(&messy, &Policy::default());
         assert_eq!(all.len(), 30);
     }
 
@@ -606,16 +643,16 @@ mod tests {
     fn keep_last() {
         let s = series("20260101T000000Z", 10, H);
         assert_eq!(
-            kept(&select(&s, &last(3))),
+            kept(&sel(&s, &last(3))),
             ["20260101T090000Z", "20260101T080000Z", "20260101T070000Z"]
         );
-        assert_eq!(kept(&select(&s, &last(10))).len(), 10);
-        let d = select(&s, &last(30));
+        assert_eq!(kept(&sel(&s, &last(10))).len(), 10);
+        let d = sel(&s, &last(30));
         assert_eq!(kept(&d).len(), 10, "fewer snapshots than N");
         assert!(d.iter().all(|d| d.keep == [Reason::Last]));
         // Same-second neighbours are distinct snapshots; keep_last does not look at periods.
         let s = series("20260101T000000Z", 5, 1);
-        assert_eq!(kept(&select(&s, &last(4))).len(), 4);
+        assert_eq!(kept(&sel(&s, &last(4))).len(), 4);
     }
 
     // ---- keep_hourly ----
@@ -630,14 +667,14 @@ mod tests {
             "20260101T090000Z",
             "20260101T090001Z", // newest of 09h
         ]);
-        let d = select(&s, &hourly(3));
+        let d = sel(&s, &hourly(3));
         assert_eq!(
             kept(&d),
             ["20260101T090001Z", "20260101T050000Z", "20260101T015959Z"]
         );
-        assert_eq!(kept(&select(&s, &hourly(2))).len(), 2);
+        assert_eq!(kept(&sel(&s, &hourly(2))).len(), 2);
         assert_eq!(
-            kept(&select(&s, &hourly(99))).len(),
+            kept(&sel(&s, &hourly(99))).len(),
             3,
             "only 3 hours have any"
         );
@@ -647,7 +684,7 @@ mod tests {
     fn keep_hourly_across_midnight() {
         let s = ids(&["20251231T225900Z", "20251231T235959Z", "20260101T000000Z"]);
         assert_eq!(
-            kept(&select(&s, &hourly(2))),
+            kept(&sel(&s, &hourly(2))),
             ["20260101T000000Z", "20251231T235959Z"]
         );
     }
@@ -658,10 +695,10 @@ mod tests {
     fn keep_daily_takes_the_newest_of_each_day() {
         let s = series("20260101T030000Z", 16, 6 * H); // 4 days, 4 a day
         assert_eq!(
-            kept(&select(&s, &daily(3))),
+            kept(&sel(&s, &daily(3))),
             ["20260104T210000Z", "20260103T210000Z", "20260102T210000Z"]
         );
-        assert_eq!(kept(&select(&s, &daily(10))).len(), 4, "fewer days than N");
+        assert_eq!(kept(&sel(&s, &daily(10))).len(), 4, "fewer days than N");
     }
 
     #[test]
@@ -673,7 +710,7 @@ mod tests {
             "20260105T120000Z",
         ]);
         assert_eq!(
-            kept(&select(&s, &daily(3))),
+            kept(&sel(&s, &daily(3))),
             ["20260105T120000Z", "20260102T000001Z", "20260101T235959Z"]
         );
     }
@@ -683,7 +720,7 @@ mod tests {
         // Floor division: 1969-12-31 23:00 is the day before 1970-01-01 00:30.
         let s = ids(&["19691231T010000Z", "19691231T230000Z", "19700101T003000Z"]);
         assert_eq!(
-            kept(&select(&s, &daily(2))),
+            kept(&sel(&s, &daily(2))),
             ["19700101T003000Z", "19691231T230000Z"]
         );
     }
@@ -700,11 +737,11 @@ mod tests {
             "20201227T120000Z", // 2020-W52 Sun
         ]);
         assert_eq!(
-            kept(&select(&s, &weekly(5))),
+            kept(&sel(&s, &weekly(5))),
             ["20210110T000000Z", "20210103T235959Z", "20201227T120000Z"]
         );
         assert_eq!(
-            kept(&select(&s, &weekly(2))),
+            kept(&sel(&s, &weekly(2))),
             ["20210110T000000Z", "20210103T235959Z"]
         );
     }
@@ -714,12 +751,12 @@ mod tests {
         // 2024-12-30 (Mon) is 2025-W01: it shares a week with 2025-01-05, not 2024-12-29.
         let s = ids(&["20241229T120000Z", "20241230T000000Z", "20250105T000000Z"]);
         assert_eq!(
-            kept(&select(&s, &weekly(2))),
+            kept(&sel(&s, &weekly(2))),
             ["20250105T000000Z", "20241229T120000Z"]
         );
         // Sunday to Monday is a new week even within a month.
         let s = ids(&["20260315T235959Z", "20260316T000000Z"]);
-        assert_eq!(kept(&select(&s, &weekly(2))).len(), 2);
+        assert_eq!(kept(&sel(&s, &weekly(2))).len(), 2);
     }
 
     // ---- keep_monthly ----
@@ -735,11 +772,11 @@ mod tests {
             "20240301T000000Z",
         ]);
         assert_eq!(
-            kept(&select(&s, &monthly(3))),
+            kept(&sel(&s, &monthly(3))),
             ["20240301T000000Z", "20240229T235959Z", "20240115T000000Z"]
         );
         assert_eq!(
-            kept(&select(&s, &monthly(12))),
+            kept(&sel(&s, &monthly(12))),
             [
                 "20240301T000000Z",
                 "20240229T235959Z",
@@ -754,7 +791,7 @@ mod tests {
     fn keep_monthly_same_month_different_years() {
         // January 2025 and January 2026 are different months (the key includes the year).
         let s = ids(&["20250110T000000Z", "20260110T000000Z"]);
-        assert_eq!(kept(&select(&s, &monthly(2))).len(), 2);
+        assert_eq!(kept(&sel(&s, &monthly(2))).len(), 2);
     }
 
     // ---- keep_yearly ----
@@ -769,13 +806,13 @@ mod tests {
             "20250101T000000Z",
         ]);
         assert_eq!(
-            kept(&select(&s, &yearly(3))),
+            kept(&sel(&s, &yearly(3))),
             ["20250101T000000Z", "20241231T235959Z", "20230601T000000Z"]
         );
-        assert_eq!(kept(&select(&s, &yearly(10))).len(), 4);
+        assert_eq!(kept(&sel(&s, &yearly(10))).len(), 4);
         // Gaps of years do not count as years.
         let s = ids(&["20000101T000000Z", "20100101T000000Z", "20200101T000000Z"]);
-        assert_eq!(kept(&select(&s, &yearly(3))).len(), 3);
+        assert_eq!(kept(&sel(&s, &yearly(3))).len(), 3);
     }
 
     // ---- keep_within ----
@@ -784,40 +821,95 @@ mod tests {
     fn keep_within_is_inclusive() {
         let s = series("20260101T000000Z", 5, D);
         assert_eq!(
-            kept(&select(&s, &within(2 * 86_400))),
+            kept(&sel(&s, &within(2 * 86_400))),
             ["20260105T000000Z", "20260104T000000Z", "20260103T000000Z"],
             "exactly 2 days apart is kept"
         );
         assert_eq!(
-            kept(&select(&s, &within(2 * 86_400 - 1))),
+            kept(&sel(&s, &within(2 * 86_400 - 1))),
             ["20260105T000000Z", "20260104T000000Z"],
             "one second less and it is not"
         );
     }
 
     #[test]
-    fn keep_within_is_relative_to_the_newest_not_now() {
-        // Years old: measured from now, nothing would be within 3 days.
+    fn keep_within_counts_from_now_not_from_the_newest() {
         let s = series("20000101T000000Z", 10, D);
-        let d = select(&s, &within(3 * 86_400));
+        let now = at("20000110T000000Z").unix();
+        let d = select(&s, &within(3 * 86_400), now);
         assert_eq!(kept(&d).len(), 4);
         assert!(d
             .iter()
             .filter(|d| !d.removed())
             .all(|d| d.keep == [Reason::Within]));
+        // Two days later, two fewer are within 3 days.
+        let d = select(&s, &within(3 * 86_400), now + 2 * D);
+        assert_eq!(kept(&d), ["20000110T000000Z", "20000109T000000Z"]);
+        // Years later, nothing is within: the newest survives only by the safety net.
+        let d = select(&s, &within(3 * 86_400), now + 3650 * D);
+        assert_eq!(kept(&d), ["20000110T000000Z"]);
+        assert_eq!(d[0].keep, [Reason::Newest]);
+    }
+
+    /// The clock-jump story of issue 14: daily snapshots for a year, then one run with the
+    /// clock ten years ahead, then the clock back. Counted from the newest snapshot, a
+    /// `keep_within: 30d` prune would delete every real snapshot. Counted from now, with
+    /// the future snapshot refusing retention, nothing is deleted.
+    #[test]
+    fn a_snapshot_from_a_clock_ten_years_ahead_deletes_nothing() {
+        let mut s = series("20250101T120000Z", 365, D);
+        let real_now = s.last().unwrap().unix() + H;
+        let ahead = real_now + 3652 * D;
+        s.push(SnapshotId::from_unix(ahead));
+        let p = Policy {
+            keep_within: Some(30 * 86_400),
+            keep_last: Some(3),
+            ..Default::default()
+        };
+        // While the clock is ahead (the run that took it): nothing in the future, so the
+        // rules apply from that time: only keep_last keeps the real history's newest two.
+        assert_eq!(future(&s, ahead), None);
+        // Clock back: refused, everything kept, with the reason.
+        assert_eq!(future(&s, real_now), Some(SnapshotId::from_unix(ahead)));
+        let d = select(&s, &p, real_now);
+        assert_eq!(d.len(), 366);
+        assert!(d.iter().all(|d| d.keep == [Reason::Future]), "{:?}", d[0]);
+        // The old semantics (from the newest) would have kept 3 of 366.
+        assert_eq!(kept(&sel(&s, &p)).len(), 3);
+        // Once the future snapshot is removed, retention works from now again.
+        s.pop();
+        let d = select(&s, &p, real_now);
+        assert_eq!(kept(&d).len(), 30);
+    }
+
+    #[test]
+    fn future_has_a_slack_for_ids_a_second_ahead() {
+        let s = ids(&["20260101T000000Z", "20260101T000100Z"]);
+        let t = at("20260101T000100Z").unix();
+        assert_eq!(future(&s, t), None);
+        assert_eq!(future(&s, t - CLOCK_SLACK), None);
+        assert_eq!(future(&s, t - CLOCK_SLACK - 1), Some(s[1]));
+        assert_eq!(future(&[], t), None);
+        // Within the slack, the slightly-ahead snapshot counts as within, not as removed.
+        let d = select(&s, &within(1), t - 30);
+        assert_eq!(kept(&d), ["20260101T000100Z"]);
+        assert_eq!(d[0].keep, [Reason::Within]);
+        // No policy stays no policy even with a future snapshot.
+        let d = select(&s, &Policy::default(), 0);
+        assert!(d.iter().all(|d| d.keep == [Reason::NoPolicy]));
     }
 
     #[test]
     fn keep_within_huge_durations_do_not_overflow() {
         let s = ids(&["00000101T000000Z", "99991231T235959Z"]);
-        assert_eq!(kept(&select(&s, &within(u64::MAX))).len(), 2);
-        assert_eq!(kept(&select(&s, &within(i64::MAX as u64 + 1))).len(), 2);
+        assert_eq!(kept(&sel(&s, &within(u64::MAX))).len(), 2);
+        assert_eq!(kept(&sel(&s, &within(i64::MAX as u64 + 1))).len(), 2);
         let s = [
             SnapshotId::from_unix(i64::MIN),
             SnapshotId::from_unix(i64::MAX),
         ];
-        assert_eq!(select(&s, &within(u64::MAX))[1].keep, [Reason::Within]);
-        assert!(select(&s, &within(u64::MAX - 1))[1].removed());
+        assert_eq!(sel(&s, &within(u64::MAX))[1].keep, [Reason::Within]);
+        assert!(sel(&s, &within(u64::MAX - 1))[1].removed());
     }
 
     // ---- combinations ----
@@ -830,7 +922,7 @@ mod tests {
             keep_daily: Some(2),
             ..Default::default()
         };
-        let d = select(&s, &p);
+        let d = sel(&s, &p);
         assert_eq!(d[0].keep, [Reason::Last, Reason::Daily]);
         assert_eq!(d[1].keep, [Reason::Last]);
         assert_eq!(
@@ -846,7 +938,7 @@ mod tests {
             keep_yearly: Some(1),
             keep_within: Some(1),
         };
-        let d = select(&s, &all);
+        let d = sel(&s, &all);
         assert_eq!(
             d[0].keep,
             [
@@ -874,7 +966,7 @@ mod tests {
             keep_yearly: Some(3),
             ..Default::default()
         };
-        let d = select(&s, &p);
+        let d = sel(&s, &p);
         let newest = s.last().unwrap().to_string();
         assert_eq!(newest, "20260205T233000Z");
         assert_eq!(
@@ -954,7 +1046,7 @@ mod tests {
 
     /// The rules restated the slow, obvious way: group by calendar fields, rank the groups,
     /// keep each chosen group's maximum. Shares nothing with `select` but `civil()`.
-    fn model(input: &[SnapshotId], p: &Policy) -> BTreeMap<SnapshotId, Vec<Reason>> {
+    fn model(input: &[SnapshotId], p: &Policy, now: i64) -> BTreeMap<SnapshotId, Vec<Reason>> {
         let set: BTreeSet<SnapshotId> = input.iter().copied().collect();
         let mut out: BTreeMap<SnapshotId, Vec<Reason>> =
             set.iter().map(|&id| (id, Vec::new())).collect();
@@ -971,6 +1063,13 @@ mod tests {
             || p.keep_within.unwrap_or(0) > 0;
         if !any {
             out.values_mut().for_each(|v| v.push(Reason::NoPolicy));
+            return out;
+        }
+        if set
+            .iter()
+            .any(|id| i128::from(id.unix()) > i128::from(now) + 300)
+        {
+            out.values_mut().for_each(|v| v.push(Reason::Future));
             return out;
         }
         for &id in set.iter().rev().take(p.keep_last.unwrap_or(0) as usize) {
@@ -1002,9 +1101,9 @@ mod tests {
                 out.get_mut(id).unwrap().push(reason);
             }
         }
-        if let (Some(w), Some(&newest)) = (p.keep_within.filter(|w| *w > 0), set.last()) {
+        if let Some(w) = p.keep_within.filter(|w| *w > 0) {
             for (id, v) in out.iter_mut() {
-                if i128::from(newest.unix()) - i128::from(id.unix()) <= i128::from(w) {
+                if i128::from(now) - i128::from(id.unix()) <= i128::from(w) {
                     v.push(Reason::Within);
                 }
             }
@@ -1050,11 +1149,20 @@ mod tests {
                     _ => Some(r.below(spread as u64 / 2)),
                 },
             };
-            let d = select(&snaps, &p);
-            let ctx = format!("round {round}: {p:?}");
+            // Now: mostly at or after the newest snapshot, sometimes (a clock set back)
+            // before it.
+            let newest = snaps.iter().map(|i| i.unix()).max().unwrap_or(base);
+            let now = match r.below(5) {
+                0 => newest,
+                1 => newest - r.below(2 * CLOCK_SLACK as u64) as i64,
+                2 => newest - r.below(spread as u64) as i64,
+                _ => newest + r.below(spread as u64) as i64,
+            };
+            let d = select(&snaps, &p, now);
+            let ctx = format!("round {round}: now {now} {p:?}");
 
             // Same answer as the model, reason lists included.
-            let want = model(&snaps, &p);
+            let want = model(&snaps, &p, now);
             let got: BTreeMap<SnapshotId, Vec<Reason>> =
                 d.iter().map(|x| (x.id, x.keep.clone())).collect();
             assert_eq!(got, want, "{ctx}");
@@ -1092,11 +1200,11 @@ mod tests {
             for i in (1..shuffled.len()).rev() {
                 shuffled.swap(i, r.below(i as u64 + 1) as usize);
             }
-            assert_eq!(select(&shuffled, &p), d, "{ctx}");
+            assert_eq!(select(&shuffled, &p, now), d, "{ctx}");
 
             // keep_last alone keeps exactly min(N, count).
             let k = r.below(12) as u32;
-            let only_last = select(&snaps, &last(k));
+            let only_last = sel(&snaps, &last(k));
             let n_kept = only_last.iter().filter(|x| !x.removed()).count();
             if k == 0 {
                 assert_eq!(n_kept, input.len(), "0 = no policy = keep all");

@@ -69,6 +69,9 @@ pub fn recover(p: &Profile, include_persistent: bool) -> Result<Option<Report>> 
 impl<'p> Session<'p> {
     /// Take the local lock and finish any earlier teardown; nothing remote is touched yet.
     pub fn begin(profile: &'p Profile, command: &str) -> Result<Session<'p>> {
+        // Before the lock and the first connection: a path that can never be written is a
+        // usage error (exit 2), found without touching anything.
+        crate::localpaths::ensure(profile)?;
         let local = lock::lock_local(&profile.name)?;
         if let Some(r) = recover(profile, false)? {
             if !r.complete() {
@@ -259,6 +262,14 @@ impl<'p> Session<'p> {
 
     /// Mount the ext4 inside.
     pub fn mount_fs(&mut self, read_only: bool) -> Result<PathBuf> {
+        self.mount_fs_with(read_only, false)
+    }
+
+    /// Mount the ext4 inside; with `crash_image_ok` (read-only commands on a read-only
+    /// mapping), a journal that needs recovery is not replayed but skipped (`noload`), with
+    /// a warning: the kernel cannot replay it on a read-only device, and replaying would
+    /// write to the server.
+    fn mount_fs_with(&mut self, read_only: bool, crash_image_ok: bool) -> Result<PathBuf> {
         signals::check()?;
         let dev = self.mapper.clone().expect("unlock first");
         let target = self.profile.fs_dir();
@@ -266,7 +277,19 @@ impl<'p> Session<'p> {
         self.stack.push(Undo::Unmount {
             target: target.clone(),
         })?;
-        mount::mount_ext4(&dev, &target, read_only)?;
+        let noload = read_only && crash_image_ok && stack::ext4::needs_recovery(&dev)?;
+        if noload {
+            warn!(
+                "the ext4 journal of {} needs recovery: a run was interrupted (the client died, or the \
+                 container was copied mid-run). Mounted read-only WITHOUT replaying the journal (ro,noload), \
+                 so nothing is written to {}: every committed snapshot is there, but what the interrupted \
+                 run wrote last (its unfinished snapshot, and possibly its last metadata) is not. The next \
+                 `run` replays the journal.",
+                self.profile.remote_container(),
+                self.profile.server.host
+            );
+        }
+        mount::mount_ext4_with(&dev, &target, read_only, noload)?;
         self.fs_root = Some(target.clone());
         Ok(target)
     }
@@ -299,8 +322,14 @@ impl<'p> Session<'p> {
     }
 
     /// Mount the unlocked container, check its layout and its authenticated generation.
+    ///
+    /// Always read-only first, then (for a writing command) remounted read-write only once
+    /// both checks passed: a refused rollback or a foreign filesystem leaves the container's
+    /// bytes as they were (a read-write mount alone writes the superblock and the journal).
+    /// One exception: on a read-write mapping the kernel replays a journal that needs
+    /// recovery even for a read-only mount, so after a crash the replay comes before the check.
     pub fn mount_checked(&mut self, read_only: bool) -> Result<PathBuf> {
-        let root = self.mount_fs(read_only)?;
+        let root = self.mount_fs_with(true, read_only)?;
         crate::snapshots::check_layout(&root)?;
         let key = self.key.as_ref().expect("unlocked with the key");
         self.generation = Some(crate::generation::check(
@@ -309,6 +338,10 @@ impl<'p> Session<'p> {
             key,
             self.accept_any_generation,
         )?);
+        if !read_only {
+            signals::check()?;
+            mount::remount_ext4_rw(&root)?;
+        }
         Ok(root)
     }
 

@@ -105,8 +105,18 @@ pub struct Taken {
     pub link_dest: Option<String>,
 }
 
-/// The rsync argv for one snapshot.
+/// The rsync argv for one snapshot, with the mounts of this moment.
 pub fn rsync_command(profile: &Profile, dest: &Path, link_dest: Option<&Path>) -> Result<Cmd> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    rsync_command_for(profile, dest, link_dest, &parse_mountinfo(&mounts))
+}
+
+fn rsync_command_for(
+    profile: &Profile,
+    dest: &Path,
+    link_dest: Option<&Path>,
+    mounts: &[(PathBuf, String, String)],
+) -> Result<Cmd> {
     let mut c = Cmd::new("rsync")?
         .args([
             "-aHAX",
@@ -125,6 +135,9 @@ pub fn rsync_command(profile: &Profile, dest: &Path, link_dest: Option<&Path>) -
     if let Some(l) = link_dest {
         c = c.arg(format!("--link-dest={}", l.display()));
     }
+    for e in always_excluded(&profile.backup.sources, mounts) {
+        c = c.arg(format!("--exclude={e}"));
+    }
     for e in &profile.backup.excludes {
         c = c.arg(format!("--exclude={e}"));
     }
@@ -132,6 +145,136 @@ pub fn rsync_command(profile: &Profile, dest: &Path, link_dest: Option<&Path>) -
         c = c.arg(&s.0);
     }
     Ok(c.arg(format!("{}/", dest.display())))
+}
+
+/// Directories whose contents are never worth a snapshot: kernel interfaces and runtime
+/// state, recreated at boot. Their own directories stay (a restored system needs the mount
+/// points), only what is under them is excluded.
+pub const PSEUDO_DIRS: [&str; 4] = ["/proc", "/sys", "/dev", "/run"];
+
+/// File system types that are kernel interfaces or memory, wherever they are mounted (a bind
+/// of /proc into a chroot is still /proc).
+const PSEUDO_FS: [&str; 20] = [
+    "proc",
+    "sysfs",
+    "devtmpfs",
+    "devpts",
+    "tmpfs",
+    "cgroup",
+    "cgroup2",
+    "securityfs",
+    "debugfs",
+    "tracefs",
+    "pstore",
+    "bpf",
+    "mqueue",
+    "hugetlbfs",
+    "configfs",
+    "fusectl",
+    "binfmt_misc",
+    "efivarfs",
+    "autofs",
+    "rpc_pipefs",
+];
+
+/// One line of /proc/self/mountinfo: (mount point, file system type, mount source).
+pub fn parse_mountinfo(text: &str) -> Vec<(PathBuf, String, String)> {
+    // "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue":
+    // the mount point is field 5, and after the " - " separator come type and source.
+    // Paths escape space, tab, newline and backslash as octal (\040 ...).
+    fn unescape(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'\\'
+                && i + 3 < b.len()
+                && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+            {
+                let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+                out.push(v);
+                i += 4;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    text.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mp = left.split(' ').nth(4)?;
+            let mut r = right.split(' ');
+            let fstype = r.next()?.to_string();
+            let source = unescape(r.next().unwrap_or(""));
+            Some((PathBuf::from(unescape(mp)), fstype, source))
+        })
+        .collect()
+}
+
+/// An rsync pattern that matches `dir`'s contents literally. The pattern has a wildcard (the
+/// final `*`), so rsync reads a backslash as an escape: escape the wildcard characters.
+fn contents_pattern(dir: &Path) -> String {
+    let mut p = String::new();
+    for ch in dir.to_string_lossy().chars() {
+        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+            p.push('\\');
+        }
+        p.push(ch);
+    }
+    format!("{}/*", p.trim_end_matches('/'))
+}
+
+/// The exclusions every run adds in front of the profile's own, for `sources` and the
+/// current `mounts` (see [`parse_mountinfo`]): the contents of
+/// - e2ebackup's run dir ([`crate::RUN_DIR`]: the sshfs mount of the server and the mounted
+///   container are under it; without this, a source of `/` with one_file_system off copies
+///   the container into itself),
+/// - every mount of an opened e2ebackup container (`/dev/mapper/e2ebackup-*`, e.g. where
+///   `e2ebackup mount` put it),
+/// - [`PSEUDO_DIRS`] and every mount of a [`PSEUDO_FS`] type,
+///
+/// each only where a source contains it. A pseudo directory named as a source itself (say
+/// `/run/foo` or `/dev/shm`) is the user's explicit wish and is not excluded, but the run
+/// dir always is.
+pub fn always_excluded(
+    sources: &[crate::profile::AbsPath],
+    mounts: &[(PathBuf, String, String)],
+) -> Vec<String> {
+    let under = |d: &Path, strict: bool| {
+        sources
+            .iter()
+            .any(|s| d.starts_with(&s.0) && (!strict || d != s.0.as_path()))
+    };
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let add = |d: PathBuf, dirs: &mut Vec<PathBuf>| {
+        if !dirs.contains(&d) {
+            dirs.push(d);
+        }
+    };
+    let run = Path::new(crate::layout::RUN_DIR);
+    // The run dir, also when a source is inside it.
+    if under(run, false) || sources.iter().any(|s| s.0.starts_with(run)) {
+        add(run.to_path_buf(), &mut dirs);
+    }
+    for d in PSEUDO_DIRS {
+        if under(Path::new(d), true) {
+            add(PathBuf::from(d), &mut dirs);
+        }
+    }
+    for (mp, fstype, source) in mounts {
+        let ours = source.starts_with("/dev/mapper/e2ebackup-") || mp.starts_with(run);
+        if dirs.iter().any(|d| mp.starts_with(d)) {
+            // Already covered (say /dev/pts under /dev, or a mount in the run dir).
+            continue;
+        }
+        let own_mount = ours && (under(mp, false) || sources.iter().any(|s| s.0.starts_with(mp)));
+        if own_mount || (PSEUDO_FS.contains(&fstype.as_str()) && under(mp, true)) {
+            add(mp.clone(), &mut dirs);
+        }
+    }
+    dirs.iter().map(|d| contents_pattern(d)).collect()
 }
 
 fn stat_number(stats: &str, label: &str) -> Option<u64> {
@@ -223,6 +366,30 @@ pub fn prefetch_metadata(dir: &Path, threads: usize) -> usize {
     seen.into_inner()
 }
 
+/// The id of a new snapshot taken at `now`, given the `existing` ones (oldest first), and
+/// the snapshot to hard-link unchanged files to.
+///
+/// The id is the clock's time, bumped only past an id that exists (two runs within one
+/// second). It is not bumped past the newest snapshot: after one run with a clock years
+/// ahead, every later id would otherwise be "newest + 1", dated in that future for good
+/// (retention stops while the newest is in the future, see retention::future). So after a
+/// clock jump back, ids are no longer in the order the runs happened; the previous snapshot
+/// is then the newest one not after `now` (the last run before the jump is the one taken
+/// last by any clock that only jumped once), or the newest if all are later.
+pub fn new_id(existing: &[SnapshotId], now: SnapshotId) -> (SnapshotId, Option<SnapshotId>) {
+    let mut id = now;
+    while existing.binary_search(&id).is_ok() {
+        id = SnapshotId::from_unix(id.unix() + 1);
+    }
+    let prev = existing
+        .iter()
+        .rev()
+        .find(|e| **e < id)
+        .or(existing.last())
+        .copied();
+    (id, prev)
+}
+
 /// Take a snapshot of the profile's sources into the mounted container at `root`.
 pub fn take(profile: &Profile, root: &Path) -> Result<Taken> {
     for s in &profile.backup.sources {
@@ -231,16 +398,10 @@ pub fn take(profile: &Profile, root: &Path) -> Result<Taken> {
         }
     }
     let existing = list(root)?;
-    let mut id = SnapshotId::now();
-    // Never reuse an id (two runs within one second, or a clock that went backwards).
-    if let Some(last) = existing.last() {
-        if id <= *last {
-            id = SnapshotId::from_unix(last.unix() + 1);
-        }
-    }
+    let (id, prev) = new_id(&existing, SnapshotId::now());
     let partial = root.join(PARTIAL).join(id.to_string());
     std::fs::create_dir_all(&partial)?;
-    let link = existing.last().map(|l| path_of(root, *l));
+    let link = prev.map(|l| path_of(root, l));
     info!(
         "snapshot {id}: rsync {} {}",
         profile
@@ -260,7 +421,7 @@ pub fn take(profile: &Profile, root: &Path) -> Result<Taken> {
     );
     // The previous manifest: its hashes are reused below, and its size says how much
     // metadata the prefetch would pull into memory.
-    let prev_manifest = match existing.last() {
+    let prev_manifest = match prev {
         Some(l) => crate::manifest::read(root, &l.to_string())?,
         None => None,
     };
@@ -297,7 +458,7 @@ pub fn take(profile: &Profile, root: &Path) -> Result<Taken> {
         vanished_files: done.code == 24,
         files_transferred: stat_number(&done.stdout, "Number of regular files transferred"),
         bytes_transferred: stat_number(&done.stdout, "Total transferred file size"),
-        link_dest: existing.last().map(|l| l.to_string()),
+        link_dest: prev.map(|l| l.to_string()),
     };
     if taken.vanished_files {
         warn!("some files vanished while rsync copied them (rsync exit 24); the snapshot is committed");
@@ -354,6 +515,45 @@ mod tests {
     }
 
     #[test]
+    fn new_ids_follow_the_clock_not_a_future_snapshot() {
+        let i = |s: &str| s.parse::<SnapshotId>().unwrap();
+        let none: [SnapshotId; 0] = [];
+        assert_eq!(
+            new_id(&none, i("20260101T000000Z")),
+            (i("20260101T000000Z"), None)
+        );
+        let ex = [i("20260101T000000Z"), i("20260102T000000Z")];
+        assert_eq!(
+            new_id(&ex, i("20260103T000000Z")),
+            (i("20260103T000000Z"), Some(i("20260102T000000Z")))
+        );
+        // Same second as an existing one: bumped, linked to the one it collided with.
+        assert_eq!(
+            new_id(&ex, i("20260102T000000Z")),
+            (i("20260102T000001Z"), Some(i("20260102T000000Z")))
+        );
+        // A snapshot ten years ahead, clock back: the id is the clock's, not 2036 + 1 s,
+        // and unchanged files link to the newest snapshot before it.
+        let ex = [
+            i("20260101T000000Z"),
+            i("20260102T000000Z"),
+            i("20360102T000000Z"),
+        ];
+        assert_eq!(
+            new_id(&ex, i("20260103T000000Z")),
+            (i("20260103T000000Z"), Some(i("20260102T000000Z")))
+        );
+        // Every snapshot later than the clock: link to the newest.
+        assert_eq!(
+            new_id(&ex, i("20250101T000000Z")),
+            (i("20250101T000000Z"), Some(i("20360102T000000Z")))
+        );
+        // Consecutive collisions.
+        let ex = [i("20260101T000000Z"), i("20260101T000001Z")];
+        assert_eq!(new_id(&ex, i("20260101T000000Z")).0, i("20260101T000002Z"));
+    }
+
+    #[test]
     fn parses_rsync_stats() {
         let s = "Number of files: 1,234 (reg: 1,000, dir: 234)\nNumber of regular files transferred: 1,017\nTotal file size: 9,999 bytes\nTotal transferred file size: 12,345,678 bytes\n";
         assert_eq!(
@@ -367,6 +567,101 @@ mod tests {
         assert_eq!(stat_number(s, "Nope"), None);
     }
 
+    /// A machine with a server mounted by a run, the container open and also shown by
+    /// `e2ebackup mount` at /home/me/browse, /proc bound into a chroot under /home, a tmpfs
+    /// at /tmp and a path with a space and a wildcard.
+    const MOUNTINFO: &str = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+23 22 0:21 / /proc rw,nosuid shared:2 - proc proc rw
+24 22 0:22 / /sys rw,nosuid shared:3 - sysfs sysfs rw
+25 22 0:5 / /dev rw,nosuid shared:4 - devtmpfs udev rw
+26 25 0:23 / /dev/pts rw shared:5 - devpts devpts rw
+27 22 0:24 / /run rw,nosuid shared:6 - tmpfs tmpfs rw
+28 22 0:25 / /tmp rw shared:7 - tmpfs tmpfs rw
+40 27 0:50 / /run/e2ebackup/home/server rw shared:20 - fuse.sshfs u@h:/srv rw
+41 27 254:0 / /run/e2ebackup/home/mnt rw shared:21 - ext4 /dev/mapper/e2ebackup-home rw
+42 22 254:0 /snapshots /home/me/browse ro shared:21 - ext4 /dev/mapper/e2ebackup-home ro
+43 22 0:21 / /home/jail/proc rw shared:2 - proc proc rw
+44 22 8:2 / /home/odd\\040[dir]* rw shared:9 - tmpfs tmpfs rw
+45 22 8:3 / /data rw shared:10 - ext4 /dev/sdb1 rw
+";
+
+    fn argv_excludes(sources: &str) -> Vec<String> {
+        let p = crate::profile::Profile::parse(
+            Path::new("/etc/e2ebackup/profiles/t.yaml"),
+            &format!(
+                "server: {{host: h, user: u, identity_file: /k, known_hosts: /kh, path: /srv}}\n\
+                 container: {{file: c.luks, size: 1G, keyfile: /key}}\n\
+                 backup: {{sources: {sources}}}\n"
+            ),
+        )
+        .unwrap();
+        let c = rsync_command_for(
+            &p,
+            Path::new("/m/.partial/X"),
+            None,
+            &parse_mountinfo(MOUNTINFO),
+        )
+        .unwrap();
+        c.argv()
+            .iter()
+            .filter_map(|a| a.strip_prefix("--exclude=").map(str::to_string))
+            .collect()
+    }
+
+    #[test]
+    fn source_root_excludes_the_run_dir_our_mounts_and_pseudo_filesystems() {
+        assert_eq!(
+            argv_excludes("[/]"),
+            [
+                "/run/e2ebackup/*",
+                "/proc/*",
+                "/sys/*",
+                "/dev/*",
+                "/run/*",
+                "/tmp/*",
+                "/home/me/browse/*",
+                "/home/jail/proc/*",
+                "/home/odd \\[dir\\]\\*/*",
+            ]
+        );
+        // /home: only what is under it.
+        assert_eq!(
+            argv_excludes("[/home]"),
+            [
+                "/home/me/browse/*",
+                "/home/jail/proc/*",
+                "/home/odd \\[dir\\]\\*/*"
+            ]
+        );
+        // Nothing of the kind under /data or /etc.
+        assert!(argv_excludes("[/data, /etc]").is_empty());
+        // A pseudo dir named as a source is the user's wish, but the run dir is not.
+        assert_eq!(argv_excludes("[/run]"), ["/run/e2ebackup/*"]);
+        assert_eq!(argv_excludes("[/tmp, /dev/shm]"), Vec::<String>::new());
+        assert_eq!(argv_excludes("[/run/e2ebackup/home]"), ["/run/e2ebackup/*"]);
+    }
+
+    #[test]
+    fn mountinfo_parsing() {
+        let m = parse_mountinfo(MOUNTINFO);
+        assert_eq!(m.len(), 13);
+        assert_eq!(
+            m[11],
+            (
+                PathBuf::from("/home/odd [dir]*"),
+                "tmpfs".into(),
+                "tmpfs".into()
+            )
+        );
+        assert_eq!(m[7].1, "fuse.sshfs");
+        assert_eq!(m[8].2, "/dev/mapper/e2ebackup-home");
+        assert!(parse_mountinfo("garbage\n\n").is_empty());
+        // This machine's own table parses, and / is in it.
+        let own = parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo").unwrap());
+        assert!(own.iter().any(|(mp, _, _)| mp == Path::new("/")));
+    }
+
     #[test]
     fn rsync_argv() {
         let p = crate::profile::Profile::parse(
@@ -376,10 +671,11 @@ mod tests {
              backup: {sources: [/home, /etc], excludes: ['*.tmp', '/home/*/.cache'], one_file_system: true}\n",
         )
         .unwrap();
-        let c = rsync_command(
+        let c = rsync_command_for(
             &p,
             Path::new("/m/.partial/X"),
             Some(Path::new("/m/snapshots/W")),
+            &parse_mountinfo(MOUNTINFO),
         )
         .unwrap();
         let argv = c.argv();
@@ -395,6 +691,9 @@ mod tests {
                 "--info=progress2",
                 "--one-file-system",
                 "--link-dest=/m/snapshots/W",
+                "--exclude=/home/me/browse/*",
+                "--exclude=/home/jail/proc/*",
+                "--exclude=/home/odd \\[dir\\]\\*/*",
                 "--exclude=*.tmp",
                 "--exclude=/home/*/.cache",
                 "/home",

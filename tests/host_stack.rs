@@ -263,14 +263,16 @@ fn host_ssh_preflight() {
         f.fsync_supported,
         "OpenSSH internal-sftp advertises fsync@openssh.com"
     );
-    let free = f.free_bytes.expect("free space from `df` over ssh");
+    let free = f
+        .free_bytes
+        .expect("free space from statvfs@openssh.com over SFTP");
     assert!(free > 0);
     // The same file system seen locally: within 10 % (other processes write meanwhile).
     let v = nix::sys::statvfs::statvfs(&sshd.server_dir()).unwrap();
     let local = v.blocks_available() as u64 * v.fragment_size() as u64;
     assert!(
         free.abs_diff(local) <= (local / 10).max(64 << 20),
-        "df over ssh says {free} bytes free, statvfs {local}"
+        "statvfs@openssh.com says {free} bytes free, statvfs {local}"
     );
     assert_eq!(f.container_size, None, "no container yet");
 

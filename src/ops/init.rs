@@ -88,7 +88,10 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
             p.container.size
         ),
         Some(_) => {}
-        None => warn!("cannot tell the server's free space (no shell access?); continuing"),
+        None => warn!(
+            "cannot tell the free space on {} (its SFTP server offers no statvfs@openssh.com); continuing",
+            p.server.host
+        ),
     }
 
     // The server directory is mounted and every name checked (a planted link is exit 6)

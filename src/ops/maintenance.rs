@@ -48,12 +48,14 @@ pub fn validate(p: &Profile, connect: bool, json: bool) -> Exit {
         problems
             .push("e2ebackup must run as root (it attaches loop devices and opens LUKS)".into());
     }
+    problems.extend(crate::localpaths::problems(p));
     let kf = &p.container.keyfile.0;
-    if kf.exists() {
+    if kf.is_file() {
         if let Err(e) = crate::stack::luks::read_keyfile(kf) {
             problems.push(format!("container.keyfile: {e:#}"));
         }
-    } else {
+    } else if !kf.exists() && crate::localpaths::check(kf, crate::localpaths::Kind::File).is_none()
+    {
         warn!(
             "container.keyfile {} does not exist yet (`init` creates it)",
             kf.display()

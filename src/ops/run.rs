@@ -10,6 +10,8 @@ use crate::snapshots::{self, Taken};
 use crate::state::{self, LastRun};
 use crate::{hooks, info, monitor, retention, warn};
 
+mod no_space;
+
 pub fn run(p: &Profile) -> Exit {
     let started = super::now();
     let clock = std::time::Instant::now();
@@ -51,7 +53,7 @@ pub fn run(p: &Profile) -> Exit {
         pg.start();
     }
     let mut figures = Figures::default();
-    let result = work(p, &mut s, &mut figures);
+    let result = work(p, &mut s, &mut figures).map_err(|e| no_space::explain(p, e));
     let (code, complete) = finish(s, &result);
     let err = result.as_ref().err().map(|e| format!("{e:#}"));
     let mut o = Outcome::new(code, err, complete);
@@ -161,6 +163,7 @@ fn work(p: &Profile, s: &mut Session<'_>, f: &mut Figures) -> Result<Exit> {
     let root = s.open_all("run", false)?;
     snapshots::remove_partials(&root)?;
     super::grow::auto_grow(p, s, &root)?;
+    no_space::check_before(p, &root)?;
     let t = snapshots::take(p, &root)?;
     let warnings = t.vanished_files;
     f.taken = Some(t);
@@ -188,8 +191,18 @@ pub fn prune(
     dry_run: bool,
 ) -> Result<Vec<retention::Decision>> {
     let ids = snapshots::list(root)?;
-    let decisions = retention::select(&ids, &p.retention);
+    let now = crate::snapid::SnapshotId::now().unix();
+    let decisions = retention::select(&ids, &p.retention, now);
     if p.retention.is_empty() {
+        return Ok(decisions);
+    }
+    if let Some(f) = retention::future(&ids, now) {
+        warn!(
+            "snapshot {f} is dated in the future (this clock reads {}; was it set ahead when that snapshot was taken?): \
+             retention is suspended and nothing is pruned until the clock passes {f}; \
+             if that snapshot's date is wrong, remove it by hand (docs/operations.md, clock jumps)",
+            crate::snapid::SnapshotId::from_unix(now)
+        );
         return Ok(decisions);
     }
     for d in &decisions {

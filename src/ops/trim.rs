@@ -39,11 +39,20 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
         )));
     }
     let remote = s.remote.as_ref().expect("connected");
-    match remote.exec("command -v nbdkit") {
-        Ok((0, _, _)) => {}
-        _ => anyhow::bail!(
+    // The marker tells "no shell at all" (an SFTP-only account: ForceCommand internal-sftp
+    // answers every command with an SFTP server) from "a shell without nbdkit".
+    let probe = remote.exec("echo e2ebackup-shell; command -v nbdkit");
+    match probe {
+        Ok((0, ref out, _)) if out.contains("e2ebackup-shell") => {}
+        Ok((_, ref out, _)) if out.contains("e2ebackup-shell") => anyhow::bail!(
             "the server {} has no nbdkit: install it there (Debian/Ubuntu: apt install nbdkit). \
              nbd-server is not used: version 3.24 silently ignores half of the trim requests",
+            p.server.host
+        ),
+        _ => anyhow::bail!(
+            "the account {}@{} cannot run commands (an SFTP-only account?): trim needs a shell and \
+             nbdkit on the server; every other command works over SFTP alone",
+            p.server.user,
             p.server.host
         ),
     }

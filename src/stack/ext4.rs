@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::cmd::Cmd;
 
@@ -24,6 +24,26 @@ pub fn mkfs(device: &Path, label: &str, inodes: u64, journal: u64) -> Result<()>
         .arg(device)
         .run()?;
     Ok(())
+}
+
+/// Whether the ext4 on `device` has a journal that needs recovery (the superblock's
+/// INCOMPAT_RECOVER flag: set while mounted read-write, cleared by a clean unmount). Read
+/// straight from the superblock (offset 1024, s_feature_incompat at 0x60), no process.
+pub fn needs_recovery(device: &Path) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(device)
+        .with_context(|| format!("opening {} to read its superblock", device.display()))?;
+    let mut sb = [0u8; 0x64];
+    f.read_exact_at(&mut sb, 1024)
+        .with_context(|| format!("reading the superblock of {}", device.display()))?;
+    if u16::from_le_bytes([sb[0x38], sb[0x39]]) != 0xEF53 {
+        anyhow::bail!(
+            "{} holds no ext4 filesystem (bad superblock magic)",
+            device.display()
+        );
+    }
+    let incompat = u32::from_le_bytes([sb[0x60], sb[0x61], sb[0x62], sb[0x63]]);
+    Ok(incompat & 0x4 != 0)
 }
 
 /// Read-only check (`e2fsck -fn`); Ok(true) when clean.
@@ -121,5 +141,40 @@ mod tests {
         assert!(small < dflt);
         // 16 GiB at one inode per 64 KiB: well under mke2fs's default of ~340 MiB.
         assert!(small < 300 << 20, "{small}");
+    }
+}
+
+#[cfg(test)]
+mod recovery_tests {
+    use super::*;
+
+    /// A real ext4 image (a file: mkfs and debugfs need no device), with the recovery flag
+    /// set by debugfs as the kernel sets it while mounted read-write.
+    #[test]
+    fn needs_recovery_reads_the_superblock_flag() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("fs.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let ok = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&img)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        assert!(!needs_recovery(&img).unwrap());
+        let ok = std::process::Command::new("debugfs")
+            .args(["-w", "-R", "feature needs_recovery"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(ok.status.success(), "{ok:?}");
+        assert!(needs_recovery(&img).unwrap());
+        let junk = d.path().join("junk");
+        std::fs::write(&junk, vec![0u8; 4096]).unwrap();
+        let e = needs_recovery(&junk).unwrap_err();
+        assert!(format!("{e:#}").contains("bad superblock magic"), "{e:#}");
     }
 }

@@ -88,17 +88,53 @@ pub fn device_of(target: &Path) -> Result<Option<(u32, u32)>> {
 /// data to copy, never something to execute or a device to open. `noinit_itable`: after a
 /// grow, do not let ext4lazyinit zero new inode tables across the network in the background.
 pub fn mount_ext4(device: &Path, target: &Path, read_only: bool) -> Result<()> {
-    let mut flags =
-        MountFlags::NODEV | MountFlags::NOSUID | MountFlags::NOEXEC | MountFlags::NOATIME;
-    if read_only {
+    mount_ext4_with(device, target, read_only, false)
+}
+
+const EXT4_FLAGS: MountFlags = MountFlags::NODEV
+    .union(MountFlags::NOSUID)
+    .union(MountFlags::NOEXEC)
+    .union(MountFlags::NOATIME);
+const EXT4_DATA: &str = "noinit_itable,errors=remount-ro";
+
+/// [`mount_ext4`], read-only with `noload` when asked: the journal is neither replayed nor
+/// read, so a filesystem whose journal needs recovery mounts on a read-only device (without
+/// it the kernel refuses: "cannot mount read-only", EROFS). What the unreplayed journal holds
+/// (the interrupted run's last transactions) is not visible.
+pub fn mount_ext4_with(device: &Path, target: &Path, read_only: bool, noload: bool) -> Result<()> {
+    let mut flags = EXT4_FLAGS;
+    if read_only || noload {
         flags |= MountFlags::RDONLY;
     }
+    let data = if noload {
+        format!("noload,{EXT4_DATA}")
+    } else {
+        EXT4_DATA.to_string()
+    };
     Mount::builder()
         .fstype("ext4")
         .flags(flags)
-        .data("noinit_itable,errors=remount-ro")
+        .data(&data)
         .mount(device, target)
-        .with_context(|| format!("mounting {} on {}", device.display(), target.display()))?;
+        .with_context(|| {
+            format!(
+                "mounting {} on {}{}",
+                device.display(),
+                target.display(),
+                if noload { " (ro,noload)" } else { "" }
+            )
+        })?;
+    Ok(())
+}
+
+/// Remount the ext4 at `target` read-write (after the read-only checks).
+pub fn remount_ext4_rw(target: &Path) -> Result<()> {
+    Mount::builder()
+        .fstype("ext4")
+        .flags(EXT4_FLAGS | MountFlags::REMOUNT)
+        .data(EXT4_DATA)
+        .mount("none", target)
+        .with_context(|| format!("remounting {} read-write", target.display()))?;
     Ok(())
 }
 

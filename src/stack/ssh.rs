@@ -34,7 +34,8 @@ pub struct Remote {
 pub struct Facts {
     /// The server's SFTP advertises fsync@openssh.com: an fsync on sshfs reaches its disk.
     pub fsync_supported: bool,
-    /// Free bytes for the user in `server.path` (None if the server runs no shell commands).
+    /// Free bytes for the user in `server.path` (SFTP statvfs@openssh.com: f_bavail x
+    /// f_frsize; None if the server does not offer that extension).
     pub free_bytes: Option<u64>,
     /// Apparent size of the container file, if it exists.
     pub container_size: Option<u64>,
@@ -242,6 +243,41 @@ impl Remote {
         parse_sftp_version(&body)
     }
 
+    /// statvfs@openssh.com of `path` on the server, over a fresh SFTP channel (libssh2
+    /// exposes only the handle-based fstatvfs, and OpenSSH's sftp-server has no fd for a
+    /// directory handle; this speaks the two packets itself, like [`Self::sftp_extensions`]).
+    pub fn sftp_statvfs(&self, path: &str) -> Result<StatVfs> {
+        let mut ch = self.session.channel_session()?;
+        ch.subsystem("sftp")
+            .with_context(|| format!("starting the sftp subsystem on {}", self.label))?;
+        let read_packet = |ch: &mut ssh2::Channel| -> Result<Vec<u8>> {
+            let mut len = [0u8; 4];
+            ch.read_exact(&mut len)?;
+            let len = u32::from_be_bytes(len) as usize;
+            if !(5..=1 << 20).contains(&len) {
+                bail!("{}: malformed SFTP packet", self.label);
+            }
+            let mut body = vec![0u8; len];
+            ch.read_exact(&mut body)?;
+            Ok(body)
+        };
+        ch.write_all(&[0, 0, 0, 5, 1, 0, 0, 0, 3])?;
+        ch.flush()?;
+        let exts = parse_sftp_version(&read_packet(&mut ch)?)?;
+        if !exts.iter().any(|e| e == "statvfs@openssh.com") {
+            bail!(
+                "{}: the SFTP server does not offer statvfs@openssh.com",
+                self.label
+            );
+        }
+        ch.write_all(&statvfs_request(7, path))?;
+        ch.flush()?;
+        let reply = read_packet(&mut ch)?;
+        let _ = ch.close();
+        parse_statvfs_reply(&reply, 7)
+            .with_context(|| format!("statvfs@openssh.com of {path} on {}", self.label))
+    }
+
     /// Gather the facts `init` and `run` need.
     pub fn facts(&self, dir: &str, container: &str) -> Result<Facts> {
         let sftp = self.session.sftp()?;
@@ -259,9 +295,15 @@ impl Remote {
             .sftp_extensions()
             .map(|exts| exts.iter().any(|e| e == "fsync@openssh.com"))
             .unwrap_or(false);
-        let free_bytes = match self.exec(&format!("df -Pk -- {}", shell_quote(dir))) {
-            Ok((0, out, _)) => parse_df_avail(&out),
-            _ => None,
+        // Through SFTP, not a shell command: an SFTP-only account (ForceCommand
+        // internal-sftp, hosted storage) runs no commands, and free space is exactly what
+        // runs out there.
+        let free_bytes = match self.sftp_statvfs(dir) {
+            Ok(v) => Some(v.free_bytes()),
+            Err(e) => {
+                crate::debug!("statvfs@openssh.com of {dir} on {}: {e:#}", self.label);
+                None
+            }
         };
         Ok(Facts {
             fsync_supported,
@@ -323,10 +365,63 @@ fn parse_sftp_version(body: &[u8]) -> Result<Vec<String>> {
     Ok(exts)
 }
 
-fn parse_df_avail(out: &str) -> Option<u64> {
-    let line = out.lines().nth(1)?;
-    let avail: u64 = line.split_whitespace().nth(3)?.parse().ok()?;
-    Some(avail * 1024)
+/// The fields of an SFTP statvfs reply that we use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatVfs {
+    pub frsize: u64,
+    pub blocks: u64,
+    pub bavail: u64,
+}
+
+impl StatVfs {
+    /// Bytes an unprivileged user may still write.
+    pub fn free_bytes(&self) -> u64 {
+        self.bavail.saturating_mul(self.frsize)
+    }
+}
+
+/// SSH_FXP_EXTENDED (200), request id, "statvfs@openssh.com", path.
+fn statvfs_request(id: u32, path: &str) -> Vec<u8> {
+    let name = b"statvfs@openssh.com";
+    let mut body = vec![200u8];
+    body.extend_from_slice(&id.to_be_bytes());
+    for s in [&name[..], path.as_bytes()] {
+        body.extend_from_slice(&(s.len() as u32).to_be_bytes());
+        body.extend_from_slice(s);
+    }
+    let mut pkt = (body.len() as u32).to_be_bytes().to_vec();
+    pkt.extend_from_slice(&body);
+    pkt
+}
+
+/// SSH_FXP_EXTENDED_REPLY (201), id, then 11 uint64 (bsize frsize blocks bfree bavail
+/// files ffree favail fsid flag namemax); or SSH_FXP_STATUS (101) with an error.
+fn parse_statvfs_reply(body: &[u8], id: u32) -> Result<StatVfs> {
+    match body.first() {
+        Some(201) => {}
+        Some(101) => {
+            let code = body
+                .get(5..9)
+                .map(|b| u32::from_be_bytes(b.try_into().unwrap()));
+            bail!("the server answered with SFTP status {code:?}");
+        }
+        t => bail!("unexpected SFTP reply type {t:?}"),
+    }
+    if body.get(1..5) != Some(&id.to_be_bytes()[..]) {
+        bail!("SFTP reply for another request");
+    }
+    let field = |i: usize| -> Result<u64> {
+        let o = 5 + 8 * i;
+        let b = body
+            .get(o..o + 8)
+            .ok_or_else(|| anyhow!("short statvfs reply"))?;
+        Ok(u64::from_be_bytes(b.try_into().expect("8 bytes")))
+    };
+    Ok(StatVfs {
+        frsize: field(1)?,
+        blocks: field(2)?,
+        bavail: field(4)?,
+    })
 }
 
 /// Quote a string for a POSIX shell.
@@ -394,9 +489,37 @@ mod tests {
     }
 
     #[test]
-    fn df_and_quote() {
-        let out = "Filesystem 1024-blocks Used Available Capacity Mounted on\n/dev/vda 1000 10 900 2% /srv\n";
-        assert_eq!(parse_df_avail(out), Some(900 * 1024));
+    fn statvfs_packets_and_quote() {
+        let req = statvfs_request(7, "/srv/b");
+        assert_eq!(&req[..4], &((req.len() - 4) as u32).to_be_bytes());
+        assert_eq!(req[4], 200);
+        assert_eq!(&req[5..9], &7u32.to_be_bytes());
+        assert_eq!(&req[9..13], &19u32.to_be_bytes());
+        assert_eq!(&req[13..32], b"statvfs@openssh.com");
+        assert_eq!(&req[32..36], &6u32.to_be_bytes());
+        assert_eq!(&req[36..], b"/srv/b");
+        let mut rep = vec![201u8];
+        rep.extend_from_slice(&7u32.to_be_bytes());
+        for v in [4096u64, 4096, 1000, 300, 200, 10, 9, 8, 1, 0, 255] {
+            rep.extend_from_slice(&v.to_be_bytes());
+        }
+        let st = parse_statvfs_reply(&rep, 7).unwrap();
+        assert_eq!(
+            st,
+            StatVfs {
+                frsize: 4096,
+                blocks: 1000,
+                bavail: 200
+            }
+        );
+        assert_eq!(st.free_bytes(), 200 * 4096);
+        assert!(parse_statvfs_reply(&rep, 8).is_err(), "wrong id");
+        assert!(parse_statvfs_reply(&rep[..40], 7).is_err(), "short");
+        let mut status = vec![101u8];
+        status.extend_from_slice(&7u32.to_be_bytes());
+        status.extend_from_slice(&8u32.to_be_bytes());
+        let e = parse_statvfs_reply(&status, 7).unwrap_err().to_string();
+        assert!(e.contains("Some(8)"), "{e}");
         assert_eq!(shell_quote("a'b"), "'a'\\''b'");
     }
 }

@@ -112,3 +112,14 @@ pub fn sshfs_process_for(target: &Path) -> Option<u32> {
     }
     None
 }
+
+/// Free bytes for the server user under the sshfs mount at `target`: statfs on sshfs asks
+/// the server with statvfs@openssh.com (no shell command). None if it cannot tell.
+pub fn free_bytes(target: &Path) -> Option<u64> {
+    let v = nix::sys::statvfs::statvfs(target).ok()?;
+    // sshfs reports f_blocks 0 when the server lacks the extension.
+    if v.blocks() == 0 {
+        return None;
+    }
+    Some((v.blocks_available() as u64).saturating_mul(v.fragment_size() as u64))
+}
