@@ -51,6 +51,8 @@ pub struct Cmd {
     args: Vec<String>,
     /// Exit codes that are not failures (rsync 24 = vanished files, for instance).
     ok_codes: Vec<i32>,
+    /// [`Cmd::run`] stops the child and fails after this long.
+    limit: Option<Duration>,
 }
 
 /// What a finished command produced.
@@ -67,6 +69,7 @@ impl Cmd {
             program: which(program)?,
             args: Vec::new(),
             ok_codes: vec![0],
+            limit: None,
         })
     }
 
@@ -88,6 +91,12 @@ impl Cmd {
 
     pub fn ok_codes(mut self, codes: &[i32]) -> Cmd {
         self.ok_codes = codes.to_vec();
+        self
+    }
+
+    /// Give up on the child after `limit` (a wait on the server must be bounded).
+    pub fn time_limit(mut self, limit: Duration) -> Cmd {
+        self.limit = Some(limit);
         self
     }
 
@@ -150,6 +159,7 @@ impl Cmd {
             .expr()
             .start()
             .with_context(|| format!("cannot start `{}`", self.describe()))?;
+        let started = Instant::now();
         loop {
             if let Some(out) = handle.wait_timeout(Duration::from_millis(100))? {
                 let out = Output {
@@ -162,6 +172,14 @@ impl Cmd {
             if let Err(e) = signals::check() {
                 stop(&handle);
                 return Err(e.context(format!("while running `{}`", self.describe())));
+            }
+            if let Some(limit) = self.limit.filter(|l| started.elapsed() >= *l) {
+                stop(&handle);
+                bail!(
+                    "`{}` did not finish within {} s; stopped it",
+                    self.describe(),
+                    limit.as_secs()
+                );
             }
         }
     }
@@ -332,6 +350,20 @@ mod tests {
         assert_eq!(seen, ["a 1%", "b 2%", "stats: 3", "tail"]);
         assert_eq!(d.stdout, "stats: 3\ntail");
         assert_eq!(d.stderr.trim(), "err");
+    }
+
+    #[test]
+    fn time_limit_stops_the_child() {
+        let t = Instant::now();
+        let e = Cmd::new("sleep")
+            .unwrap()
+            .arg("30")
+            .time_limit(Duration::from_millis(300))
+            .run()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did not finish within 0 s"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

@@ -70,7 +70,11 @@ pub fn mount(server: &Server, target: &Path) -> Result<()> {
             m.source
         );
     }
-    command(server, target)?.run()?;
+    // sshfs returns once the SFTP session is up; on a server whose storage hangs, its
+    // sftp-server may never answer the handshake, so the wait is bounded like the watchdog's.
+    command(server, target)?
+        .time_limit(server.stall_limit())
+        .run()?;
     match mount::mounted_at(target)? {
         Some(m) if m.fstype == "fuse.sshfs" => Ok(()),
         _ => bail!("sshfs exited without mounting {}", target.display()),
