@@ -127,9 +127,14 @@ impl<'p> Session<'p> {
         let target = sshfs_dir(p);
         self.stack.push(Undo::UnmountSshfs {
             target: target.clone(),
+            daemon: None,
         })?;
         info!("mounting {}:{} with sshfs", p.server.host, p.server.path);
-        sshfs::mount(&p.server, &target)?;
+        let daemon = sshfs::mount(&p.server, &target)?;
+        self.stack.amend_last(Undo::UnmountSshfs {
+            target: target.clone(),
+            daemon: Some(daemon),
+        })?;
         signals::check()?;
         let lock_path = lock::server_lock_path(&target, &p.container.file.0);
         let me = lock::ServerLock::mine(command);

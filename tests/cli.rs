@@ -412,9 +412,15 @@ fn host_cleanup_and_run_finish_an_earlier_teardown() {
         let mut s = Stack::persistent(journal.clone(), "run").unwrap();
         s.push(Undo::UnmountSshfs {
             target: srv.clone(),
+            daemon: None,
         })
         .unwrap();
-        sshfs::mount(&p.server, &srv).unwrap_or_else(|e| panic!("{e:#}"));
+        let d = sshfs::mount(&p.server, &srv).unwrap_or_else(|e| panic!("{e:#}"));
+        s.amend_last(Undo::UnmountSshfs {
+            target: srv.clone(),
+            daemon: Some(d),
+        })
+        .unwrap();
         let lock_path = lock::server_lock_path(&srv, &p.container.file.0);
         let mut me = lock::ServerLock::mine("run");
         me.pid_start += 1; // as if held by a process that is gone
@@ -492,6 +498,7 @@ fn host_cleanup_and_run_finish_an_earlier_teardown() {
     for u in [
         Undo::UnmountSshfs {
             target: srv.clone(),
+            daemon: None,
         },
         Undo::DetachLoop {
             device: "/dev/loop250".into(),
