@@ -273,6 +273,119 @@ impl Cmd {
     }
 }
 
+/// A process we started, known by its pid and its start time (clock ticks after boot,
+/// field 22 of /proc/PID/stat), as recorded in the undo journal when we started it.
+///
+/// Never by argv: any local user can start a process whose argv[0] is "sshfs" and whose
+/// arguments name our mount point (`exec -a sshfs sleep inf /run/e2ebackup/NAME/server`);
+/// nobody can give a process our recorded pid and start time, since a pid is reused only
+/// after its process has exited and been reaped, and the new one starts later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Proc {
+    pub pid: u32,
+    pub start: u64,
+}
+
+/// State letter and start time of `pid`, from /proc/PID/stat.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and ')'; fields resume after the last ')'.
+    let mut rest = stat[stat.rfind(')')? + 2..].split(' ');
+    let state = rest.next()?.chars().next()?;
+    Some((state, rest.nth(18)?.parse().ok()?))
+}
+
+impl Proc {
+    /// The process `pid` as it is now (None if there is none).
+    pub fn of(pid: u32) -> Option<Proc> {
+        proc_stat(pid).map(|(_, start)| Proc { pid, start })
+    }
+
+    /// Still running: same pid, same start time, not a zombie. A zombie that is our own
+    /// child is reaped here (its pid would otherwise stay taken and look alive).
+    pub fn is_running(&self) -> bool {
+        match proc_stat(self.pid) {
+            Some((state, start)) if start == self.start => {
+                if state != 'Z' {
+                    return true;
+                }
+                let _ = nix::sys::wait::waitpid(
+                    nix::unistd::Pid::from_raw(self.pid as i32),
+                    Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                );
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// Wait up to `timeout` for the process to exit; true if it has.
+    pub fn wait_exit(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.is_running() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        true
+    }
+
+    /// Ensure the process has exited: SIGTERM to its process group (it leads one: see
+    /// [`Cmd::spawn_detached`]), then SIGKILL. A pid that now belongs to another process
+    /// (another start time) is left alone.
+    pub fn ensure_stopped(&self) -> Result<()> {
+        use nix::sys::signal::{killpg, Signal};
+        let pg = nix::unistd::Pid::from_raw(self.pid as i32);
+        for sig in [Signal::SIGTERM, Signal::SIGKILL] {
+            if !self.is_running() {
+                return Ok(());
+            }
+            let _ = killpg(pg, sig);
+            if self.wait_exit(Duration::from_secs(5)) {
+                return Ok(());
+            }
+        }
+        bail!("process {} did not exit after SIGKILL", self.pid)
+    }
+}
+
+impl Cmd {
+    /// Start the command detached: in a new session (so it leads its own process group and
+    /// gets no terminal signals), with no parent-death signal (it must outlive us if we are
+    /// killed, so the next command's recovery can still tear down in order), stdin from
+    /// /dev/null. Returns its identity for the undo journal; the caller records it at once.
+    pub fn spawn_detached(
+        &self,
+        stdout: std::process::Stdio,
+        stderr: std::process::Stdio,
+    ) -> Result<Proc> {
+        use std::os::unix::process::CommandExt;
+        signals::check()?;
+        debug!("$ {} (detached)", self.describe());
+        let mut c = std::process::Command::new(&self.program);
+        c.args(&self.args)
+            .env("LC_ALL", "C")
+            .stdin(std::process::Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+        unsafe {
+            c.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = c
+            .spawn()
+            .with_context(|| format!("cannot start `{}`", self.describe()))?;
+        // Not yet waited for, so even if it exited already its pid (a zombie) is still ours
+        // and its start time readable. The Child handle is dropped without killing it.
+        Proc::of(child.id())
+            .ok_or_else(|| anyhow!("`{}` vanished right after it started", self.describe()))
+    }
+}
+
 /// Stop a child gently (SIGTERM, so rsync can clean up its temp files), then for good.
 fn stop(handle: &duct::Handle) {
     for pid in handle.pids() {
@@ -364,6 +477,34 @@ mod tests {
             .to_string();
         assert!(e.contains("did not finish within 0 s"), "{e}");
         assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_detached_process_is_known_by_pid_and_start_and_stopped() {
+        let p = Cmd::new("sleep")
+            .unwrap()
+            .arg("30")
+            .spawn_detached(std::process::Stdio::null(), std::process::Stdio::null())
+            .unwrap();
+        assert!(p.is_running());
+        // Its own process group and session (setsid).
+        assert_eq!(
+            nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(p.pid as i32)))
+                .unwrap()
+                .as_raw() as u32,
+            p.pid
+        );
+        // Another start time is another process: never signalled, reported not running.
+        let other = Proc {
+            pid: p.pid,
+            start: p.start + 1,
+        };
+        assert!(!other.is_running());
+        other.ensure_stopped().unwrap();
+        assert!(p.is_running());
+        p.ensure_stopped().unwrap();
+        assert!(!p.is_running());
+        assert!(Proc::of(p.pid).is_none(), "zombie not reaped");
     }
 
     #[test]

@@ -136,9 +136,14 @@ impl<'p> Session<'p> {
         let target = p.sshfs_dir();
         self.stack.push(Undo::UnmountSshfs {
             target: target.clone(),
+            daemon: None,
         })?;
         info!("mounting {}:{} with sshfs", p.server.host, p.server.path);
-        sshfs::mount(&p.server, &target)?;
+        let daemon = sshfs::mount(&p.server, &target)?;
+        self.stack.amend_last(Undo::UnmountSshfs {
+            target: target.clone(),
+            daemon: Some(daemon),
+        })?;
         let dir = ServerDir::open(&target, &format!("{}:{}", p.server.host, p.server.path))?;
         self.watchdog = Some(crate::watchdog::Watchdog::start(
             &p.server.host,

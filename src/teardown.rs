@@ -32,8 +32,14 @@ pub enum Undo {
     DetachLoop { device: PathBuf, backing: PathBuf },
     /// Ensure the lock file we wrote at `path` (through the sshfs mount) is gone, if ours.
     ReleaseServerLock { path: PathBuf, token: String },
-    /// Ensure the sshfs mount at `target` is gone and its process has exited.
-    UnmountSshfs { target: PathBuf },
+    /// Ensure the sshfs mount at `target` is gone and its process has exited. `daemon` is
+    /// the sshfs process we started (pid + start time), recorded once it runs; journals
+    /// written before it existed, or a crash right after the push, leave it `None`.
+    UnmountSshfs {
+        target: PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        daemon: Option<crate::cmd::Proc>,
+    },
     /// Ensure a half-made file (an `init` that did not finish) is removed.
     RemoveFile { path: PathBuf },
     /// Ensure the NBD device is disconnected.
@@ -57,7 +63,9 @@ impl std::fmt::Display for Undo {
             Undo::ReleaseServerLock { path, .. } => {
                 write!(f, "release server lock {}", path.display())
             }
-            Undo::UnmountSshfs { target } => write!(f, "unmount sshfs {}", target.display()),
+            Undo::UnmountSshfs { target, .. } => {
+                write!(f, "unmount sshfs {}", target.display())
+            }
             Undo::RemoveFile { path } => write!(f, "remove unfinished {}", path.display()),
             Undo::DisconnectNbd { device } => write!(f, "disconnect {}", device.display()),
             Undo::StopProcess { pid, what, .. } => write!(f, "stop {what} (pid {pid})"),
@@ -73,7 +81,7 @@ impl Undo {
             Undo::CloseLuks { name } => format!("cryptsetup close {name}"),
             Undo::DetachLoop { device, .. } => format!("losetup -d {}", device.display()),
             Undo::ReleaseServerLock { path, .. } => format!("rm {}", path.display()),
-            Undo::UnmountSshfs { target } => format!("fusermount3 -u {}", target.display()),
+            Undo::UnmountSshfs { target, .. } => format!("fusermount3 -u {}", target.display()),
             Undo::RemoveFile { path } => format!("rm {}", path.display()),
             Undo::DisconnectNbd { device } => format!("nbd-client -d {}", device.display()),
             Undo::StopProcess { pid, .. } => format!("kill {pid}"),
@@ -193,6 +201,15 @@ impl Stack {
     /// Record an undo BEFORE acquiring the resource it undoes.
     pub fn push(&mut self, u: Undo) -> Result<()> {
         self.journal.records.push(u);
+        self.save()
+    }
+
+    /// Replace the newest record with a more precise one for the same resource (the sshfs
+    /// daemon's identity is known only after the record had to be pushed).
+    pub fn amend_last(&mut self, u: Undo) -> Result<()> {
+        if let Some(last) = self.journal.records.last_mut() {
+            *last = u;
+        }
         self.save()
     }
 
@@ -328,6 +345,10 @@ mod tests {
         vec![
             Undo::UnmountSshfs {
                 target: "/run/e2ebackup/p/server".into(),
+                daemon: Some(crate::cmd::Proc {
+                    pid: 4242,
+                    start: 99,
+                }),
             },
             Undo::ReleaseServerLock {
                 path: "/run/e2ebackup/p/server/c.lock".into(),
@@ -360,6 +381,23 @@ mod tests {
             s.push(u).unwrap();
         }
         s
+    }
+
+    #[test]
+    fn an_older_journal_without_the_sshfs_daemon_still_reads() {
+        let old = r#"{"command":"run","pid":7,"records":[
+            {"undo":"unmount_sshfs","target":"/run/e2ebackup/p/server"}]}"#;
+        let j: Journal = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            j.records,
+            [Undo::UnmountSshfs {
+                target: "/run/e2ebackup/p/server".into(),
+                daemon: None
+            }]
+        );
+        let new = serde_json::to_string(&full_stack()[0]).unwrap();
+        assert!(new.contains(r#""daemon":{"pid":4242,"start":99}"#), "{new}");
+        assert_eq!(serde_json::from_str::<Undo>(&new).unwrap(), full_stack()[0]);
     }
 
     #[test]

@@ -402,6 +402,13 @@ fn host_cleanup_and_run_finish_an_earlier_teardown() {
         let mut s = Stack::persistent(journal.clone(), "run").unwrap();
         s.push(Undo::UnmountSshfs {
             target: srv.clone(),
+            daemon: None,
+        })
+        .unwrap();
+        let d = sshfs::mount(&p.server, &srv).unwrap_or_else(|e| panic!("{e:#}"));
+        s.amend_last(Undo::UnmountSshfs {
+            target: srv.clone(),
+            daemon: Some(d),
         })
         .unwrap();
         sshfs::mount(&p.server, &srv).unwrap_or_else(|e| panic!("{e:#}"));
@@ -484,6 +491,7 @@ fn host_cleanup_and_run_finish_an_earlier_teardown() {
     for u in [
         Undo::UnmountSshfs {
             target: srv.clone(),
+            daemon: None,
         },
         Undo::DetachLoop {
             device: "/dev/loop250".into(),

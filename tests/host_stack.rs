@@ -184,11 +184,33 @@ fn mount_server(stack: &mut Stack, p: &Profile, mnt: &Path) {
     stack
         .push(Undo::UnmountSshfs {
             target: mnt.to_path_buf(),
+            daemon: None,
         })
         .unwrap();
-    sshfs::mount(&p.server, mnt).unwrap_or_else(|e| panic!("sshfs mount: {e:#}"));
+    let d = sshfs::mount(&p.server, mnt).unwrap_or_else(|e| panic!("sshfs mount: {e:#}"));
+    assert!(d.is_running(), "the recorded sshfs daemon {d:?} runs");
+    stack
+        .amend_last(Undo::UnmountSshfs {
+            target: mnt.to_path_buf(),
+            daemon: Some(d),
+        })
+        .unwrap();
     let m = mount::mounted_at(mnt).unwrap().expect("sshfs mounted");
     assert_eq!(m.fstype, "fuse.sshfs");
+}
+
+/// The records with the sshfs daemon's identity (pid, start) left out, to compare.
+fn no_daemon(records: &[Undo]) -> Vec<Undo> {
+    records
+        .iter()
+        .map(|u| match u {
+            Undo::UnmountSshfs { target, .. } => Undo::UnmountSshfs {
+                target: target.clone(),
+                daemon: None,
+            },
+            u => u.clone(),
+        })
+        .collect()
 }
 
 /// Attach a loop device over `file` (opened beneath its directory, as the session does) and
@@ -369,6 +391,7 @@ fn host_changed_host_key_refused() {
     stack
         .push(Undo::UnmountSshfs {
             target: mnt.clone(),
+            daemon: None,
         })
         .unwrap();
     // (sshfs only reports "read: Connection reset by peer": ssh's own message is lost,
@@ -674,7 +697,7 @@ fn host_sshfs_loop_ext4_snapshots() {
     let report = stack.unwind(&mut stack::Real);
     assert!(report.complete(), "{:?}", report.failed);
     assert_eq!(
-        report.done,
+        no_daemon(&report.done),
         vec![
             Undo::Unmount { target: fs.clone() },
             Undo::DetachLoop {
@@ -682,7 +705,8 @@ fn host_sshfs_loop_ext4_snapshots() {
                 backing: file.clone()
             },
             Undo::UnmountSshfs {
-                target: mnt.clone()
+                target: mnt.clone(),
+                daemon: None,
             },
         ]
     );
@@ -715,6 +739,69 @@ fn host_sshfs_loop_ext4_snapshots() {
 // ---------------------------------------------------------------------------------------
 // The server lock, through sshfs
 // ---------------------------------------------------------------------------------------
+
+/// The sshfs mount is nosuid,nodev,noexec, refuses a server symlink out of the directory,
+/// and its teardown waits for the daemon we recorded, not for a local user's look-alike.
+#[test]
+#[ignore = "needs root (sshd on 127.0.0.1, sshfs, loop devices); run as root with --include-ignored, as CI does"]
+fn host_sshfs_options_and_a_look_alike_process() {
+    let sshd = Sshd::start();
+    let p = sshd.load_profile("sshfsopts", &[Path::new("/etc")]);
+    let run = tempfile::tempdir().unwrap();
+    let journal = run.path().join("undo.json");
+    let mnt = run.path().join("server");
+    let _guard = Recover::new(&journal);
+    std::os::unix::fs::symlink("/etc/hostname", sshd.server_dir().join("planted")).unwrap();
+    let mut stack = Stack::persistent(journal.clone(), "test").unwrap();
+    mount_server(&mut stack, &p, &mnt);
+
+    let m = mount::mounted_at(&mnt).unwrap().expect("mounted");
+    let opts: Vec<&str> = m.options.split(',').collect();
+    for o in ["nosuid", "nodev", "noexec"] {
+        assert!(opts.contains(&o), "{o} missing from {}", m.options);
+    }
+    // contain_symlinks: the absolute link is refused, not resolved on the client.
+    let e = std::fs::read(mnt.join("planted")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+
+    // A look-alike: argv[0] "sshfs" and our mount point in its arguments.
+    let mut fake = std::process::Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "exec -a sshfs bash -c 'while :; do sleep 1; done' x {}",
+                mnt.display()
+            ),
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let Undo::UnmountSshfs {
+        daemon: Some(daemon),
+        ..
+    } = stack.records()[0]
+    else {
+        panic!("no daemon recorded: {:?}", stack.records())
+    };
+    assert_ne!(daemon.pid, fake.id());
+    let t = Instant::now();
+    let report = stack.unwind(&mut stack::Real);
+    assert!(report.complete(), "{:?}", report.failed);
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(!daemon.is_running(), "sshfs {daemon:?} still runs");
+    assert_eq!(mount::mounted_at(&mnt).unwrap(), None);
+    assert_eq!(
+        fake.try_wait().unwrap(),
+        None,
+        "the look-alike was signalled"
+    );
+    fake.kill().unwrap();
+    fake.wait().unwrap();
+}
 
 #[test]
 #[ignore = "needs root (sshd on 127.0.0.1, sshfs, loop devices); run as root with --include-ignored, as CI does"]
@@ -1018,9 +1105,18 @@ fn host_killed_run_journal_recovered() {
     assert_eq!(j.pid, child_pid);
     assert_eq!(j.command, "run");
     assert!(!j.persistent);
+    let Undo::UnmountSshfs {
+        daemon: Some(daemon),
+        ..
+    } = j.records[0]
+    else {
+        panic!("the journal names the sshfs daemon: {:?}", j.records)
+    };
+    assert!(daemon.is_running(), "{daemon:?} outlived the killed run");
     let expected = vec![
         Undo::UnmountSshfs {
             target: mnt.clone(),
+            daemon: Some(daemon),
         },
         Undo::DetachLoop {
             device: dev.clone(),

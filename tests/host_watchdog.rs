@@ -72,9 +72,16 @@ fn host_watchdog_aborts_a_hung_sftp_server() {
     stack
         .push(Undo::UnmountSshfs {
             target: mnt.clone(),
+            daemon: None,
         })
         .unwrap();
-    sshfs::mount(&p.server, &mnt).unwrap_or_else(|e| panic!("sshfs mount: {e:#}"));
+    let daemon = sshfs::mount(&p.server, &mnt).unwrap_or_else(|e| panic!("sshfs mount: {e:#}"));
+    stack
+        .amend_last(Undo::UnmountSshfs {
+            target: mnt.clone(),
+            daemon: Some(daemon),
+        })
+        .unwrap();
     let backing = mnt.join("test.luks");
     let f = e2ebackup::fsutil::ServerDir::open(&mnt, "server")
         .and_then(|d| d.open_file("test.luks", true))

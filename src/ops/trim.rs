@@ -61,26 +61,27 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     s.mount_server("trim")?;
 
     let mark = s.stack.len();
+    // The local end: a socket in a root-only directory (no TCP port for local users).
+    let sock = nbd::socket_in(&p.run_dir().join("nbd"))?;
     // The server-side port is a guess (nothing tells us which are free there): if nbdkit
     // cannot bind it, the tunnel exits at once, and another port is tried.
     let mut attempt = 0u32;
-    let lport = loop {
-        let lport = nbd::free_local_port()?;
+    loop {
         let rport = 20000 + ((std::process::id() + attempt * 7919) % 40000) as u16;
         crate::signals::check()?;
-        let pid = nbd::start_tunnel(&p.server, &p.remote_container(), lport, rport)?;
-        let start = crate::stack::lock::pid_start(pid).unwrap_or(0);
+        let tunnel = nbd::start_tunnel(&p.server, &p.remote_container(), &sock, rport)?;
         s.stack.push(Undo::StopProcess {
-            pid,
-            start,
+            pid: tunnel.pid,
+            start: tunnel.start,
             what: "ssh tunnel with the remote nbdkit".into(),
         })?;
         info!(
-            "NBD server starting on the server (127.0.0.1:{rport}), tunnelled to 127.0.0.1:{lport}"
+            "NBD server starting on the server (127.0.0.1:{rport}), tunnelled to {}",
+            sock.display()
         );
-        match nbd::wait_ready(lport, pid, std::time::Duration::from_secs(60)) {
-            Ok(()) => break lport,
-            Err(e) if attempt < 2 && crate::stack::lock::pid_start(pid).is_none() => {
+        match nbd::wait_ready(&sock, &tunnel, std::time::Duration::from_secs(60)) {
+            Ok(()) => break,
+            Err(e) if attempt < 2 && !tunnel.is_running() => {
                 warn!("{e:#}; trying another server port");
                 let r = s.stack.unwind_to(mark, &mut crate::stack::Real);
                 if !r.complete() {
@@ -91,13 +92,13 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
             }
             Err(e) => return Err(e),
         }
-    };
+    }
 
     let dev = nbd::free_device()?;
     s.stack.push(Undo::DisconnectNbd {
         device: dev.clone(),
     })?;
-    nbd::connect(&dev, lport)?;
+    nbd::connect(&dev, &sock)?;
     // The loop device is not used here: the NBD device takes its place under LUKS.
     let name = p.mapping_name();
     if luks::is_active(&name) {
@@ -107,8 +108,10 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     s.stack.push(Undo::CloseLuks { name: name.clone() })?;
     let mapper = luks::open(&dev, header.as_deref(), &name, &key, false, true)?;
     s.mapper = Some(mapper);
-    let root = s.mount_fs(false)?;
-    crate::snapshots::check_layout(&root)?;
+    s.key = Some(key);
+    // Layout and the authenticated generation, as every command that opens the container
+    // read-write checks them: a rolled-back container is refused here too.
+    let root = s.mount_checked(false)?;
     crate::signals::check()?;
     info!("fstrim {}", root.display());
     let out = Cmd::new("fstrim")?.arg("-v").arg(&root).run()?;

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //!   ssh      pinned-host-key SSH session: preflight, server facts, remote commands
+//!   openssh  the one set of OpenSSH options for every ssh and sshfs we start
 //!   sshfs    the server directory mounted over SFTP
 //!   lock     local flock + lock file on the server
 //!   loopdev  loop device with direct I/O over the container file on sshfs
@@ -19,6 +20,7 @@ pub mod loopdev;
 pub mod luks;
 pub mod mount;
 pub mod nbd;
+pub mod openssh;
 pub mod ssh;
 pub mod sshfs;
 
@@ -38,9 +40,15 @@ impl Undoer for Real {
             Undo::ReleaseServerLock { path, token } => {
                 lock::ensure_server_lock_released(path, token)
             }
-            Undo::UnmountSshfs { target } => sshfs::ensure_unmounted(target),
+            Undo::UnmountSshfs { target, daemon } => {
+                sshfs::ensure_unmounted(target, daemon.as_ref())
+            }
             Undo::DisconnectNbd { device } => nbd::ensure_disconnected(device),
-            Undo::StopProcess { pid, start, .. } => nbd::ensure_stopped(*pid, *start),
+            Undo::StopProcess { pid, start, .. } => crate::cmd::Proc {
+                pid: *pid,
+                start: *start,
+            }
+            .ensure_stopped(),
             Undo::RemoveFile { path } => match std::fs::remove_file(path) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

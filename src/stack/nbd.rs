@@ -10,106 +10,118 @@
 //! upper half of an export (a length bug in its exptrim; reproduced in docs/design.md), so
 //! fstrim through it frees almost nothing. nbdkit's file plugin punches every range.
 //!
-//! The tunnel is started in its own session and without a parent-death signal, like the
-//! sshfs daemon: if e2ebackup is killed, the tunnel stays up so the next command's recovery
-//! can still unmount and close cleanly before stopping it.
+//! The tunnel's local end is a Unix socket in a root-owned 0700 directory, not a TCP port:
+//! the NBD server has no authentication, and a 127.0.0.1 port is open to every local user
+//! (who could then write to or discard the container during a trim). ssh creates the socket
+//! with `StreamLocalBindMask=0177` (0600, root), inside a directory only root can enter.
+//!
+//! The tunnel is started through [`Cmd::spawn_detached`]: its own session and process
+//! group, no parent-death signal, like the sshfs daemon. If e2ebackup is killed, the tunnel
+//! stays up so the next command's recovery can still unmount and close cleanly before
+//! stopping it, by the pid and start time recorded in the journal.
 
-use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::cmd::{which, Cmd};
+use crate::cmd::{Cmd, Proc};
 use crate::profile::Server;
+use crate::stack::openssh;
 use crate::stack::ssh::shell_quote;
 
-/// A local TCP port that is free right now.
-pub fn free_local_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("finding a free local port")?;
-    Ok(l.local_addr()?.port())
+/// Create (or verify) `dir` as a root-owned 0700 directory for the tunnel's socket, and
+/// remove a socket left there by an earlier tunnel. Returns the socket's path.
+pub fn socket_in(dir: &Path) -> Result<PathBuf> {
+    crate::fsutil::private_dir(dir)?;
+    let m = std::fs::symlink_metadata(dir).with_context(|| format!("{}", dir.display()))?;
+    if !m.is_dir() || m.uid() != 0 {
+        bail!(
+            "{} must be a directory owned by root (it is {}, uid {})",
+            dir.display(),
+            if m.file_type().is_symlink() {
+                "a symlink"
+            } else {
+                "not one"
+            },
+            m.uid()
+        );
+    }
+    if m.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 0700 {}", dir.display()))?;
+    }
+    let sock = dir.join("nbd.sock");
+    match std::fs::remove_file(&sock) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", sock.display())),
+    }
+    Ok(sock)
 }
 
-/// Start `ssh -L 127.0.0.1:LPORT:127.0.0.1:RPORT host 'exec nbdkit ...'` detached.
-/// Returns the ssh pid. The caller pushes `StopProcess` with the pid right after.
-pub fn start_tunnel(server: &Server, remote_file: &str, lport: u16, rport: u16) -> Result<u32> {
-    let ssh = which("ssh")?;
+/// The ssh argv (after `ssh`) for the tunnel: `-L SOCK:127.0.0.1:RPORT -- user@host 'exec
+/// nbdkit ...'`.
+pub fn tunnel_args(
+    server: &Server,
+    remote_file: &str,
+    sock: &Path,
+    rport: u16,
+) -> Result<Vec<String>> {
     let remote = format!(
         "exec nbdkit --foreground --exit-with-parent -i 127.0.0.1 -p {rport} file file={}",
         shell_quote(remote_file)
     );
-    let mut c2 = Command::new(ssh);
     // No -N: the session's command is the NBD server, which lives exactly as long as it.
-    c2.args(["-F", "/dev/null", "-T"])
-        .args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-        ])
-        .args([
-            "-o",
-            "GlobalKnownHostsFile=/dev/null",
-            "-o",
-            "ExitOnForwardFailure=yes",
-        ])
-        .args([
-            "-o",
-            "ServerAliveInterval=15",
-            "-o",
-            "ServerAliveCountMax=4",
-        ])
-        .arg("-o")
-        .arg(format!(
-            "UserKnownHostsFile={}",
-            server.known_hosts.0.display()
-        ))
-        .arg("-o")
-        .arg(format!("ConnectTimeout={}", server.timeout))
-        .arg("-i")
-        .arg(&server.identity_file.0)
-        .arg("-p")
-        .arg(server.port.to_string())
-        .arg("-L")
-        .arg(format!("127.0.0.1:{lport}:127.0.0.1:{rport}"))
-        .arg(format!("{}@{}", server.user, server.host))
-        .arg(remote)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: setsid is async-signal-safe; it detaches the tunnel from our terminal's signals.
-    unsafe {
-        c2.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let child = c2.spawn().context("starting the ssh tunnel")?;
-    Ok(child.id())
+    let extra: Vec<String> = [
+        "-T",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-o",
+        "StreamLocalBindMask=0177",
+        "-o",
+        "StreamLocalBindUnlink=yes",
+        "-L",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!("{}:127.0.0.1:{rport}", sock.display())])
+    .collect();
+    let mut v = openssh::ssh_args(server, &extra)?;
+    v.push(remote);
+    Ok(v)
+}
+
+/// Start `ssh -L SOCK:127.0.0.1:RPORT host 'exec nbdkit ...'` detached. The caller records
+/// the returned process (`StopProcess`) at once.
+pub fn start_tunnel(server: &Server, remote_file: &str, sock: &Path, rport: u16) -> Result<Proc> {
+    Cmd::new("ssh")?
+        .args(tunnel_args(server, remote_file, sock, rport)?)
+        .spawn_detached(Stdio::null(), Stdio::null())
+        .context("starting the ssh tunnel")
 }
 
 /// Wait until the NBD server answers through the tunnel (the NBD greeting arrives).
-pub fn wait_ready(lport: u16, tunnel_pid: u32, timeout: Duration) -> Result<()> {
+pub fn wait_ready(sock: &Path, tunnel: &Proc, timeout: Duration) -> Result<()> {
     use std::io::Read;
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", lport)) {
+        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) {
             let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
             let mut magic = [0u8; 8];
             if s.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGIC" {
                 return Ok(());
             }
         }
-        if crate::stack::lock::pid_start(tunnel_pid).is_none() {
-            bail!("the ssh tunnel exited: nbdkit could not start on the server (port {lport} forwarded; check `ssh SERVER nbdkit --version`, and that sshd allows TCP forwarding)");
+        if !tunnel.is_running() {
+            bail!("the ssh tunnel exited: nbdkit could not start on the server (check `ssh SERVER nbdkit --version`, and that sshd allows TCP forwarding and Unix-socket local forwards)");
         }
         if Instant::now() > deadline {
             bail!(
-                "the NBD server did not answer through the tunnel within {:?}",
+                "the NBD server did not answer through the tunnel {} within {:?}",
+                sock.display(),
                 timeout
             );
         }
@@ -130,9 +142,10 @@ pub fn free_device() -> Result<PathBuf> {
 }
 
 /// Connect `device` to the local end of the tunnel.
-pub fn connect(device: &Path, lport: u16) -> Result<()> {
+pub fn connect(device: &Path, sock: &Path) -> Result<()> {
     Cmd::new("nbd-client")?
-        .args(["127.0.0.1", &lport.to_string()])
+        .arg("-unix")
+        .arg(sock)
         .arg(device)
         .args(["-b", "4096", "-t", "60", "-N", ""])
         .run()?;
@@ -166,37 +179,58 @@ pub fn ensure_disconnected(device: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Ensure process `pid` (started at `start` ticks) has exited: SIGTERM, then SIGKILL.
-/// A pid that now belongs to another process (different start time) is left alone.
-pub fn ensure_stopped(pid: u32, start: u64) -> Result<()> {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    let alive = || crate::stack::lock::pid_start(pid) == Some(start);
-    if !alive() {
-        return Ok(());
-    }
-    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while alive() {
-        // Reap it if it is our child (otherwise it lingers as a zombie with the same start).
-        let _ = nix::sys::wait::waitpid(
-            Pid::from_raw(pid as i32),
-            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::AbsPath;
+
+    #[test]
+    fn the_tunnel_forwards_a_unix_socket_and_shares_the_ssh_options() {
+        let server = Server {
+            host: "srv".into(),
+            port: 22,
+            user: "b".into(),
+            identity_file: AbsPath("/k".into()),
+            known_hosts: AbsPath("/kh".into()),
+            path: "/srv/b".into(),
+            timeout: 30,
+            run_timeout: crate::profile::Duration(86400),
+        };
+        let sock = Path::new("/run/e2ebackup/p/nbd/nbd.sock");
+        let a = tunnel_args(&server, "/srv/b/c img", sock, 20001).unwrap();
+        let base = openssh::ssh_args(&server, &[]).unwrap();
+        // Every shared option, in the same order, before the tunnel's own.
+        assert_eq!(&a[..base.len() - 2], &base[..base.len() - 2]);
+        let l = a.iter().position(|x| x == "-L").unwrap();
+        assert_eq!(a[l + 1], "/run/e2ebackup/p/nbd/nbd.sock:127.0.0.1:20001");
+        assert!(a.contains(&"StreamLocalBindMask=0177".to_string()), "{a:?}");
+        let dd = a.iter().position(|x| x == "--").unwrap();
+        assert!(dd > l);
+        assert_eq!(a[dd + 1], "b@srv");
+        assert_eq!(
+            a[dd + 2],
+            "exec nbdkit --foreground --exit-with-parent -i 127.0.0.1 -p 20001 file file='/srv/b/c img'"
         );
-        if Instant::now() > deadline {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            std::thread::sleep(Duration::from_millis(200));
-            let _ = nix::sys::wait::waitpid(
-                Pid::from_raw(pid as i32),
-                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
-            );
-            return if alive() {
-                bail!("process {pid} did not exit")
-            } else {
-                Ok(())
-            };
-        }
-        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(a.len(), dd + 3);
+        assert!(!a
+            .iter()
+            .any(|x| x.starts_with("127.0.0.1:") && x.matches(':').count() == 3));
     }
-    Ok(())
+
+    #[test]
+    fn the_socket_directory_is_private() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("nbd");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.join("nbd.sock"), b"stale").unwrap();
+        let sock = socket_in(&dir).unwrap();
+        assert_eq!(sock, dir.join("nbd.sock"));
+        assert!(!sock.exists());
+        let m = std::fs::metadata(&dir).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o700);
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(socket_in(&link).is_err());
+    }
 }
