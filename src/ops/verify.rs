@@ -42,12 +42,13 @@ fn work(p: &Profile, s: &mut Session<'_>, percent: u32, rep: &mut CheckReport) -
             "the filesystem's journal needs recovery (an interrupted run): e2fsck -fn skipped, \
              since it cannot replay the journal read-only; the snapshots are checked against their manifests"
         );
-    } else if {
+    } else {
         info!("checking the filesystem read-only (e2fsck -fn)");
-        !ext4::check_readonly(&mapper)?
-    } {
-        problems
-            .push("e2fsck found errors in the filesystem (run with -v for its output)".to_string());
+        if !ext4::check_readonly(&mapper)? {
+            problems.push(
+                "e2fsck found errors in the filesystem (run with -v for its output)".to_string(),
+            );
+        }
     }
     let root = s.mount_checked(true)?;
     let day = SnapshotId::now().unix().div_euclid(86400);
