@@ -8,12 +8,16 @@
 //!   snapshot of each of the N most recent hours (days, ISO weeks, months, years) that have
 //!   snapshots at all. Empty periods do not count: a laptop backed up on three days last month
 //!   still keeps three dailies with `keep_daily: 3`.
-//! - `keep_within D`: every snapshot at most D older than NOW (inclusive; `now` is an
-//!   argument, so the function stays pure). Measured from the current time, not from the
-//!   newest snapshot: snapshot ids come from the clock, and one run with a clock years ahead
-//!   would otherwise make every older snapshot "older than D" and delete the whole history
-//!   in one prune. A client switched off for a month loses nothing either: `run` takes its
-//!   snapshot before it prunes, and keep_last/keep_daily count snapshots, not time.
+//! - `keep_within D`: every snapshot at most D older than the reference time (inclusive):
+//!   the current time (`now`, an argument, so the function stays pure), but never later
+//!   than the second-newest snapshot. Not from the newest snapshot: snapshot ids come from
+//!   the clock, and one run with a clock years ahead would make every older snapshot "older
+//!   than D" and delete the whole history. Not from now alone either: in that very run (the
+//!   clock ahead, nothing yet "in the future") now is years ahead too, and a client switched
+//!   off for a month would lose everything at its first run. The second-newest snapshot is
+//!   the newest one that existed before the run that just took the newest, so one run,
+//!   whatever its clock said, never makes older snapshots expire; a prune without a new
+//!   snapshot lags by one snapshot, erring towards keeping.
 //! - Clock jumps: while the newest snapshot is dated more than [`CLOCK_SLACK`] after now,
 //!   [`select`] keeps everything ([`Reason::Future`]) and the caller warns: a clock that is
 //!   wrong now, or was wrong when that snapshot was taken, must not drive any deletion.
@@ -305,6 +309,10 @@ fn apply_rules(out: &mut [Decision], policy: &Policy, now: i64) {
         }
     }
     if let Some(w) = policy.keep_within.filter(|w| *w > 0) {
+        let now = out
+            .get(1)
+            .or(out.first())
+            .map_or(now, |d| d.id.unix().min(now));
         for d in out.iter_mut() {
             // abs_diff: no overflow for any pair of i64 times or any u64 duration. A snapshot
             // up to CLOCK_SLACK ahead of now counts as within (select stops on anything later).
@@ -820,35 +828,56 @@ mod tests {
     #[test]
     fn keep_within_is_inclusive() {
         let s = series("20260101T000000Z", 5, D);
+        // Counted from the second-newest (01-04).
         assert_eq!(
             kept(&sel(&s, &within(2 * 86_400))),
-            ["20260105T000000Z", "20260104T000000Z", "20260103T000000Z"],
+            [
+                "20260105T000000Z",
+                "20260104T000000Z",
+                "20260103T000000Z",
+                "20260102T000000Z"
+            ],
             "exactly 2 days apart is kept"
         );
         assert_eq!(
             kept(&sel(&s, &within(2 * 86_400 - 1))),
-            ["20260105T000000Z", "20260104T000000Z"],
+            ["20260105T000000Z", "20260104T000000Z", "20260103T000000Z"],
             "one second less and it is not"
         );
     }
 
     #[test]
-    fn keep_within_counts_from_now_not_from_the_newest() {
-        let s = series("20000101T000000Z", 10, D);
+    fn keep_within_counts_from_now_but_never_past_the_second_newest() {
+        let mut s = series("20000101T000000Z", 10, D);
         let now = at("20000110T000000Z").unix();
+        // From the second-newest (01-09): 01-06..01-09, and the newest.
         let d = select(&s, &within(3 * 86_400), now);
-        assert_eq!(kept(&d).len(), 4);
+        assert_eq!(kept(&d).len(), 5);
         assert!(d
             .iter()
             .filter(|d| !d.removed())
             .all(|d| d.keep == [Reason::Within]));
-        // Two days later, two fewer are within 3 days.
-        let d = select(&s, &within(3 * 86_400), now + 2 * D);
-        assert_eq!(kept(&d), ["20000110T000000Z", "20000109T000000Z"]);
-        // Years later, nothing is within: the newest survives only by the safety net.
-        let d = select(&s, &within(3 * 86_400), now + 3650 * D);
-        assert_eq!(kept(&d), ["20000110T000000Z"]);
-        assert_eq!(d[0].keep, [Reason::Newest]);
+        // Years later, with no new snapshot: the same (no run, no expiry).
+        assert_eq!(select(&s, &within(3 * 86_400), now + 3650 * D), d);
+        // A new snapshot ten days later: counted from 01-10 now.
+        s.push(at("20000120T000000Z"));
+        let d = select(&s, &within(3 * 86_400), at("20000120T000000Z").unix());
+        assert_eq!(
+            kept(&d),
+            [
+                "20000120T000000Z",
+                "20000110T000000Z",
+                "20000109T000000Z",
+                "20000108T000000Z",
+                "20000107T000000Z"
+            ]
+        );
+        // A clock that went back (within the slack) counts from itself.
+        let s = ids(&["20000101T000000Z", "20000105T000000Z", "20000105T000100Z"]);
+        let d = select(&s, &within(3 * 86_400), at("20000104T235900Z").unix());
+        // Both 01-05 snapshots are minutes ahead (within the slack): the reference is now
+        // (01-04 23:59), and 01-01 is more than 3 days before it.
+        assert_eq!(kept(&d), ["20000105T000100Z", "20000105T000000Z"]);
     }
 
     /// The clock-jump story of issue 14: daily snapshots for a year, then one run with the
@@ -866,20 +895,25 @@ mod tests {
             keep_last: Some(3),
             ..Default::default()
         };
-        // While the clock is ahead (the run that took it): nothing in the future, so the
-        // rules apply from that time: only keep_last keeps the real history's newest two.
+        // In the run with the clock ahead nothing is in the future, and keep_within counts
+        // from the snapshot before it (not from that clock): the 31 real snapshots within 30
+        // days of the last real one stay, with the new one.
         assert_eq!(future(&s, ahead), None);
+        assert_eq!(kept(&select(&s, &p, ahead)).len(), 32);
         // Clock back: refused, everything kept, with the reason.
         assert_eq!(future(&s, real_now), Some(SnapshotId::from_unix(ahead)));
         let d = select(&s, &p, real_now);
         assert_eq!(d.len(), 366);
         assert!(d.iter().all(|d| d.keep == [Reason::Future]), "{:?}", d[0]);
-        // The old semantics (from the newest) would have kept 3 of 366.
-        assert_eq!(kept(&sel(&s, &p)).len(), 3);
-        // Once the future snapshot is removed, retention works from now again.
+        // Counted from the newest (the old semantics) or from the clock of that run, only
+        // the new snapshot is within 30 days: with keep_last 3, 363 of 366 would go.
+        let newest_based = s.iter().filter(|i| ahead - i.unix() <= 30 * 86_400).count();
+        assert_eq!(newest_based, 1);
+        // Once the future snapshot is removed, retention works again: 30 days back from
+        // the second-newest (31 snapshots), and the newest.
         s.pop();
         let d = select(&s, &p, real_now);
-        assert_eq!(kept(&d).len(), 30);
+        assert_eq!(kept(&d).len(), 32);
     }
 
     #[test]
@@ -892,7 +926,7 @@ mod tests {
         assert_eq!(future(&[], t), None);
         // Within the slack, the slightly-ahead snapshot counts as within, not as removed.
         let d = select(&s, &within(1), t - 30);
-        assert_eq!(kept(&d), ["20260101T000100Z"]);
+        assert_eq!(kept(&d), ["20260101T000100Z", "20260101T000000Z"]);
         assert_eq!(d[0].keep, [Reason::Within]);
         // No policy stays no policy even with a future snapshot.
         let d = select(&s, &Policy::default(), 0);
@@ -909,7 +943,13 @@ mod tests {
             SnapshotId::from_unix(i64::MAX),
         ];
         assert_eq!(sel(&s, &within(u64::MAX))[1].keep, [Reason::Within]);
-        assert!(sel(&s, &within(u64::MAX - 1))[1].removed());
+        let s = [
+            SnapshotId::from_unix(i64::MIN),
+            SnapshotId::from_unix(i64::MAX - 1),
+            SnapshotId::from_unix(i64::MAX),
+        ];
+        assert_eq!(sel(&s, &within(u64::MAX - 1))[2].keep, [Reason::Within]);
+        assert!(sel(&s, &within(u64::MAX - 2))[2].removed());
     }
 
     // ---- combinations ----
@@ -940,6 +980,11 @@ mod tests {
         };
         let d = sel(&s, &all);
         assert_eq!(
+            d[1].keep,
+            [Reason::Within],
+            "within 1 s of the second-newest"
+        );
+        assert_eq!(
             d[0].keep,
             [
                 Reason::Last,
@@ -951,7 +996,7 @@ mod tests {
                 Reason::Within
             ]
         );
-        assert_eq!(kept(&d).len(), 1);
+        assert_eq!(kept(&d).len(), 2);
     }
 
     /// A typical schedule: hourly backups for 400 days under a restic-style policy.
@@ -1102,8 +1147,10 @@ mod tests {
             }
         }
         if let Some(w) = p.keep_within.filter(|w| *w > 0) {
+            let second = set.iter().rev().nth(1).or(set.iter().next_back());
+            let reference = second.map_or(now, |s| s.unix().min(now));
             for (id, v) in out.iter_mut() {
-                if i128::from(now) - i128::from(id.unix()) <= i128::from(w) {
+                if i128::from(reference) - i128::from(id.unix()) <= i128::from(w) {
                     v.push(Reason::Within);
                 }
             }

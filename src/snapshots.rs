@@ -269,8 +269,9 @@ pub fn always_excluded(
             // Already covered (say /dev/pts under /dev, or a mount in the run dir).
             continue;
         }
-        let own_mount = ours && (under(mp, false) || sources.iter().any(|s| s.0.starts_with(mp)));
-        if own_mount || (PSEUDO_FS.contains(&fstype.as_str()) && under(mp, true)) {
+        let ours_here = ours && (under(mp, false) || sources.iter().any(|s| s.0.starts_with(mp)));
+        let pseudo_here = PSEUDO_FS.contains(&fstype.as_str()) && under(mp, true);
+        if ours_here || pseudo_here {
             add(mp.clone(), &mut dirs);
         }
     }

@@ -329,21 +329,25 @@ fn watch(probe: &Probe, host: &str, limit: Duration, stop: &AtomicBool) {
                 }
             }
             Verdict::Stalled(w) => {
-                let done = probe.abort();
                 let msg = format!(
                     "the server {host} stopped answering file requests for {} s while its SSH \
-                     connection stayed up (its storage may be hung); {} so that the blocked I/O \
-                     fails. Check the server's disk and its sftp-server; the next run finishes \
-                     any teardown left over",
+                     connection stayed up (its storage may be hung); aborted the connection so \
+                     that the blocked I/O fails. Check the server's disk and its sftp-server; the \
+                     next run finishes any teardown left over",
                     w.as_secs(),
+                );
+                // The verdict first: the abort makes the blocked I/O fail at once, and the
+                // main thread must find the reason when it looks.
+                crate::signals::abort(msg.clone());
+                let done = probe.abort();
+                warn!(
+                    "{msg} ({})",
                     if done.is_empty() {
                         "found nothing to abort".to_string()
                     } else {
                         done.join(", ")
                     }
                 );
-                warn!("{msg}");
-                crate::signals::abort(msg);
                 return;
             }
         }

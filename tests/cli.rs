@@ -411,7 +411,6 @@ fn host_cleanup_and_run_finish_an_earlier_teardown() {
             daemon: Some(d),
         })
         .unwrap();
-        sshfs::mount(&p.server, &srv).unwrap_or_else(|e| panic!("{e:#}"));
         let sd = e2ebackup::fsutil::ServerDir::open(&srv, "server").unwrap();
         let lock_name = p.server_lock_name();
         let lock_path = sd.local_path(&lock_name);

@@ -747,7 +747,7 @@ fn host_sshfs_loop_ext4_snapshots() {
 fn host_sshfs_options_and_a_look_alike_process() {
     let sshd = Sshd::start();
     let p = sshd.load_profile("sshfsopts", &[Path::new("/etc")]);
-    let run = tempfile::tempdir().unwrap();
+    let run = common::private_tempdir();
     let journal = run.path().join("undo.json");
     let mnt = run.path().join("server");
     let _guard = Recover::new(&journal);

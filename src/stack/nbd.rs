@@ -20,7 +20,6 @@
 //! stays up so the next command's recovery can still unmount and close cleanly before
 //! stopping it, by the pid and start time recorded in the journal.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -35,24 +34,8 @@ use crate::stack::ssh::shell_quote;
 /// Create (or verify) `dir` as a root-owned 0700 directory for the tunnel's socket, and
 /// remove a socket left there by an earlier tunnel. Returns the socket's path.
 pub fn socket_in(dir: &Path) -> Result<PathBuf> {
+    // Root-owned 0700, created or verified, never through a link (exit 6 otherwise).
     crate::fsutil::private_dir(dir)?;
-    let m = std::fs::symlink_metadata(dir).with_context(|| format!("{}", dir.display()))?;
-    if !m.is_dir() || m.uid() != 0 {
-        bail!(
-            "{} must be a directory owned by root (it is {}, uid {})",
-            dir.display(),
-            if m.file_type().is_symlink() {
-                "a symlink"
-            } else {
-                "not one"
-            },
-            m.uid()
-        );
-    }
-    if m.mode() & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("chmod 0700 {}", dir.display()))?;
-    }
     let sock = dir.join("nbd.sock");
     match std::fs::remove_file(&sock) {
         Ok(()) => {}
@@ -183,6 +166,7 @@ pub fn ensure_disconnected(device: &Path) -> Result<()> {
 mod tests {
     use super::*;
     use crate::profile::AbsPath;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     #[test]
     fn the_tunnel_forwards_a_unix_socket_and_shares_the_ssh_options() {
@@ -223,6 +207,10 @@ mod tests {
         let dir = d.path().join("nbd");
         std::fs::create_dir(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A directory others can enter is refused, not repaired: someone may be in it.
+        let e = socket_in(&dir).unwrap_err();
+        assert_eq!(crate::error::exit_for(&e), crate::error::Exit::Security);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         std::fs::write(dir.join("nbd.sock"), b"stale").unwrap();
         let sock = socket_in(&dir).unwrap();
         assert_eq!(sock, dir.join("nbd.sock"));
