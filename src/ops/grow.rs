@@ -128,10 +128,14 @@ fn work(p: &Profile, s: &mut Session<'_>, spec: GrowTo, online: bool) -> Result<
         info!("checking the filesystem before an offline resize (e2fsck -f)");
         ext4::fsck_preen(&mapper)?;
         crate::signals::check()?;
-        info!("resizing the filesystem (offline)");
-        ext4::resize_to_fill(&mapper)?;
+        // The resize itself runs on the mounted filesystem: the kernel's online resize is
+        // journaled, so a client killed in the middle leaves a consistent ext4, where an
+        // offline resize2fs killed midway leaves one that e2fsck -p refuses (seen in
+        // vm-tests 30: SIGKILL during resize2fs, then "UNEXPECTED INCONSISTENCY").
         let root = s.mount_fs(false)?;
         crate::snapshots::check_layout(&root)?;
+        info!("resizing the filesystem (mounted, journaled)");
+        ext4::resize_to_fill(&mapper)?;
         report(&root)?;
     }
     Ok(Exit::Ok)
