@@ -117,7 +117,7 @@ pub enum Command {
         profile: ProfileArg,
         #[arg(long, allow_hyphen_values = true)]
         size: String,
-        /// Resize while mounted (default: offline, with e2fsck first)
+        /// Skip the e2fsck: grow while mounted (default: e2fsck -f unmounted first, then the journaled resize)
         #[arg(long)]
         online: bool,
     },
