@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use crate::cmd::Cmd;
 use crate::profile::Profile;
 use crate::snapid::SnapshotId;
-use crate::stack::mount;
+use crate::stack::mount::{self, MountEntry};
 use crate::{info, warn};
 
 pub const FORMAT_LINE: &str = "e2ebackup container format 1";
@@ -107,15 +107,16 @@ pub struct Taken {
 
 /// The rsync argv for one snapshot, with the mounts of this moment.
 pub fn rsync_command(profile: &Profile, dest: &Path, link_dest: Option<&Path>) -> Result<Cmd> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    rsync_command_for(profile, dest, link_dest, &parse_mountinfo(&mounts))
+    // No mount table (no /proc) leaves only the fixed exclusions.
+    let mounts = mount::mounts().unwrap_or_default();
+    rsync_command_for(profile, dest, link_dest, &mounts)
 }
 
 fn rsync_command_for(
     profile: &Profile,
     dest: &Path,
     link_dest: Option<&Path>,
-    mounts: &[(PathBuf, String, String)],
+    mounts: &[MountEntry],
 ) -> Result<Cmd> {
     let mut c = Cmd::new("rsync")?
         .args([
@@ -177,42 +178,6 @@ const PSEUDO_FS: [&str; 20] = [
     "rpc_pipefs",
 ];
 
-/// One line of /proc/self/mountinfo: (mount point, file system type, mount source).
-pub fn parse_mountinfo(text: &str) -> Vec<(PathBuf, String, String)> {
-    // "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue":
-    // the mount point is field 5, and after the " - " separator come type and source.
-    // Paths escape space, tab, newline and backslash as octal (\040 ...).
-    fn unescape(s: &str) -> String {
-        let b = s.as_bytes();
-        let mut out = Vec::with_capacity(b.len());
-        let mut i = 0;
-        while i < b.len() {
-            if b[i] == b'\\'
-                && i + 3 < b.len()
-                && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-            {
-                let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-                out.push(v);
-                i += 4;
-            } else {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    }
-    text.lines()
-        .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let mp = left.split(' ').nth(4)?;
-            let mut r = right.split(' ');
-            let fstype = r.next()?.to_string();
-            let source = unescape(r.next().unwrap_or(""));
-            Some((PathBuf::from(unescape(mp)), fstype, source))
-        })
-        .collect()
-}
-
 /// An rsync pattern that matches `dir`'s contents literally. The pattern has a wildcard (the
 /// final `*`), so rsync reads a backslash as an escape: escape the wildcard characters.
 fn contents_pattern(dir: &Path) -> String {
@@ -227,7 +192,7 @@ fn contents_pattern(dir: &Path) -> String {
 }
 
 /// The exclusions every run adds in front of the profile's own, for `sources` and the
-/// current `mounts` (see [`parse_mountinfo`]): the contents of
+/// current `mounts` (see [`crate::stack::mount::mounts`]): the contents of
 /// - e2ebackup's run dir ([`crate::RUN_DIR`]: the sshfs mount of the server and the mounted
 ///   container are under it; without this, a source of `/` with one_file_system off copies
 ///   the container into itself),
@@ -238,10 +203,7 @@ fn contents_pattern(dir: &Path) -> String {
 /// each only where a source contains it. A pseudo directory named as a source itself (say
 /// `/run/foo` or `/dev/shm`) is the user's explicit wish and is not excluded, but the run
 /// dir always is.
-pub fn always_excluded(
-    sources: &[crate::profile::AbsPath],
-    mounts: &[(PathBuf, String, String)],
-) -> Vec<String> {
+pub fn always_excluded(sources: &[crate::profile::AbsPath], mounts: &[MountEntry]) -> Vec<String> {
     let under = |d: &Path, strict: bool| {
         sources
             .iter()
@@ -263,7 +225,8 @@ pub fn always_excluded(
             add(PathBuf::from(d), &mut dirs);
         }
     }
-    for (mp, fstype, source) in mounts {
+    for m in mounts {
+        let (mp, fstype, source) = (&m.target, &m.fstype, &m.source);
         let ours = source.starts_with("/dev/mapper/e2ebackup-") || mp.starts_with(run);
         if dirs.iter().any(|d| mp.starts_with(d)) {
             // Already covered (say /dev/pts under /dev, or a mount in the run dir).
@@ -601,7 +564,7 @@ mod tests {
             &p,
             Path::new("/m/.partial/X"),
             None,
-            &parse_mountinfo(MOUNTINFO),
+            &mount::parse_mountinfo(MOUNTINFO),
         )
         .unwrap();
         c.argv()
@@ -645,22 +608,23 @@ mod tests {
 
     #[test]
     fn mountinfo_parsing() {
+        use mount::parse_mountinfo;
         let m = parse_mountinfo(MOUNTINFO);
         assert_eq!(m.len(), 13);
         assert_eq!(
-            m[11],
             (
-                PathBuf::from("/home/odd [dir]*"),
-                "tmpfs".into(),
-                "tmpfs".into()
-            )
+                m[11].target.as_path(),
+                m[11].fstype.as_str(),
+                m[11].source.as_str()
+            ),
+            (Path::new("/home/odd [dir]*"), "tmpfs", "tmpfs")
         );
-        assert_eq!(m[7].1, "fuse.sshfs");
-        assert_eq!(m[8].2, "/dev/mapper/e2ebackup-home");
+        assert_eq!(m[7].fstype, "fuse.sshfs");
+        assert_eq!(m[8].source, "/dev/mapper/e2ebackup-home");
         assert!(parse_mountinfo("garbage\n\n").is_empty());
         // This machine's own table parses, and / is in it.
         let own = parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo").unwrap());
-        assert!(own.iter().any(|(mp, _, _)| mp == Path::new("/")));
+        assert!(own.iter().any(|m| m.target == Path::new("/")));
     }
 
     #[test]
@@ -676,7 +640,7 @@ mod tests {
             &p,
             Path::new("/m/.partial/X"),
             Some(Path::new("/m/snapshots/W")),
-            &parse_mountinfo(MOUNTINFO),
+            &mount::parse_mountinfo(MOUNTINFO),
         )
         .unwrap();
         let argv = c.argv();
