@@ -148,6 +148,7 @@ impl<'p> Session<'p> {
         self.watchdog = Some(crate::watchdog::Watchdog::start(
             &p.server.host,
             &target,
+            Some(daemon),
             &self.container_path(),
             p.server.stall_limit(),
         ));

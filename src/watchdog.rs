@@ -32,7 +32,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::stack::{loopdev, mount, sshfs};
+use crate::cmd::Proc;
+use crate::stack::{loopdev, mount};
 use crate::{debug, warn};
 
 /// One look at the counters.
@@ -115,15 +116,17 @@ const FUSECTL: &str = "/sys/fs/fuse/connections";
 pub struct Probe {
     /// `/sys/fs/fuse/connections/N` of the sshfs mount, if fusectl is there.
     pub connection: Option<PathBuf>,
-    pub sshfs_target: PathBuf,
+    /// The sshfs daemon, as recorded when it was started (never looked up by argv: a local
+    /// user can run a look-alike).
+    pub daemon: Option<Proc>,
     pub container: PathBuf,
 }
 
 impl Probe {
-    pub fn new(sshfs_target: &Path, container: &Path) -> Probe {
+    pub fn new(sshfs_target: &Path, daemon: Option<Proc>, container: &Path) -> Probe {
         Probe {
             connection: fuse_connection(sshfs_target),
-            sshfs_target: sshfs_target.to_path_buf(),
+            daemon,
             container: container.to_path_buf(),
         }
     }
@@ -152,11 +155,9 @@ impl Probe {
     }
 
     /// Fail every pending and later request of the connection: write its fusectl `abort`,
-    /// then kill sshfs (a killed sshfs aborts the connection too, when its /dev/fuse
-    /// descriptor closes, so this also works without fusectl) and any ssh still its child.
-    /// sshfs 3.x daemonizes after starting ssh, so its ssh is usually reparented instead; it
-    /// exits by itself once sshfs's end of the pipe is closed (measured in the test VM: no
-    /// ssh left after the abort). Returns what was done, for the log.
+    /// then kill the recorded sshfs daemon (a killed sshfs aborts the connection too, when
+    /// its /dev/fuse descriptor closes, so this also works without fusectl) and its ssh
+    /// child. Returns what was done, for the log.
     pub fn abort(&self) -> Vec<String> {
         let mut done = Vec::new();
         if let Some(c) = &self.connection {
@@ -165,7 +166,7 @@ impl Probe {
                 Err(e) => warn!("cannot abort FUSE connection {}: {e}", c.display()),
             }
         }
-        if let Some(pid) = sshfs::sshfs_process_for(&self.sshfs_target) {
+        if let Some(pid) = self.daemon.filter(|d| d.is_running()).map(|d| d.pid) {
             let children = children_of(pid);
             kill(pid, nix::sys::signal::Signal::SIGKILL);
             done.push(format!("killed sshfs (pid {pid})"));
@@ -265,8 +266,14 @@ pub struct Watchdog {
 impl Watchdog {
     /// Watch the sshfs mount at `sshfs_target` of `host` and the loop devices over
     /// `container`; give up on the server after `limit` without progress.
-    pub fn start(host: &str, sshfs_target: &Path, container: &Path, limit: Duration) -> Watchdog {
-        let probe = Probe::new(sshfs_target, container);
+    pub fn start(
+        host: &str,
+        sshfs_target: &Path,
+        daemon: Option<Proc>,
+        container: &Path,
+        limit: Duration,
+    ) -> Watchdog {
+        let probe = Probe::new(sshfs_target, daemon, container);
         debug!(
             "I/O watchdog on {} (connection {}), limit {} s",
             sshfs_target.display(),

@@ -97,7 +97,7 @@ fn host_watchdog_aborts_a_hung_sftp_server() {
         .unwrap();
 
     let limit = Duration::from_secs(4);
-    let wd = Watchdog::start("127.0.0.1", &mnt, &backing, limit);
+    let wd = Watchdog::start("127.0.0.1", &mnt, Some(daemon), &backing, limit);
     let dio = |offset: u64| -> std::io::Result<()> {
         let f = std::fs::OpenOptions::new()
             .read(true)
