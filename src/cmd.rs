@@ -53,6 +53,18 @@ pub struct Cmd {
     ok_codes: Vec<i32>,
     /// [`Cmd::run`] stops the child and fails after this long.
     limit: Option<Duration>,
+    /// Variables added to the inherited environment.
+    env: Vec<(String, String)>,
+    /// The working directory (default: ours).
+    dir: Option<PathBuf>,
+}
+
+/// How a command run by [`Cmd::run_in_group`] ended.
+#[derive(Debug)]
+pub enum Ended {
+    Exited(std::process::ExitStatus),
+    /// It ran past its time limit; its whole process group was killed.
+    TimedOut,
 }
 
 /// What a finished command produced.
@@ -70,7 +82,19 @@ impl Cmd {
             args: Vec::new(),
             ok_codes: vec![0],
             limit: None,
+            env: Vec::new(),
+            dir: None,
         })
+    }
+
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Cmd {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn current_dir(mut self, dir: impl Into<PathBuf>) -> Cmd {
+        self.dir = Some(dir.into());
+        self
     }
 
     pub fn arg(mut self, a: impl AsRef<std::ffi::OsStr>) -> Cmd {
@@ -116,7 +140,13 @@ impl Cmd {
 
     /// `stdout`: a pipe to stream the child's output through, instead of capturing it.
     fn expr_with_stdout(&self, stdout: Option<std::io::PipeWriter>) -> duct::Expression {
-        let e = duct::cmd(&self.program, &self.args).stdin_null();
+        let mut e = duct::cmd(&self.program, &self.args).stdin_null();
+        for (k, v) in &self.env {
+            e = e.env(k, v);
+        }
+        if let Some(d) = &self.dir {
+            e = e.dir(d);
+        }
         let e = match stdout {
             Some(w) => e.stdout_file(w),
             None => e.stdout_capture(),
@@ -365,6 +395,7 @@ impl Cmd {
         debug!("$ {} (detached)", self.describe());
         let mut c = std::process::Command::new(&self.program);
         c.args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("LC_ALL", "C")
             .stdin(std::process::Stdio::null())
             .stdout(stdout)
@@ -383,6 +414,68 @@ impl Cmd {
         // and its start time readable. The Child handle is dropped without killing it.
         Proc::of(child.id())
             .ok_or_else(|| anyhow!("`{}` vanished right after it started", self.describe()))
+    }
+}
+
+impl Cmd {
+    /// Run a program of the administrator's (a hook): in its own process group, with stdin
+    /// from /dev/null and its output on our stderr (so it lands in the same mail or journal
+    /// as ours), killed with its whole group after `limit`, on SIGINT/SIGTERM/SIGHUP (then
+    /// the error is `Interrupted`), and when it exits (whatever it left running goes with
+    /// it). Its locale is left alone.
+    pub fn run_in_group(&self, limit: Duration) -> Result<Ended> {
+        use std::os::fd::AsFd;
+        use std::os::unix::process::CommandExt;
+        use std::process::Stdio;
+        signals::check()?;
+        debug!("$ {} (own process group)", self.describe());
+        let stderr = std::io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating stderr")?;
+        let mut c = std::process::Command::new(&self.program);
+        c.args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stderr.try_clone()?))
+            .stderr(Stdio::from(stderr))
+            .process_group(0);
+        if let Some(d) = &self.dir {
+            c.current_dir(d);
+        }
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            c.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = c
+            .spawn()
+            .with_context(|| format!("cannot start `{}`", self.describe()))?;
+        let group = nix::unistd::Pid::from_raw(child.id() as i32);
+        let kill_group = || {
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        };
+        let started = Instant::now();
+        let ended = loop {
+            if let Some(st) = child.try_wait()? {
+                break Ended::Exited(st);
+            }
+            if let Err(e) = signals::check() {
+                kill_group();
+                let _ = child.wait();
+                return Err(e);
+            }
+            if started.elapsed() >= limit {
+                kill_group();
+                let _ = child.wait();
+                break Ended::TimedOut;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        kill_group();
+        Ok(ended)
     }
 }
 

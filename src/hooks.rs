@@ -8,20 +8,19 @@
 //! - `after` runs after a successful run and its teardown, `failed` after a failed one, then
 //!   `finally` always, last. Hooks therefore never see a mounted container.
 //!
-//! Every command runs as `/bin/sh -c CMD` in `/`, with stdin from /dev/null, its output on our
-//! stderr (so it lands in the same mail or journal as ours), in its own process group (a
-//! timeout kills the whole group), and with the context in `E2EBACKUP_*` variables.
+//! Every command runs as `sh -c CMD` in `/` through [`Cmd::run_in_group`]: stdin from
+//! /dev/null, its output on our stderr (so it lands in the same mail or journal as ours), in
+//! its own process group (a timeout kills the whole group), and with the context in
+//! `E2EBACKUP_*` variables.
 
-use std::os::fd::AsFd;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::os::unix::process::ExitStatusExt;
 
 use anyhow::{Context, Result};
 
+use crate::cmd::{Cmd, Ended};
 use crate::error::Exit;
 use crate::profile::{Commands, Profile};
-use crate::{info, signals, warn};
+use crate::{info, warn};
 
 /// Exit status of a `before` command that means "target unavailable: skip this run".
 pub const SKIP: i32 = 75;
@@ -152,59 +151,25 @@ fn env_for(p: &Profile, stage: Stage, ctx: &RunContext) -> Vec<(&'static str, St
 }
 
 fn run_one(p: &Profile, stage: Stage, ctx: &RunContext, cmd: &str) -> Result<()> {
-    let timeout = p.hooks.timeout.std();
-    let stderr = std::io::stderr()
-        .as_fd()
-        .try_clone_to_owned()
-        .context("duplicating stderr for a hook")?;
-    let mut c = Command::new("/bin/sh");
-    c.arg("-c")
-        .arg(cmd)
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(stderr.try_clone()?))
-        .stderr(Stdio::from(stderr))
-        .envs(env_for(p, stage, ctx))
-        .process_group(0);
-    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
-    unsafe {
-        c.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
+    let mut c = Cmd::new("sh")?.arg("-c").arg(cmd).current_dir("/");
+    for (k, v) in env_for(p, stage, ctx) {
+        c = c.env(k, v);
     }
-    let mut child = c
-        .spawn()
-        .with_context(|| format!("cannot start the {} hook `{cmd}`", stage.name()))?;
-    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let kill_group = || {
-        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-    };
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if let Err(e) = signals::check() {
-            kill_group();
-            let _ = child.wait();
-            return Err(e.context(format!("while running the {} hook `{cmd}`", stage.name())));
-        }
-        if start.elapsed() >= timeout {
-            kill_group();
-            let _ = child.wait();
+    let status = match c
+        .run_in_group(p.hooks.timeout.std())
+        .with_context(|| format!("the {} hook `{cmd}`", stage.name()))?
+    {
+        Ended::Exited(st) => st,
+        Ended::TimedOut => {
             return Err(HookFailed {
                 stage: stage.name(),
                 command: cmd.to_string(),
                 code: None,
                 how: format!("timed out after {} and was killed", p.hooks.timeout),
             }
-            .into());
+            .into())
         }
-        std::thread::sleep(Duration::from_millis(50));
     };
-    // Whatever the command left running in its group goes with it.
-    kill_group();
     if status.success() {
         return Ok(());
     }
@@ -416,7 +381,7 @@ mod tests {
             if !running() {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         assert!(!running(), "hook child {pid} still running");
     }

@@ -7,6 +7,11 @@
 //! Each step pushes its undo record (see [`crate::teardown`]) and checks for a signal before
 //! it starts. [`Session::close`] unwinds everything, whatever happened before, and reports
 //! whether the teardown was complete.
+//!
+//! The session is the only owner of what a command acquires: the commands in [`crate::ops`]
+//! call its methods, never a stack layer's acquiring function, and never push an undo
+//! record themselves. Its fields are private; a step called out of order is an error
+//! ("... is not attached"), not a panic.
 
 use std::path::{Path, PathBuf};
 
@@ -19,27 +24,44 @@ use crate::stack::{self, lock, loopdev, luks, mount, ssh, sshfs};
 use crate::teardown::{self, Journal, Report, Stack, Undo};
 use crate::{info, signals, warn};
 
+/// The block device under LUKS: a loop device over the container file on sshfs (every
+/// command), or an NBD device served from the server (`trim`, whose discards a loop device
+/// over FUSE cannot pass on).
+pub enum Backing {
+    Loop(loopdev::Loop),
+    Nbd(PathBuf),
+}
+
+impl Backing {
+    pub fn device(&self) -> &Path {
+        match self {
+            Backing::Loop(l) => &l.device,
+            Backing::Nbd(d) => d,
+        }
+    }
+}
+
 pub struct Session<'p> {
-    pub profile: &'p Profile,
-    pub stack: Stack,
+    profile: &'p Profile,
+    stack: Stack,
     _local: lock::LocalLock,
-    pub remote: Option<ssh::Remote>,
-    pub facts: Option<ssh::Facts>,
+    remote: Option<ssh::Remote>,
+    facts: Option<ssh::Facts>,
     /// The mounted server directory, held open: every server file is opened beneath it
     /// without following links.
     server: Option<ServerDir>,
-    pub loopdev: Option<loopdev::Loop>,
-    pub mapper: Option<PathBuf>,
+    backing: Option<Backing>,
+    mapper: Option<PathBuf>,
     /// Where the container's ext4 is mounted, once it is.
-    pub fs_root: Option<PathBuf>,
+    fs_root: Option<PathBuf>,
     /// `init` pins the header it just wrote before it is moved to its final name.
-    pub header_override: Option<PathBuf>,
+    header_override: Option<PathBuf>,
     /// The keyfile's content, once read.
-    pub key: Option<luks::Key>,
+    key: Option<luks::Key>,
     /// The container's authenticated generation, once checked (see [`crate::generation`]).
-    pub generation: Option<u64>,
+    generation: Option<u64>,
     /// `accept-rollback` only: skip the comparison with the client's record.
-    pub accept_any_generation: bool,
+    accept_any_generation: bool,
     /// Watches the sshfs connection for a hung server (see [`crate::watchdog`]), from the
     /// sshfs mount until the teardown is done.
     watchdog: Option<crate::watchdog::Watchdog>,
@@ -64,6 +86,13 @@ pub fn recover(p: &Profile, include_persistent: bool) -> Result<Option<Report>> 
     let r = s.unwind(&mut stack::Real);
     r.print();
     Ok(Some(r))
+}
+
+/// `cleanup` and `umount`: under the local lock, finish whatever teardown is recorded,
+/// a `mount` session's included.
+pub fn recover_all(p: &Profile) -> Result<Option<Report>> {
+    let _local = lock::lock_local(&p.name)?;
+    recover(p, true)
 }
 
 impl<'p> Session<'p> {
@@ -95,7 +124,7 @@ impl<'p> Session<'p> {
             remote: None,
             facts: None,
             server: None,
-            loopdev: None,
+            backing: None,
             mapper: None,
             fs_root: None,
             header_override: None,
@@ -125,8 +154,35 @@ impl<'p> Session<'p> {
             );
         }
         self.remote = Some(remote);
-        self.facts = Some(facts);
-        Ok(self.facts.as_ref().expect("just set"))
+        Ok(self.facts.insert(facts))
+    }
+
+    /// The facts the preflight found (after [`Session::connect`]).
+    pub fn facts(&self) -> Result<&ssh::Facts> {
+        self.facts.as_ref().context("not connected to the server")
+    }
+
+    /// The preflight's SSH session (after [`Session::connect`]).
+    pub fn remote(&self) -> Result<&ssh::Remote> {
+        self.remote.as_ref().context("not connected to the server")
+    }
+
+    /// Read the keyfile (`container.keyfile`) once; later calls keep what was read.
+    pub fn read_key(&mut self) -> Result<()> {
+        if self.key.is_none() {
+            self.key = Some(luks::read_keyfile(&self.profile.container.keyfile.0)?);
+        }
+        Ok(())
+    }
+
+    /// The key (after [`Session::read_key`] or [`Session::use_key`]).
+    pub fn key(&self) -> Result<&luks::Key> {
+        self.key.as_ref().context("the keyfile was not read")
+    }
+
+    /// Use `key` (a keyfile `init` just created) instead of reading the keyfile.
+    pub fn use_key(&mut self, key: luks::Key) {
+        self.key = Some(key);
     }
 
     /// Mount the server directory and take the server lock.
@@ -134,16 +190,8 @@ impl<'p> Session<'p> {
         signals::check()?;
         let p = self.profile;
         let target = p.sshfs_dir();
-        self.stack.push(Undo::UnmountSshfs {
-            target: target.clone(),
-            daemon: None,
-        })?;
         info!("mounting {}:{} with sshfs", p.server.host, p.server.path);
-        let daemon = sshfs::mount(&p.server, &target)?;
-        self.stack.amend_last(Undo::UnmountSshfs {
-            target: target.clone(),
-            daemon: Some(daemon),
-        })?;
+        let daemon = sshfs::mount(&mut self.stack, &p.server, &target)?;
         let dir = ServerDir::open(&target, &format!("{}:{}", p.server.host, p.server.path))?;
         self.watchdog = Some(crate::watchdog::Watchdog::start(
             &p.server.host,
@@ -160,11 +208,7 @@ impl<'p> Session<'p> {
         }
         let lock_name = p.server_lock_name();
         let me = lock::ServerLock::mine(command);
-        self.stack.push(Undo::ReleaseServerLock {
-            path: dir.local_path(&lock_name),
-            token: me.token.clone(),
-        })?;
-        let r = lock::acquire_server_lock(&dir, &lock_name, &me);
+        let r = lock::take_server_lock(&mut self.stack, &dir, &lock_name, &me);
         self.server = Some(dir);
         r
     }
@@ -184,44 +228,117 @@ impl<'p> Session<'p> {
             .join(&self.profile.container.file.0)
     }
 
+    /// Create the server file `name` (O_EXCL, beneath the server directory) sized `size`
+    /// and sparse, recorded for removal: what `init` builds the container in until it is
+    /// complete. The record stays until the session ends; once the file is renamed it is a
+    /// no-op.
+    pub fn create_partial(&mut self, name: &str, size: u64) -> Result<()> {
+        signals::check()?;
+        let path = self.server_dir()?.local_path(name);
+        self.stack.push(Undo::RemoveFile { path: path.clone() })?;
+        let f = self.server_dir()?.create_new(name)?;
+        f.set_len(size)
+            .with_context(|| format!("sizing {}", path.display()))?;
+        Ok(())
+    }
+
     /// Attach a loop device (direct I/O) over the server file `name`, opened beneath the
     /// server directory without following links.
     pub fn attach(&mut self, name: &str, read_only: bool) -> Result<PathBuf> {
         signals::check()?;
-        let dir = self.server_dir()?;
+        let dir = self
+            .server
+            .as_ref()
+            .context("the server directory is not mounted")?;
         let path = dir.local_path(name);
         let f = dir.open_file(name, read_only)?;
-        let l = loopdev::attach(&f, &path, read_only)?;
+        let l = loopdev::attach(&mut self.stack, &f, &path, read_only)?;
         drop(f);
         let dev = l.device.clone();
-        self.stack.push(Undo::DetachLoop {
-            device: dev.clone(),
-            backing: path.clone(),
-        })?;
         crate::debug!(
             "attached {} (direct I/O: {})",
             dev.display(),
             loopdev::direct_io(&dev)
         );
-        self.loopdev = Some(l);
+        self.backing = Some(Backing::Loop(l));
         Ok(dev)
     }
 
-    /// Unlock the LUKS container on the attached loop device.
-    pub fn unlock(&mut self, key: &luks::Key, read_only: bool, discards: bool) -> Result<PathBuf> {
-        signals::check()?;
-        let dev = self
-            .loopdev
-            .as_ref()
-            .map(|l| l.device.clone())
-            .expect("attach first");
-        let name = self.profile.mapping_name();
-        if luks::is_active(&name) {
-            bail!("/dev/mapper/{name} is already open, but not by this run; see `e2ebackup status {}`", self.profile.name);
+    /// Serve the container from the server over NBD instead of a loop device (`trim`):
+    /// an ssh tunnel runs nbdkit on the server's loopback, its local end a socket in a
+    /// root-only directory (no TCP port for local users), and nbd-client attaches to it.
+    pub fn open_nbd(&mut self) -> Result<PathBuf> {
+        let p = self.profile;
+        let mark = self.mark();
+        let sock = stack::nbd::socket_in(&p.run_dir().join("nbd"))?;
+        // The server-side port is a guess (nothing tells us which are free there): if nbdkit
+        // cannot bind it, the tunnel exits at once, and another port is tried.
+        let mut attempt = 0u32;
+        loop {
+            let rport = 20000 + ((std::process::id() + attempt * 7919) % 40000) as u16;
+            signals::check()?;
+            let tunnel = stack::nbd::start_tunnel(
+                &mut self.stack,
+                &p.server,
+                &p.remote_container(),
+                &sock,
+                rport,
+            )?;
+            info!(
+                "NBD server starting on the server (127.0.0.1:{rport}), tunnelled to {}",
+                sock.display()
+            );
+            match stack::nbd::wait_ready(&sock, &tunnel, std::time::Duration::from_secs(60)) {
+                Ok(()) => break,
+                Err(e) if attempt < 2 && !tunnel.is_running() => {
+                    warn!("{e:#}; trying another server port");
+                    self.close_to(mark)?;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let header = self.pinned_header(&dev)?;
-        self.stack.push(Undo::CloseLuks { name: name.clone() })?;
-        let m = luks::open(&dev, header.as_deref(), &name, key, read_only, discards)?;
+        let dev = stack::nbd::connect(&mut self.stack, &sock)?;
+        self.backing = Some(Backing::Nbd(dev.clone()));
+        Ok(dev)
+    }
+
+    /// The attached block device (loop or NBD).
+    pub fn device(&self) -> Result<PathBuf> {
+        self.backing
+            .as_ref()
+            .map(|b| b.device().to_path_buf())
+            .context("no container device is attached")
+    }
+
+    /// The unlocked mapping (after [`Session::unlock`]).
+    pub fn mapper(&self) -> Result<PathBuf> {
+        self.mapper.clone().context("the container is not unlocked")
+    }
+
+    /// Check the header against `path` instead of the profile's pinned header: `init` pins
+    /// the header it just wrote before it is moved to its final name.
+    pub fn pin_header_at(&mut self, path: PathBuf) {
+        self.header_override = Some(path);
+    }
+
+    /// Unlock the LUKS container on the attached device with the key ([`Session::key`]).
+    /// `discards` only for `trim`.
+    pub fn unlock(&mut self, read_only: bool, discards: bool) -> Result<PathBuf> {
+        signals::check()?;
+        let dev = self.device()?;
+        let header = self.pinned_header()?;
+        self.read_key()?;
+        let key = self.key.as_ref().context("the keyfile was not read")?;
+        let m = luks::open(
+            &mut self.stack,
+            &dev,
+            header.as_deref(),
+            &self.profile.mapping_name(),
+            key,
+            read_only,
+            discards,
+        )?;
         self.mapper = Some(m.clone());
         if let Err(e) = luks::set_read_ahead(&m, luks::READ_AHEAD_KIB) {
             warn!("read-ahead of {} left at the default: {e:#}", m.display());
@@ -229,8 +346,24 @@ impl<'p> Session<'p> {
         Ok(m)
     }
 
-    /// The client's pinned header, after checking the server's copy against it.
-    pub fn pinned_header(&self, device: &Path) -> Result<Option<PathBuf>> {
+    /// After the container file grew: the loop device's capacity, then the open mapping,
+    /// follow it (the filesystem is the caller's: `ext4::resize_to_fill`).
+    pub fn grow_open_container(&mut self) -> Result<()> {
+        signals::check()?;
+        match &self.backing {
+            Some(Backing::Loop(l)) => l.refresh_capacity()?,
+            _ => bail!("the container is not attached through a loop device"),
+        }
+        let header = self.pinned_header()?;
+        self.read_key()?;
+        let key = self.key()?;
+        luks::resize_to_fill(&self.profile.mapping_name(), header.as_deref(), key)
+    }
+
+    /// The client's pinned header, after checking the attached device's header against it.
+    pub fn pinned_header(&self) -> Result<Option<PathBuf>> {
+        let device = self.device()?;
+        let device = device.as_path();
         let h = self
             .header_override
             .clone()
@@ -277,12 +410,8 @@ impl<'p> Session<'p> {
     /// write to the server.
     fn mount_fs_with(&mut self, read_only: bool, crash_image_ok: bool) -> Result<PathBuf> {
         signals::check()?;
-        let dev = self.mapper.clone().expect("unlock first");
+        let dev = self.mapper()?;
         let target = self.profile.fs_dir();
-        std::fs::create_dir_all(&target)?;
-        self.stack.push(Undo::Unmount {
-            target: target.clone(),
-        })?;
         let noload = read_only && crash_image_ok && stack::ext4::needs_recovery(&dev)?;
         if noload {
             warn!(
@@ -295,7 +424,7 @@ impl<'p> Session<'p> {
                 self.profile.server.host
             );
         }
-        mount::mount_ext4_with(&dev, &target, read_only, noload)?;
+        mount::mount_ext4_with(&mut self.stack, &dev, &target, read_only, noload)?;
         self.fs_root = Some(target.clone());
         Ok(target)
     }
@@ -309,7 +438,7 @@ impl<'p> Session<'p> {
     /// Up to the unlocked LUKS mapping (not mounted): what `verify` fscks.
     pub fn unlock_container(&mut self, command: &str, read_only: bool) -> Result<PathBuf> {
         let p = self.profile;
-        let key = luks::read_keyfile(&p.container.keyfile.0)?;
+        self.read_key()?;
         let facts = self.connect()?;
         if facts.container_size.is_none() {
             return Err(crate::error::usage(format!(
@@ -322,9 +451,7 @@ impl<'p> Session<'p> {
         self.mount_server(command)?;
         self.attach(&p.container.file.0, read_only)?;
         info!("unlocking {}", p.remote_container());
-        let m = self.unlock(&key, read_only, false)?;
-        self.key = Some(key);
-        Ok(m)
+        self.unlock(read_only, false)
     }
 
     /// Mount the unlocked container, check its layout and its authenticated generation.
@@ -337,7 +464,7 @@ impl<'p> Session<'p> {
     pub fn mount_checked(&mut self, read_only: bool) -> Result<PathBuf> {
         let root = self.mount_fs_with(true, read_only)?;
         crate::snapshots::check_layout(&root)?;
-        let key = self.key.as_ref().expect("unlocked with the key");
+        let key = self.key()?;
         self.generation = Some(crate::generation::check(
             self.profile,
             &root,
@@ -354,11 +481,40 @@ impl<'p> Session<'p> {
     /// Record one more committed change (snapshot taken or removed) in the container and
     /// on the client.
     pub fn commit_generation(&mut self, root: &Path) -> Result<u64> {
-        let next = self.generation.expect("open_all checked the generation") + 1;
-        let key = self.key.as_ref().expect("open_all read the key");
+        let next = self
+            .generation
+            .context("the container's generation was not checked")?
+            + 1;
+        let key = self.key()?;
         crate::generation::commit(self.profile, root, key, next)?;
         self.generation = Some(next);
         Ok(next)
+    }
+
+    /// The container's authenticated generation (after [`Session::mount_checked`]).
+    pub fn generation(&self) -> Option<u64> {
+        self.generation
+    }
+
+    /// `accept-rollback`: take the container's generation as it is (its MAC is still
+    /// checked), instead of comparing it with the client's record.
+    pub fn accept_any_generation(&mut self) {
+        self.accept_any_generation = true;
+    }
+
+    /// Bind the mounted container's snapshots read-only at `dir` (`e2ebackup mount`).
+    pub fn bind_snapshots(&mut self, dir: &Path) -> Result<()> {
+        signals::check()?;
+        let root = self
+            .fs_root
+            .clone()
+            .context("the container is not mounted")?;
+        mount::bind_readonly(
+            &mut self.stack,
+            &root.join(crate::snapshots::SNAPSHOTS),
+            dir,
+        )
+        .with_context(|| format!("showing the snapshots at {}", dir.display()))
     }
 
     /// How much is acquired now; [`Session::close_to`] releases what comes after.
@@ -375,7 +531,7 @@ impl<'p> Session<'p> {
             }
         }
         self.mapper = None;
-        self.loopdev = None;
+        self.backing = None;
         let r = self.stack.unwind_to(mark, &mut stack::Real);
         if !r.complete() {
             r.print();
@@ -392,7 +548,7 @@ impl<'p> Session<'p> {
                 warn!("syncing {} before unmount: {e:#}", root.display());
             }
         }
-        self.loopdev = None;
+        self.backing = None;
         self.remote = None;
         self.server = None;
         let r = self.stack.unwind(&mut stack::Real);

@@ -400,28 +400,12 @@ fn host_cleanup_and_run_finish_an_earlier_teardown() {
     // What a process leaves behind when it dies holding the server directory and its lock.
     let leave_behind = |persistent: bool| {
         let mut s = Stack::persistent(journal.clone(), "run").unwrap();
-        s.push(Undo::UnmountSshfs {
-            target: srv.clone(),
-            daemon: None,
-        })
-        .unwrap();
-        let d = sshfs::mount(&p.server, &srv).unwrap_or_else(|e| panic!("{e:#}"));
-        s.amend_last(Undo::UnmountSshfs {
-            target: srv.clone(),
-            daemon: Some(d),
-        })
-        .unwrap();
+        sshfs::mount(&mut s, &p.server, &srv).unwrap_or_else(|e| panic!("{e:#}"));
         let sd = e2ebackup::fsutil::ServerDir::open(&srv, "server").unwrap();
         let lock_name = p.server_lock_name();
-        let lock_path = sd.local_path(&lock_name);
         let mut me = lock::ServerLock::mine("run");
         me.pid_start += 1; // as if held by a process that is gone
-        s.push(Undo::ReleaseServerLock {
-            path: lock_path.clone(),
-            token: me.token.clone(),
-        })
-        .unwrap();
-        lock::acquire_server_lock(&sd, &lock_name, &me).unwrap();
+        lock::take_server_lock(&mut s, &sd, &lock_name, &me).unwrap();
         if persistent {
             s.set_persistent(true).unwrap();
         }

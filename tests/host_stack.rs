@@ -181,20 +181,16 @@ fn ino(p: &Path) -> u64 {
 
 /// Mount the server directory at `mnt`, recording the undo first (as the session does).
 fn mount_server(stack: &mut Stack, p: &Profile, mnt: &Path) {
-    stack
-        .push(Undo::UnmountSshfs {
-            target: mnt.to_path_buf(),
-            daemon: None,
-        })
-        .unwrap();
-    let d = sshfs::mount(&p.server, mnt).unwrap_or_else(|e| panic!("sshfs mount: {e:#}"));
+    let d = sshfs::mount(stack, &p.server, mnt).unwrap_or_else(|e| panic!("sshfs mount: {e:#}"));
     assert!(d.is_running(), "the recorded sshfs daemon {d:?} runs");
-    stack
-        .amend_last(Undo::UnmountSshfs {
+    assert_eq!(
+        stack.records().last(),
+        Some(&Undo::UnmountSshfs {
             target: mnt.to_path_buf(),
             daemon: Some(d),
-        })
-        .unwrap();
+        }),
+        "the daemon is recorded"
+    );
     let m = mount::mounted_at(mnt).unwrap().expect("sshfs mounted");
     assert_eq!(m.fstype, "fuse.sshfs");
 }
@@ -220,25 +216,12 @@ fn attach(stack: &mut Stack, file: &Path, read_only: bool) -> loopdev::Loop {
     let f = dir
         .open_file(&file.file_name().unwrap().to_string_lossy(), read_only)
         .unwrap_or_else(|e| panic!("open: {e:#}"));
-    let l = loopdev::attach(&f, file, read_only).unwrap_or_else(|e| panic!("attach: {e:#}"));
-    stack
-        .push(Undo::DetachLoop {
-            device: l.device.clone(),
-            backing: file.to_path_buf(),
-        })
-        .unwrap();
-    l
+    loopdev::attach(stack, &f, file, read_only).unwrap_or_else(|e| panic!("attach: {e:#}"))
 }
 
 /// Mount the ext4 on `dev` at `fs` and record it.
 fn mount_fs(stack: &mut Stack, dev: &Path, fs: &Path, read_only: bool) {
-    std::fs::create_dir_all(fs).unwrap();
-    stack
-        .push(Undo::Unmount {
-            target: fs.to_path_buf(),
-        })
-        .unwrap();
-    mount::mount_ext4(dev, fs, read_only).unwrap_or_else(|e| panic!("mount: {e:#}"));
+    mount::mount_ext4(stack, dev, fs, read_only).unwrap_or_else(|e| panic!("mount: {e:#}"));
 }
 
 /// Nothing of the stack is left: no mounts, no loop device, no sshfs process, no journal.
@@ -388,15 +371,9 @@ fn host_changed_host_key_refused() {
     let mnt = run.path().join("server");
     let _guard = Recover::new(&journal);
     let mut stack = Stack::persistent(journal.clone(), "test").unwrap();
-    stack
-        .push(Undo::UnmountSshfs {
-            target: mnt.clone(),
-            daemon: None,
-        })
-        .unwrap();
     // (sshfs only reports "read: Connection reset by peer": ssh's own message is lost,
     // which is why the session runs the libssh2 preflight first.)
-    sshfs::mount(&p.server, &mnt).expect_err("sshfs must refuse a changed host key");
+    sshfs::mount(&mut stack, &p.server, &mnt).expect_err("sshfs must refuse a changed host key");
     assert_eq!(mount::mounted_at(&mnt).unwrap(), None);
     assert!(stack.unwind(&mut stack::Real).complete());
 
@@ -824,13 +801,7 @@ fn host_server_lock_over_sshfs() {
 
     // Taken: the file exists on the server with our record, readable only by its owner.
     let me = ServerLock::mine("run");
-    stack
-        .push(Undo::ReleaseServerLock {
-            path: path.clone(),
-            token: me.token.clone(),
-        })
-        .unwrap();
-    lock::acquire_server_lock(&sd, &n, &me).unwrap_or_else(|e| panic!("{e:#}"));
+    lock::take_server_lock(&mut stack, &sd, &n, &me).unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(read_on_server().as_ref(), Some(&me));
     let mode = std::fs::metadata(&on_server).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "lock file mode {mode:o}");
@@ -861,13 +832,8 @@ fn host_server_lock_over_sshfs() {
     stale.pid_start += 1;
     lock::acquire_server_lock(&sd, &n, &stale).unwrap();
     let fresh = ServerLock::mine("run");
-    stack
-        .push(Undo::ReleaseServerLock {
-            path: path.clone(),
-            token: fresh.token.clone(),
-        })
-        .unwrap();
-    lock::acquire_server_lock(&sd, &n, &fresh).unwrap_or_else(|e| panic!("takeover: {e:#}"));
+    lock::take_server_lock(&mut stack, &sd, &n, &fresh)
+        .unwrap_or_else(|e| panic!("takeover: {e:#}"));
     assert_eq!(read_on_server().as_ref(), Some(&fresh));
     // So is one from an earlier boot of this host.
     lock::ensure_server_lock_released(&path, &fresh.token).unwrap();

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{Recover, Sshd};
 use e2ebackup::stack::{loopdev, mount, sshfs};
-use e2ebackup::teardown::{Stack, Undo};
+use e2ebackup::teardown::Stack;
 use e2ebackup::watchdog::Watchdog;
 
 fn ppid(pid: u32) -> Option<u32> {
@@ -69,32 +69,16 @@ fn host_watchdog_aborts_a_hung_sftp_server() {
     std::fs::write(&file, vec![7u8; 16 << 20]).unwrap();
 
     let mnt = work.path().join("server");
-    stack
-        .push(Undo::UnmountSshfs {
-            target: mnt.clone(),
-            daemon: None,
-        })
-        .unwrap();
-    let daemon = sshfs::mount(&p.server, &mnt).unwrap_or_else(|e| panic!("sshfs mount: {e:#}"));
-    stack
-        .amend_last(Undo::UnmountSshfs {
-            target: mnt.clone(),
-            daemon: Some(daemon),
-        })
-        .unwrap();
+    let daemon =
+        sshfs::mount(&mut stack, &p.server, &mnt).unwrap_or_else(|e| panic!("sshfs mount: {e:#}"));
     let backing = mnt.join("test.luks");
     let f = e2ebackup::fsutil::ServerDir::open(&mnt, "server")
         .and_then(|d| d.open_file("test.luks", true))
         .unwrap_or_else(|e| panic!("open: {e:#}"));
-    let l = loopdev::attach(&f, &backing, true).unwrap_or_else(|e| panic!("attach: {e:#}"));
+    let l =
+        loopdev::attach(&mut stack, &f, &backing, true).unwrap_or_else(|e| panic!("attach: {e:#}"));
     drop(f);
     let dev = l.device.clone();
-    stack
-        .push(Undo::DetachLoop {
-            device: dev.clone(),
-            backing: backing.clone(),
-        })
-        .unwrap();
 
     let limit = Duration::from_secs(4);
     let wd = Watchdog::start("127.0.0.1", &mnt, Some(daemon), &backing, limit);

@@ -71,7 +71,7 @@ pub fn grow(p: &Profile, spec: &str, online: bool) -> Exit {
 }
 
 fn work(p: &Profile, s: &mut Session<'_>, spec: GrowTo, online: bool) -> Result<Exit> {
-    let key = luks::read_keyfile(&p.container.keyfile.0)?;
+    s.read_key()?;
     let facts = s.connect()?.clone();
     let current = facts.container_size.ok_or_else(|| {
         usage(format!(
@@ -106,25 +106,24 @@ fn work(p: &Profile, s: &mut Session<'_>, spec: GrowTo, online: bool) -> Result<
     }
     s.mount_server("grow")?;
     let name = p.container.file.0.clone();
-    s.key = Some(luks::read_keyfile(&p.container.keyfile.0)?);
     if online {
         s.attach(&name, false)?;
-        let mapper = s.unlock(&key, false, false)?;
+        let mapper = s.unlock(false, false)?;
         // Layout and authenticated generation (rollback) checked before anything grows.
         let root = s.mount_checked(false)?;
-        enlarge_open(p, s, &key, &mapper, target)?;
+        enlarge_open(p, s, &mapper, target)?;
         report(&root)?;
     } else {
         // The rollback check needs the filesystem, and an offline grow must not have it
         // mounted read-write: check on a read-only open first, close, then grow.
         let mark = s.mark();
         s.attach(&name, true)?;
-        s.unlock(&key, true, false)?;
+        s.unlock(true, false)?;
         s.mount_checked(true)?;
         s.close_to(mark)?;
         enlarge_file(p, &s.server_dir()?.open_file(&name, false)?, target)?;
         s.attach(&name, false)?;
-        let mapper = s.unlock(&key, false, false)?;
+        let mapper = s.unlock(false, false)?;
         info!("checking the filesystem before an offline resize (e2fsck -f)");
         ext4::fsck_preen(&mapper)?;
         crate::signals::check()?;
@@ -158,21 +157,13 @@ fn enlarge_file(p: &Profile, f: &std::fs::File, target: u64) -> Result<()> {
 pub fn enlarge_open(
     p: &Profile,
     s: &mut Session<'_>,
-    key: &luks::Key,
     mapper: &std::path::Path,
     target: u64,
 ) -> Result<()> {
     let f = s.server_dir()?.open_file(&p.container.file.0, false)?;
     enlarge_file(p, &f, target)?;
     drop(f);
-    crate::signals::check()?;
-    let lo = s
-        .loopdev
-        .as_ref()
-        .context("the container is not attached")?;
-    lo.refresh_capacity()?;
-    let header = s.pinned_header(&lo.device)?;
-    luks::resize_to_fill(&p.mapping_name(), header.as_deref(), key)?;
+    s.grow_open_container()?;
     info!("resizing the mounted filesystem (online)");
     ext4::resize_to_fill(mapper)
 }
@@ -203,7 +194,7 @@ pub fn auto_grow(p: &Profile, s: &mut Session<'_>, root: &std::path::Path) -> Re
         );
         return Ok(());
     }
-    if let Some(server_free) = s.facts.as_ref().and_then(|f| f.free_bytes) {
+    if let Some(server_free) = s.facts().ok().and_then(|f| f.free_bytes) {
         if server_free < (target - current) + (256 << 20) {
             warn!(
                 "auto_grow skipped: the server has only {} free",
@@ -219,9 +210,8 @@ pub fn auto_grow(p: &Profile, s: &mut Session<'_>, root: &std::path::Path) -> Re
         ag.when_free_below,
         Size(target)
     );
-    let key = luks::read_keyfile(&p.container.keyfile.0)?;
-    let mapper = s.mapper.clone().context("the container is not open")?;
-    enlarge_open(p, s, &key, &mapper, target)?;
+    let mapper = s.mapper()?;
+    enlarge_open(p, s, &mapper, target)?;
     report(root)
 }
 

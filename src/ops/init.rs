@@ -14,7 +14,6 @@ use crate::profile::{Profile, Size};
 use crate::session::Session;
 use crate::stack::{ext4, luks, mount};
 use crate::state::{self, LastRun};
-use crate::teardown::Undo;
 use crate::{info, warn};
 
 pub fn init(p: &Profile) -> Exit {
@@ -98,47 +97,40 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     // before the first thing is created, here or there.
     s.mount_server("init")?;
     let keyfile = &p.container.keyfile.0;
-    let key = if keyfile.exists() {
+    if keyfile.exists() {
         info!("using the existing keyfile {}", keyfile.display());
-        luks::read_keyfile(keyfile)?
+        s.read_key()?;
     } else {
         info!(
             "creating keyfile {} (4096 random bytes, mode 0400)",
             keyfile.display()
         );
-        luks::create_keyfile(keyfile)?
-    };
+        s.use_key(luks::create_keyfile(keyfile)?);
+    }
 
     let final_path = s.container_path();
     let partial_name = p.init_partial_name();
-    let partial = s.server_dir()?.local_path(&partial_name);
-    s.stack.push(Undo::RemoveFile {
-        path: partial.clone(),
-    })?;
-    let mark = s.stack.len();
     info!(
         "creating sparse container {} ({})",
         p.remote_container(),
         p.container.size
     );
-    {
-        // O_EXCL beneath the server directory, never following a link (fsutil::ServerDir).
-        let f = s.server_dir()?.create_new(&partial_name)?;
-        f.set_len(p.container.size.0)
-            .with_context(|| format!("sizing {}", partial.display()))?;
-    }
+    // O_EXCL beneath the server directory, never following a link (fsutil::ServerDir);
+    // removed again unless it is renamed to the container's name below.
+    s.create_partial(&partial_name, p.container.size.0)?;
+    let mark = s.mark();
     let dev = s.attach(&partial_name, false)?;
     info!("formatting LUKS2 (aes-xts-plain64, 4096-byte sectors, keyfile slot with PBKDF2)");
     crate::signals::check()?;
-    luks::format(&dev, &key, &format!("e2ebackup-{}", p.name))?;
+    luks::format(&dev, s.key()?, &format!("e2ebackup-{}", p.name))?;
     let header_tmp = header.with_file_name(format!(
         "{}.new",
         header.file_name().unwrap_or_default().to_string_lossy()
     ));
     let _ = std::fs::remove_file(&header_tmp);
     luks::backup_header(&dev, &header_tmp)?;
-    s.header_override = Some(header_tmp.clone());
-    let mapper = s.unlock(&key, false, false)?;
+    s.pin_header_at(header_tmp.clone());
+    let mapper = s.unlock(false, false)?;
     let journal = ext4::chosen_journal_bytes(p.container.size.0 - luks::HEADER_BYTES);
     info!(
         "creating ext4 ({inodes} inodes, {} journal, no lazy init)",
@@ -152,15 +144,10 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     )?;
     let root = s.mount_fs(false)?;
     crate::snapshots::create_layout(&root)?;
-    crate::generation::commit(p, &root, &key, 0)?;
+    crate::generation::commit(p, &root, s.key()?, 0)?;
     mount::syncfs(&root)?;
-    s.loopdev = None;
-    s.fs_root = None;
-    let r = s.stack.unwind_to(mark, &mut crate::stack::Real);
-    if !r.complete() {
-        r.print();
-        anyhow::bail!("could not close the new container cleanly; it was not committed");
-    }
+    s.close_to(mark)
+        .context("could not close the new container cleanly; it was not committed")?;
     if !p.container.recovery_recipients.is_empty() {
         let rs: Vec<String> = p
             .container
@@ -168,7 +155,7 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
             .iter()
             .map(|r| r.0.clone())
             .collect();
-        let sealed = crate::escrow::seal(&key, &rs)?;
+        let sealed = crate::escrow::seal(s.key()?, &rs)?;
         s.server_dir()?.replace(&p.escrow_server_name(), &sealed)?;
         crate::fsutil::write_atomic(&p.escrow_client(), &sealed)?;
         info!(
@@ -189,7 +176,7 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     s.server_dir()?
         .rename(&partial_name, &p.container.file.0)
         .with_context(|| format!("committing {}", final_path.display()))?;
-    if let Some(remote) = &s.remote {
+    if let Ok(remote) = s.remote() {
         if let Some(a) = remote.allocated_bytes(&p.remote_container()) {
             info!(
                 "server allocation of the new container: {} ({a} bytes)",

@@ -8,10 +8,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
-use libcryptsetup_rs::consts::flags::CryptActivate;
-use libcryptsetup_rs::consts::vals::EncryptionFormat;
-use libcryptsetup_rs::{CryptInit, Either};
+use anyhow::{Context, Result};
 
 use crate::error::{Exit, Failure};
 use crate::ops::{fail_ref, finish, CheckReport};
@@ -37,7 +34,7 @@ fn work(
     identity: Option<&Path>,
     problems: &mut Vec<String>,
 ) -> Result<Exit> {
-    let key = luks::read_keyfile(&p.container.keyfile.0)?;
+    s.read_key()?;
     let facts = s.connect()?.clone();
     if facts.container_size.is_none() {
         return Err(crate::error::usage(format!(
@@ -47,7 +44,7 @@ fn work(
     }
     s.mount_server("keys-verify")?;
     let dev = s.attach(&p.container.file.0, true)?;
-    let header = s.pinned_header(&dev)?;
+    let header = s.pinned_header()?;
     match &header {
         Some(h) => info!("pinned header {} matches the server's", h.display()),
         None => problems.push(format!(
@@ -56,26 +53,13 @@ fn work(
         )),
     }
     // A test activation: the keyslot is decrypted, no device-mapper mapping is created.
-    luks::install_logging();
-    let mut cd = match header.as_deref() {
-        Some(h) => CryptInit::init_with_data_device(Either::Right((h, dev.as_path()))),
-        None => CryptInit::init(&dev),
-    }
-    .map_err(|e| anyhow!("opening {}: {e}", dev.display()))?;
-    cd.context_handle()
-        .load::<()>(Some(EncryptionFormat::Luks2), None)
-        .map_err(|e| anyhow!("reading the LUKS2 header: {e}"))?;
-    match cd.activate_handle().activate_by_passphrase(
-        None,
-        None,
-        key.bytes(),
-        CryptActivate::empty(),
-    ) {
+    let key = s.key()?;
+    match luks::keyslot_for(&dev, header.as_deref(), key) {
         Ok(slot) => info!(
             "keyfile {} opens keyslot {slot}",
             p.container.keyfile.0.display()
         ),
-        Err(e) => problems.push(format!("the keyfile does not open the container: {e}")),
+        Err(e) => problems.push(format!("{e:#}")),
     }
     if !p.container.recovery_recipients.is_empty() {
         let server = s

@@ -4,15 +4,11 @@ use std::path::Path;
 
 use crate::error::Exit;
 use crate::profile::Profile;
-use crate::stack::{lock, ssh};
+use crate::stack::ssh;
 use crate::{info, session, warn};
 
 pub fn cleanup(p: &Profile) -> Exit {
-    let _l = match lock::lock_local(&p.name) {
-        Ok(l) => l,
-        Err(e) => return super::fail(e),
-    };
-    match session::recover(p, true) {
+    match session::recover_all(p) {
         Ok(None) => {
             info!("nothing to clean up for profile `{}`", p.name);
             Exit::Ok

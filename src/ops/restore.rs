@@ -20,7 +20,6 @@ use crate::session::{self, Session};
 use crate::snapid::SnapshotId;
 use crate::snapshots;
 use crate::stack::mount;
-use crate::teardown::Undo;
 use crate::{info, retention};
 
 #[derive(Debug, Serialize)]
@@ -40,13 +39,13 @@ fn measure(dir: &Path) -> Result<SnapshotInfo> {
     let mut seen: HashMap<(u64, u64), (u64, u64, u64)> = HashMap::new(); // -> (links here, nlink, blocks)
     let mut files = 0;
     let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
         for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
             let e = e?;
             let m = e.metadata()?;
             if m.is_dir() {
-                stack.push(e.path());
+                dirs.push(e.path());
             } else if m.is_file() {
                 files += 1;
                 total += m.len();
@@ -212,27 +211,9 @@ pub fn mount_cmd(p: &Profile, dir: &Path) -> Exit {
         Err(e) => return fail(e),
     };
     let r = (|| -> Result<()> {
-        let root = s.open_all("mount", true)?;
-        s.stack.push(Undo::Unmount {
-            target: dir.to_path_buf(),
-        })?;
+        s.open_all("mount", true)?;
         // A read-only bind of snapshots/ at DIR: the user browses snapshot ids directly.
-        sys_mount::Mount::builder()
-            .flags(sys_mount::MountFlags::BIND)
-            .mount(root.join(snapshots::SNAPSHOTS), dir)
-            .with_context(|| format!("bind-mounting the snapshots at {}", dir.display()))?;
-        sys_mount::Mount::builder()
-            .flags(
-                sys_mount::MountFlags::BIND
-                    | sys_mount::MountFlags::REMOUNT
-                    | sys_mount::MountFlags::RDONLY
-                    | sys_mount::MountFlags::NODEV
-                    | sys_mount::MountFlags::NOSUID
-                    | sys_mount::MountFlags::NOEXEC,
-            )
-            .mount("none", dir)
-            .with_context(|| format!("making {} read-only", dir.display()))?;
-        Ok(())
+        s.bind_snapshots(dir)
     })();
     match r {
         Ok(()) => {
@@ -252,11 +233,7 @@ pub fn mount_cmd(p: &Profile, dir: &Path) -> Exit {
 }
 
 pub fn umount_cmd(p: &Profile) -> Exit {
-    let _l = match crate::stack::lock::lock_local(&p.name) {
-        Ok(l) => l,
-        Err(e) => return fail(e),
-    };
-    match session::recover(p, true) {
+    match session::recover_all(p) {
         Ok(None) => {
             info!("profile `{}` is not mounted", p.name);
             Exit::Ok
@@ -341,9 +318,9 @@ pub fn accept_rollback(p: &Profile) -> Exit {
         Err(e) => return fail(e),
     };
     // The generation check is what is being overridden; the MAC is still verified.
-    s.accept_any_generation = true;
+    s.accept_any_generation();
     let r = s.open_all("accept-rollback", true).and_then(|_| {
-        let g = s.generation.expect("checked");
+        let g = s.generation().context("the generation was not checked")?;
         crate::generation::set_client_generation(p, g)?;
         info!(
             "accepted the container at generation {g} (this client had recorded {})",

@@ -177,8 +177,8 @@ fn work(p: &Profile, s: &mut Session<'_>, f: &mut Figures) -> Result<Exit> {
         .ok()
         .and_then(|d| d.len(&p.container.file.0).ok().flatten());
     f.container_allocated = s
-        .remote
-        .as_ref()
+        .remote()
+        .ok()
         .and_then(|r| r.allocated_bytes(&p.remote_container()));
     Ok(if warnings { Exit::Warnings } else { Exit::Ok })
 }

@@ -8,15 +8,13 @@
 //! are free, a (small) leak we accept only when the user asks to reclaim space. The server's
 //! allocation of the container file is reported before and after.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::cmd::Cmd;
 use crate::error::Exit;
 use crate::ops::{fail, finish};
 use crate::profile::{Profile, Size};
 use crate::session::Session;
-use crate::stack::{luks, nbd};
-use crate::teardown::Undo;
 use crate::{info, warn};
 
 pub fn trim(p: &Profile) -> Exit {
@@ -29,7 +27,7 @@ pub fn trim(p: &Profile) -> Exit {
 }
 
 fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
-    let key = luks::read_keyfile(&p.container.keyfile.0)?;
+    s.read_key()?;
     let facts = s.connect()?.clone();
     if facts.container_size.is_none() {
         return Err(crate::error::usage(format!(
@@ -38,7 +36,7 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
             p.server.host
         )));
     }
-    let remote = s.remote.as_ref().expect("connected");
+    let remote = s.remote()?;
     // The marker tells "no shell at all" (an SFTP-only account: ForceCommand internal-sftp
     // answers every command with an SFTP server) from "a shell without nbdkit".
     let probe = remote.exec("echo e2ebackup-shell; command -v nbdkit");
@@ -60,55 +58,10 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     // The server lock, through sshfs like every other command.
     s.mount_server("trim")?;
 
-    let mark = s.stack.len();
-    // The local end: a socket in a root-only directory (no TCP port for local users).
-    let sock = nbd::socket_in(&p.run_dir().join("nbd"))?;
-    // The server-side port is a guess (nothing tells us which are free there): if nbdkit
-    // cannot bind it, the tunnel exits at once, and another port is tried.
-    let mut attempt = 0u32;
-    loop {
-        let rport = 20000 + ((std::process::id() + attempt * 7919) % 40000) as u16;
-        crate::signals::check()?;
-        let tunnel = nbd::start_tunnel(&p.server, &p.remote_container(), &sock, rport)?;
-        s.stack.push(Undo::StopProcess {
-            pid: tunnel.pid,
-            start: tunnel.start,
-            what: "ssh tunnel with the remote nbdkit".into(),
-        })?;
-        info!(
-            "NBD server starting on the server (127.0.0.1:{rport}), tunnelled to {}",
-            sock.display()
-        );
-        match nbd::wait_ready(&sock, &tunnel, std::time::Duration::from_secs(60)) {
-            Ok(()) => break,
-            Err(e) if attempt < 2 && !tunnel.is_running() => {
-                warn!("{e:#}; trying another server port");
-                let r = s.stack.unwind_to(mark, &mut crate::stack::Real);
-                if !r.complete() {
-                    r.print();
-                    anyhow::bail!("could not stop the failed ssh tunnel");
-                }
-                attempt += 1;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-
-    let dev = nbd::free_device()?;
-    s.stack.push(Undo::DisconnectNbd {
-        device: dev.clone(),
-    })?;
-    nbd::connect(&dev, &sock)?;
-    // The loop device is not used here: the NBD device takes its place under LUKS.
-    let name = p.mapping_name();
-    if luks::is_active(&name) {
-        anyhow::bail!("/dev/mapper/{name} is already open");
-    }
-    let header = s.pinned_header(&dev)?;
-    s.stack.push(Undo::CloseLuks { name: name.clone() })?;
-    let mapper = luks::open(&dev, header.as_deref(), &name, &key, false, true)?;
-    s.mapper = Some(mapper);
-    s.key = Some(key);
+    let mark = s.mark();
+    // The NBD device takes the loop device's place under LUKS; discards allowed.
+    s.open_nbd()?;
+    s.unlock(false, true)?;
     // Layout and the authenticated generation, as every command that opens the container
     // read-write checks them: a rolled-back container is refused here too.
     let root = s.mount_checked(false)?;
@@ -118,15 +71,11 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     info!("{}", out.stdout.trim());
     crate::stack::mount::syncfs(&root)?;
     // Tear down the NBD path now, so the allocation below is measured after the last discard.
-    s.fs_root = None;
-    let report = s.stack.unwind_to(mark, &mut crate::stack::Real);
-    if !report.complete() {
-        report.print();
-        anyhow::bail!("could not close the NBD path cleanly");
-    }
+    s.close_to(mark)
+        .context("could not close the NBD path cleanly")?;
     let after = s
-        .remote
-        .as_ref()
+        .remote()
+        .ok()
         .and_then(|r| r.allocated_bytes(&p.remote_container()));
     match (before, after) {
         (Some(b), Some(a)) => info!(

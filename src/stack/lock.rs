@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Failure;
 use crate::fsutil::{printable, ServerDir};
+use crate::teardown::{Stack, Undo};
 use crate::{info, warn};
 
 /// Held for the life of the command.
@@ -203,7 +204,23 @@ fn unreadable(dir: &ServerDir, name: &str) -> anyhow::Error {
     .into()
 }
 
-/// Take the server lock; the caller has pushed `ReleaseServerLock` with `lock.token` first.
+/// Take the server lock `name` for `lock`, recorded in `stack` (`ReleaseServerLock` is
+/// pushed first: a lock written before an error is still released, and only if it is ours).
+pub fn take_server_lock(
+    stack: &mut Stack,
+    dir: &ServerDir,
+    name: &str,
+    lock: &ServerLock,
+) -> Result<()> {
+    stack.push(Undo::ReleaseServerLock {
+        path: dir.local_path(name),
+        token: lock.token.clone(),
+    })?;
+    acquire_server_lock(dir, name, lock)
+}
+
+/// Take the server lock unrecorded: what another client does (tests play one). Commands take
+/// it through [`take_server_lock`].
 ///
 /// The lock is written to a private temporary file and published with `link(2)` (SFTP
 /// `hardlink@openssh.com`), which fails if the name exists: creation is atomic on the

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::teardown::{Stack, Undo};
 use crate::warn;
 
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
@@ -84,12 +85,21 @@ pub fn direct_io(device: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Attach the open container `file` (read-write unless `read_only`); `backing` is its path,
-/// recorded as the loop's name. The file is opened by the caller (beneath the server
-/// directory, without following links: [`crate::fsutil::ServerDir`]) and LOOP_CONFIGURE
-/// takes its descriptor, so no path is resolved here. The caller pushes `DetachLoop` with
-/// the device path right after this returns; autoclear covers the instant in between.
-pub fn attach(file: &File, backing: &Path, read_only: bool) -> Result<Loop> {
+/// Attach the open container `file` (read-write unless `read_only`), recorded in `stack`;
+/// `backing` is its path, recorded as the loop's name. The file is opened by the caller
+/// (beneath the server directory, without following links: [`crate::fsutil::ServerDir`])
+/// and LOOP_CONFIGURE takes its descriptor, so no path is resolved here. `DetachLoop` is
+/// pushed right after the kernel names the device; autoclear covers the instant in between.
+pub fn attach(stack: &mut Stack, file: &File, backing: &Path, read_only: bool) -> Result<Loop> {
+    let l = configure(file, backing, read_only)?;
+    stack.push(Undo::DetachLoop {
+        device: l.device.clone(),
+        backing: backing.to_path_buf(),
+    })?;
+    Ok(l)
+}
+
+fn configure(file: &File, backing: &Path, read_only: bool) -> Result<Loop> {
     let ctl = File::open("/dev/loop-control")
         .context("opening /dev/loop-control (is the loop module loaded?)")?;
     for _attempt in 0..20 {

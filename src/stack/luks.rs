@@ -29,6 +29,7 @@ use libcryptsetup_rs::consts::vals::{CryptKdf, CryptStatusInfo, EncryptionFormat
 use libcryptsetup_rs::{CryptInit, CryptParamsLuks2, CryptParamsLuks2Ref, CryptPbkdfType, Either};
 
 use crate::debug;
+use crate::teardown::{Stack, Undo};
 
 /// Key material, zeroed on drop.
 pub struct Key(Vec<u8>);
@@ -289,10 +290,11 @@ pub fn verify_pinned_header(device: &Path, pinned: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Open `device` as `/dev/mapper/<name>`; the caller has pushed `CloseLuks` first. With a
-/// pinned header, libcryptsetup reads the header (and keyslots) from the client's copy and
-/// only the data from `device`.
+/// Open `device` as `/dev/mapper/<name>`, recorded in `stack` (`CloseLuks` is pushed
+/// first). With a pinned header, libcryptsetup reads the header (and keyslots) from the
+/// client's copy and only the data from `device`.
 pub fn open(
+    stack: &mut Stack,
     device: &Path,
     header: Option<&Path>,
     name: &str,
@@ -300,18 +302,13 @@ pub fn open(
     read_only: bool,
     discards: bool,
 ) -> Result<PathBuf> {
-    install_logging();
-    let mut dev = match header {
-        Some(h) => CryptInit::init_with_data_device(Either::Right((h, device))),
-        None => CryptInit::init(device),
+    if is_active(name) {
+        bail!(
+            "/dev/mapper/{name} is already open, but not by this command (see `e2ebackup status`)"
+        );
     }
-    .map_err(lerr(format!("opening {}", device.display())))?;
-    dev.context_handle()
-        .load::<()>(Some(EncryptionFormat::Luks2), None)
-        .map_err(lerr(format!(
-            "{} holds no readable LUKS2 header",
-            device.display()
-        )))?;
+    stack.push(Undo::CloseLuks { name: name.into() })?;
+    let mut dev = load(device, header)?;
     let mut flags = CryptActivate::empty();
     if read_only {
         flags |= CryptActivate::READONLY;
@@ -326,6 +323,33 @@ pub fn open(
             device.display()
         )))?;
     Ok(PathBuf::from(format!("/dev/mapper/{name}")))
+}
+
+/// A libcryptsetup context for `device` with its LUKS2 header loaded (from the pinned
+/// `header` file when given: then only the data is read from `device`).
+fn load(device: &Path, header: Option<&Path>) -> Result<libcryptsetup_rs::CryptDevice> {
+    install_logging();
+    let mut dev = match header {
+        Some(h) => CryptInit::init_with_data_device(Either::Right((h, device))),
+        None => CryptInit::init(device),
+    }
+    .map_err(lerr(format!("opening {}", device.display())))?;
+    dev.context_handle()
+        .load::<()>(Some(EncryptionFormat::Luks2), None)
+        .map_err(lerr(format!(
+            "{} holds no readable LUKS2 header",
+            device.display()
+        )))?;
+    Ok(dev)
+}
+
+/// Which keyslot `key` opens on `device` (with the pinned `header`): a test activation,
+/// no mapping is created. What `keys verify` checks.
+pub fn keyslot_for(device: &Path, header: Option<&Path>, key: &Key) -> Result<u32> {
+    load(device, header)?
+        .activate_handle()
+        .activate_by_passphrase(None, None, key.bytes(), CryptActivate::empty())
+        .map_err(lerr("the keyfile does not open the container".to_string()))
 }
 
 /// Read-ahead of the opened mapping, in KiB (the kernel's default is 128). Every read

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use sys_mount::{Mount, MountFlags, UnmountFlags};
 
+use crate::teardown::{Stack, Undo};
+
 /// One line of /proc/self/mountinfo, the fields we use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
@@ -84,11 +86,12 @@ pub fn device_of(target: &Path) -> Result<Option<(u32, u32)>> {
     }))
 }
 
-/// Mount an ext4 filesystem. `nodev,nosuid,noexec`: the container's content is only ever
-/// data to copy, never something to execute or a device to open. `noinit_itable`: after a
-/// grow, do not let ext4lazyinit zero new inode tables across the network in the background.
-pub fn mount_ext4(device: &Path, target: &Path, read_only: bool) -> Result<()> {
-    mount_ext4_with(device, target, read_only, false)
+/// Mount an ext4 filesystem at `target` (created if missing), recorded in `stack`.
+/// `nodev,nosuid,noexec`: the container's content is only ever data to copy, never
+/// something to execute or a device to open. `noinit_itable`: after a grow, do not let
+/// ext4lazyinit zero new inode tables across the network in the background.
+pub fn mount_ext4(stack: &mut Stack, device: &Path, target: &Path, read_only: bool) -> Result<()> {
+    mount_ext4_with(stack, device, target, read_only, false)
 }
 
 const EXT4_FLAGS: MountFlags = MountFlags::NODEV
@@ -101,7 +104,18 @@ const EXT4_DATA: &str = "noinit_itable,errors=remount-ro";
 /// read, so a filesystem whose journal needs recovery mounts on a read-only device (without
 /// it the kernel refuses: "cannot mount read-only", EROFS). What the unreplayed journal holds
 /// (the interrupted run's last transactions) is not visible.
-pub fn mount_ext4_with(device: &Path, target: &Path, read_only: bool, noload: bool) -> Result<()> {
+pub fn mount_ext4_with(
+    stack: &mut Stack,
+    device: &Path,
+    target: &Path,
+    read_only: bool,
+    noload: bool,
+) -> Result<()> {
+    std::fs::create_dir_all(target)
+        .with_context(|| format!("creating the mount point {}", target.display()))?;
+    stack.push(Undo::Unmount {
+        target: target.to_path_buf(),
+    })?;
     let mut flags = EXT4_FLAGS;
     if read_only || noload {
         flags |= MountFlags::RDONLY;
@@ -124,6 +138,31 @@ pub fn mount_ext4_with(device: &Path, target: &Path, read_only: bool, noload: bo
                 if noload { " (ro,noload)" } else { "" }
             )
         })?;
+    Ok(())
+}
+
+/// Bind `source` at `target` read-only (`nodev,nosuid,noexec`), recorded in `stack`: how
+/// `e2ebackup mount` shows the snapshots.
+pub fn bind_readonly(stack: &mut Stack, source: &Path, target: &Path) -> Result<()> {
+    stack.push(Undo::Unmount {
+        target: target.to_path_buf(),
+    })?;
+    Mount::builder()
+        .flags(MountFlags::BIND)
+        .mount(source, target)
+        .with_context(|| format!("bind-mounting {} at {}", source.display(), target.display()))?;
+    // A bind mount takes its flags only from a second, remounting call.
+    Mount::builder()
+        .flags(
+            MountFlags::BIND
+                | MountFlags::REMOUNT
+                | MountFlags::RDONLY
+                | MountFlags::NODEV
+                | MountFlags::NOSUID
+                | MountFlags::NOEXEC,
+        )
+        .mount("none", target)
+        .with_context(|| format!("making {} read-only", target.display()))?;
     Ok(())
 }
 

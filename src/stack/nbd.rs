@@ -30,6 +30,7 @@ use crate::cmd::{Cmd, Proc};
 use crate::profile::Server;
 use crate::stack::openssh;
 use crate::stack::ssh::shell_quote;
+use crate::teardown::{Stack, Undo};
 
 /// Create (or verify) `dir` as a root-owned 0700 directory for the tunnel's socket, and
 /// remove a socket left there by an earlier tunnel. Returns the socket's path.
@@ -77,13 +78,25 @@ pub fn tunnel_args(
     Ok(v)
 }
 
-/// Start `ssh -L SOCK:127.0.0.1:RPORT host 'exec nbdkit ...'` detached. The caller records
-/// the returned process (`StopProcess`) at once.
-pub fn start_tunnel(server: &Server, remote_file: &str, sock: &Path, rport: u16) -> Result<Proc> {
-    Cmd::new("ssh")?
+/// Start `ssh -L SOCK:127.0.0.1:RPORT host 'exec nbdkit ...'` detached, recorded in
+/// `stack` (`StopProcess`) as soon as it runs.
+pub fn start_tunnel(
+    stack: &mut Stack,
+    server: &Server,
+    remote_file: &str,
+    sock: &Path,
+    rport: u16,
+) -> Result<Proc> {
+    let p = Cmd::new("ssh")?
         .args(tunnel_args(server, remote_file, sock, rport)?)
         .spawn_detached(Stdio::null(), Stdio::null())
-        .context("starting the ssh tunnel")
+        .context("starting the ssh tunnel")?;
+    stack.push(Undo::StopProcess {
+        pid: p.pid,
+        start: p.start,
+        what: "ssh tunnel with the remote nbdkit".into(),
+    })?;
+    Ok(p)
 }
 
 /// Wait until the NBD server answers through the tunnel (the NBD greeting arrives).
@@ -114,7 +127,7 @@ pub fn wait_ready(sock: &Path, tunnel: &Proc, timeout: Duration) -> Result<()> {
 }
 
 /// A free /dev/nbdN (no pid attached).
-pub fn free_device() -> Result<PathBuf> {
+fn free_device() -> Result<PathBuf> {
     for n in 0..16 {
         let sys = PathBuf::from(format!("/sys/block/nbd{n}"));
         if sys.exists() && !sys.join("pid").exists() {
@@ -124,8 +137,18 @@ pub fn free_device() -> Result<PathBuf> {
     bail!("no free /dev/nbd device (is the nbd module loaded? modprobe nbd)")
 }
 
-/// Connect `device` to the local end of the tunnel.
-pub fn connect(device: &Path, sock: &Path) -> Result<()> {
+/// Connect a free NBD device to the local end of the tunnel, recorded in `stack`
+/// (`DisconnectNbd` is pushed first); returns the device.
+pub fn connect(stack: &mut Stack, sock: &Path) -> Result<PathBuf> {
+    let device = free_device()?;
+    stack.push(Undo::DisconnectNbd {
+        device: device.clone(),
+    })?;
+    attach_client(&device, sock)?;
+    Ok(device)
+}
+
+fn attach_client(device: &Path, sock: &Path) -> Result<()> {
     Cmd::new("nbd-client")?
         .arg("-unix")
         .arg(sock)

@@ -30,6 +30,7 @@ use anyhow::{bail, Context, Result};
 use crate::cmd::{Cmd, Proc};
 use crate::profile::Server;
 use crate::stack::{mount, openssh};
+use crate::teardown::{Stack, Undo};
 use crate::warn;
 
 /// Mount options besides the SSH ones.
@@ -69,9 +70,25 @@ fn read_all(f: &mut std::fs::File) -> String {
     s
 }
 
-/// Mount; the caller has pushed `UnmountSshfs` first and records the returned daemon in it.
-/// On any error the daemon has been stopped already.
-pub fn mount(server: &Server, target: &Path) -> Result<Proc> {
+/// Mount the server directory at `target`, recorded in `stack`: `UnmountSshfs` is pushed
+/// before the daemon starts (sshfs mounts before it connects, so a failure can leave a mount)
+/// and amended with the daemon's identity once it runs.
+pub fn mount(stack: &mut Stack, server: &Server, target: &Path) -> Result<Proc> {
+    stack.push(Undo::UnmountSshfs {
+        target: target.to_path_buf(),
+        daemon: None,
+    })?;
+    let daemon = start(server, target)?;
+    stack.amend_last(Undo::UnmountSshfs {
+        target: target.to_path_buf(),
+        daemon: Some(daemon),
+    })?;
+    Ok(daemon)
+}
+
+/// Start the daemon and wait until the mount answers. On any error the daemon has been
+/// stopped already.
+fn start(server: &Server, target: &Path) -> Result<Proc> {
     std::fs::create_dir_all(target)?;
     if let Some(m) = mount::mounted_at(target)? {
         bail!(
