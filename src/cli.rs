@@ -296,8 +296,8 @@ pub fn main() -> ExitCode {
         Command::Verify {
             read_data, json, ..
         } => ops::verify::verify(&profile, *read_data, *json),
-        Command::AcceptRollback { .. } => ops::restore::accept_rollback(&profile),
-        Command::Prune { dry_run, json, .. } => ops::restore::prune(&profile, *dry_run, *json),
+        Command::AcceptRollback { .. } => ops::prune::accept_rollback(&profile),
+        Command::Prune { dry_run, json, .. } => ops::prune::prune(&profile, *dry_run, *json),
         Command::GenerateAssets { .. } => Exit::Usage,
     };
     code.into()

@@ -105,6 +105,45 @@ pub struct Taken {
     pub link_dest: Option<String>,
 }
 
+/// Apply the retention policy to the snapshots in the mounted container at `root`.
+/// Returns the decisions (newest first). With `dry_run` nothing is removed.
+pub fn prune(p: &Profile, root: &Path, dry_run: bool) -> Result<Vec<crate::retention::Decision>> {
+    use crate::retention;
+    let ids = list(root)?;
+    let now = crate::snapid::SnapshotId::now().unix();
+    let decisions = retention::select(&ids, &p.retention, now);
+    if p.retention.is_empty() {
+        return Ok(decisions);
+    }
+    if let Some(f) = retention::future(&ids, now) {
+        warn!(
+            "snapshot {f} is dated in the future (this clock reads {}; was it set ahead when that snapshot was taken?): \
+             retention is suspended and nothing is pruned until the clock passes {f}; \
+             if that snapshot's date is wrong, remove it by hand (docs/operations.md, clock jumps)",
+            crate::snapid::SnapshotId::from_unix(now)
+        );
+        return Ok(decisions);
+    }
+    for d in &decisions {
+        if d.removed() && !dry_run {
+            crate::signals::check()?;
+            info!("pruning snapshot {}", d.id);
+            // Move out of snapshots/ first (atomic), so an interrupted delete never leaves
+            // a half-deleted tree that looks like a complete snapshot.
+            let from = path_of(root, d.id);
+            let to = root.join(PARTIAL).join(format!("{}.pruning", d.id));
+            std::fs::rename(&from, &to)?;
+            remove_tree(&to)?;
+            let m = crate::manifest::path_of(root, &d.id.to_string());
+            if m.exists() {
+                std::fs::remove_file(&m)?;
+            }
+        }
+    }
+    mount::syncfs(root)?;
+    Ok(decisions)
+}
+
 /// The rsync argv for one snapshot, with the mounts of this moment.
 pub fn rsync_command(profile: &Profile, dest: &Path, link_dest: Option<&Path>) -> Result<Cmd> {
     // No mount table (no /proc) leaves only the fixed exclusions.

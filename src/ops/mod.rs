@@ -6,6 +6,7 @@ pub mod grow;
 pub mod init;
 pub mod keys;
 pub mod maintenance;
+pub mod prune;
 pub mod restore;
 pub mod run;
 pub mod schedule;

@@ -8,7 +8,7 @@ use crate::profile::Profile;
 use crate::session::Session;
 use crate::snapshots::{self, Taken};
 use crate::state::{self, LastRun};
-use crate::{hooks, info, monitor, retention, warn};
+use crate::{hooks, info, monitor, warn};
 
 mod no_space;
 
@@ -168,7 +168,7 @@ fn work(p: &Profile, s: &mut Session<'_>, f: &mut Figures) -> Result<Exit> {
     let warnings = t.vanished_files;
     f.taken = Some(t);
     crate::signals::check()?;
-    prune(p, &root, false)?;
+    snapshots::prune(p, &root, false)?;
     let g = s.commit_generation(&root)?;
     crate::debug!("container generation {g}");
     f.snapshot_count = snapshots::list(&root).ok().map(|l| l.len() as u64);
@@ -181,48 +181,4 @@ fn work(p: &Profile, s: &mut Session<'_>, f: &mut Figures) -> Result<Exit> {
         .ok()
         .and_then(|r| r.allocated_bytes(&p.remote_container()));
     Ok(if warnings { Exit::Warnings } else { Exit::Ok })
-}
-
-/// Apply the retention policy to the snapshots in the mounted container at `root`.
-/// Returns the decisions (newest first). With `dry_run` nothing is removed.
-pub fn prune(
-    p: &Profile,
-    root: &std::path::Path,
-    dry_run: bool,
-) -> Result<Vec<retention::Decision>> {
-    let ids = snapshots::list(root)?;
-    let now = crate::snapid::SnapshotId::now().unix();
-    let decisions = retention::select(&ids, &p.retention, now);
-    if p.retention.is_empty() {
-        return Ok(decisions);
-    }
-    if let Some(f) = retention::future(&ids, now) {
-        warn!(
-            "snapshot {f} is dated in the future (this clock reads {}; was it set ahead when that snapshot was taken?): \
-             retention is suspended and nothing is pruned until the clock passes {f}; \
-             if that snapshot's date is wrong, remove it by hand (docs/operations.md, clock jumps)",
-            crate::snapid::SnapshotId::from_unix(now)
-        );
-        return Ok(decisions);
-    }
-    for d in &decisions {
-        if d.removed() && !dry_run {
-            crate::signals::check()?;
-            info!("pruning snapshot {}", d.id);
-            // Move out of snapshots/ first (atomic), so an interrupted delete never leaves
-            // a half-deleted tree that looks like a complete snapshot.
-            let from = snapshots::path_of(root, d.id);
-            let to = root
-                .join(snapshots::PARTIAL)
-                .join(format!("{}.pruning", d.id));
-            std::fs::rename(&from, &to)?;
-            snapshots::remove_tree(&to)?;
-            let m = crate::manifest::path_of(root, &d.id.to_string());
-            if m.exists() {
-                std::fs::remove_file(&m)?;
-            }
-        }
-    }
-    crate::stack::mount::syncfs(root)?;
-    Ok(decisions)
 }
