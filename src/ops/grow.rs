@@ -102,7 +102,20 @@ fn work(p: &Profile, s: &mut Session<'_>, spec: GrowTo, online: bool) -> Result<
                 Size(free),
                 Size(added)
             );
+        } else {
+            info!(
+                "{}:{} has {} free; growing by {}",
+                p.server.host,
+                p.server.path,
+                Size(free),
+                Size(added)
+            );
         }
+    } else {
+        warn!(
+            "cannot tell the free space on {} (its SFTP server offers no statvfs@openssh.com); continuing",
+            p.server.host
+        );
     }
     s.mount_server("grow")?;
     let name = p.container.file.0.clone();
