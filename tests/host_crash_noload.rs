@@ -77,7 +77,10 @@ fn host_crash_image_after_commit_shows_the_new_generation_under_noload() {
     let l = mounted(&copy, &c, true, true);
     let state = std::fs::read_to_string(c.join("STATE")).unwrap();
     unmounted(&c, l, &copy);
-    assert_eq!(state, "generation 5\n", "ro,noload shows the committed STATE");
+    assert_eq!(
+        state, "generation 5\n",
+        "ro,noload shows the committed STATE"
+    );
 
     // The contrast: write_atomic's fsyncs alone (file and directory) commit the journal
     // but leave the home blocks old; without the syncfs, noload shows the older STATE.
@@ -88,5 +91,8 @@ fn host_crash_image_after_commit_shows_the_new_generation_under_noload() {
     let l = mounted(&copy, &c, true, true);
     let state = std::fs::read_to_string(c.join("STATE")).unwrap();
     unmounted(&c, l, &copy);
-    assert_eq!(state, "generation 5\n", "without syncfs the home blocks lag");
+    assert_eq!(
+        state, "generation 5\n",
+        "without syncfs the home blocks lag"
+    );
 }
