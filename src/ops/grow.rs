@@ -88,7 +88,7 @@ fn work(p: &Profile, s: &mut Session<'_>, spec: GrowTo, online: bool) -> Result<
             ext4::estimate_init_bytes(added, added / 65536).saturating_sub(luks::HEADER_BYTES);
         if added > 0 && free < need + (64 << 20) {
             anyhow::bail!(
-                "{}:{} has {} free; growing by {} writes about {}",
+                "{}:{} has {} free; growing by {} writes about {} and wants 64M more to spare",
                 p.server.host,
                 p.server.path,
                 Size(free),

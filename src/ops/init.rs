@@ -75,7 +75,8 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     match facts.free_bytes {
         Some(free) if free < need + (64 << 20) => {
             return Err(anyhow::anyhow!(
-                "{}:{} has {} free; init writes about {} (LUKS header, inode tables, journal)",
+                "{}:{} has {} free; init writes about {} (LUKS header, inode tables, journal) and \
+                 wants 64M more to spare: free space there, or pick another server.path",
                 p.server.host,
                 p.server.path,
                 Size(free),

@@ -123,7 +123,7 @@ check restore-of-root-identical-without-pseudo-fs-or-container root_restored
 small_refused() {
   E2E init $SMALL > "$LOG.small" 2>&1; local rc=$?
   cat "$LOG.small"; metric small_init.exit "$rc"
-  [ "$rc" = 1 ] && grep -qE "127.0.0.1:/small has [0-9.]+ ?[KMGT]i?B? free; init writes about" "$LOG.small" &&
+  [ "$rc" = 1 ] && grep -qE "127.0.0.1:/small has 64M free; init writes about [0-9.]+[KMG] .* wants 64M more to spare" "$LOG.small" &&
     [ -z "$(ls -A $JAIL/small)" ] && [ ! -e "$DEMO_DIR/$SMALL.key" ] && [ ! -e "$DEMO_DIR/$SMALL.key.header" ]
 }
 check init-refuses-a-small-server small_refused
