@@ -1,5 +1,5 @@
 #!/bin/bash
-# timeout: 900
+# timeout: 1200
 # Issue 14, a server that offers only SFTP: a chrooted account (ChrootDirectory, ForceCommand
 # internal-sftp, shell nologin), the way careful admins and hosted storage give backup
 # accounts. sshd refuses any command on it and, at DEBUG1 for this account, logs each channel
