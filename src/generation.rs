@@ -10,7 +10,11 @@
 //!
 //! Commit order: the container's STATE first (synced), the client's record second. A crash
 //! in between leaves the container one generation ahead, which is accepted; the opposite
-//! order would raise a false alarm. After a deliberate restore of the server from an older
+//! order would raise a false alarm. The `syncfs` also matters for a crash image read with
+//! `ro,noload` (no journal replay): it writes the journaled metadata home after the journal
+//! commit, where the file and directory fsyncs alone leave it in the journal, so such an
+//! image shows the committed generation, not the one before (tests/host_crash_noload.rs).
+//! After a deliberate restore of the server from an older
 //! backup, `e2ebackup accept-rollback PROFILE` lowers the client's record to the container's.
 
 use std::path::Path;

@@ -141,11 +141,6 @@ pub fn textfile(p: &Profile, r: &LastRun) -> String {
         f(r.container_size),
     );
     metric(
-        "container_allocated_bytes",
-        "Bytes the server allocated for the container file.",
-        f(r.container_allocated),
-    );
-    metric(
         "snapshots",
         "Complete snapshots in the container.",
         f(r.snapshot_count),
@@ -295,7 +290,6 @@ mod tests {
             duration_seconds: Some(12.5),
             bytes_transferred: Some(4096),
             container_size: Some(1 << 30),
-            container_allocated: Some(60 << 20),
             snapshot_count: Some(3),
             ..Default::default()
         };
@@ -305,7 +299,7 @@ mod tests {
             "e2ebackup_last_success_timestamp_seconds{profile=\"mon\"} 1700000000\n",
             "e2ebackup_last_exit_code{profile=\"mon\"} 0\n",
             "e2ebackup_last_duration_seconds{profile=\"mon\"} 12.5\n",
-            "e2ebackup_container_allocated_bytes{profile=\"mon\"} 62914560\n",
+            "e2ebackup_container_size_bytes{profile=\"mon\"} 1073741824\n",
             "e2ebackup_snapshots{profile=\"mon\"} 3\n",
             "# TYPE e2ebackup_snapshots gauge\n",
         ] {

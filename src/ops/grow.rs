@@ -88,7 +88,7 @@ fn work(p: &Profile, s: &mut Session<'_>, spec: GrowTo, online: bool) -> Result<
             ext4::estimate_init_bytes(added, added / 65536).saturating_sub(luks::HEADER_BYTES);
         if added > 0 && free < need + (64 << 20) {
             anyhow::bail!(
-                "{}:{} has {} free; growing by {} writes about {}",
+                "{}:{} has {} free; growing by {} writes about {} and wants 64M more to spare",
                 p.server.host,
                 p.server.path,
                 Size(free),
@@ -102,7 +102,20 @@ fn work(p: &Profile, s: &mut Session<'_>, spec: GrowTo, online: bool) -> Result<
                 Size(free),
                 Size(added)
             );
+        } else {
+            info!(
+                "{}:{} has {} free; growing by {}",
+                p.server.host,
+                p.server.path,
+                Size(free),
+                Size(added)
+            );
         }
+    } else {
+        warn!(
+            "cannot tell the free space on {} (its SFTP server offers no statvfs@openssh.com); continuing",
+            p.server.host
+        );
     }
     s.mount_server("grow")?;
     let name = p.container.file.0.clone();

@@ -74,7 +74,8 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     match facts.free_bytes {
         Some(free) if free < need + (64 << 20) => {
             return Err(anyhow::anyhow!(
-                "{}:{} has {} free; init writes about {} (LUKS header, inode tables, journal)",
+                "{}:{} has {} free; init writes about {} (LUKS header, inode tables, journal) and \
+                 wants 64M more to spare: free space there, or pick another server.path",
                 p.server.host,
                 p.server.path,
                 Size(free),
@@ -86,7 +87,13 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
             Size(free),
             p.container.size
         ),
-        Some(_) => {}
+        Some(free) => info!(
+            "{}:{} has {} free; init writes about {}",
+            p.server.host,
+            p.server.path,
+            Size(free),
+            Size(need)
+        ),
         None => warn!(
             "cannot tell the free space on {} (its SFTP server offers no statvfs@openssh.com); continuing",
             p.server.host
@@ -176,13 +183,5 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     s.server_dir()?
         .rename(&partial_name, &p.container.file.0)
         .with_context(|| format!("committing {}", final_path.display()))?;
-    if let Ok(remote) = s.remote() {
-        if let Some(a) = remote.allocated_bytes(&p.remote_container()) {
-            info!(
-                "server allocation of the new container: {} ({a} bytes)",
-                Size(a)
-            );
-        }
-    }
     Ok(Exit::Ok)
 }

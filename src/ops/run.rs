@@ -87,7 +87,6 @@ impl Outcome {
 struct Figures {
     taken: Option<Taken>,
     container_size: Option<u64>,
-    container_allocated: Option<u64>,
     snapshot_count: Option<u64>,
 }
 
@@ -141,7 +140,6 @@ fn conclude(
             bytes_transferred: t.and_then(|t| t.bytes_transferred),
             duration_seconds: Some((clock.elapsed().as_secs_f64() * 10.0).round() / 10.0),
             container_size: o.figures.container_size,
-            container_allocated: o.figures.container_allocated,
             snapshot_count: o.figures.snapshot_count,
             ..Default::default()
         },
@@ -176,9 +174,5 @@ fn work(p: &Profile, s: &mut Session<'_>, f: &mut Figures) -> Result<Exit> {
         .server_dir()
         .ok()
         .and_then(|d| d.len(&p.container.file.0).ok().flatten());
-    f.container_allocated = s
-        .remote()
-        .ok()
-        .and_then(|r| r.allocated_bytes(&p.remote_container()));
     Ok(if warnings { Exit::Warnings } else { Exit::Ok })
 }

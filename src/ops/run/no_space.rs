@@ -66,9 +66,17 @@ pub fn check_before(p: &Profile, root: &Path) -> Result<()> {
         return Ok(());
     };
     let growth = possible_growth(root).unwrap_or(0);
-    crate::debug!("server free {free} bytes; the container can grow by up to {growth}");
     match verdict(free, growth) {
-        Verdict::Ok => Ok(()),
+        Verdict::Ok => {
+            crate::info!(
+                "{}:{} has {} free; the container can grow by up to {}",
+                p.server.host,
+                p.server.path,
+                Size(free),
+                Size(growth)
+            );
+            Ok(())
+        }
         Verdict::Warn => {
             warn!(
                 "{}:{} has {} free, but the container can still grow by up to {} (the free space inside it): \
