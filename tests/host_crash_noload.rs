@@ -20,25 +20,33 @@ use std::process::Command;
 
 use e2ebackup::fsutil::write_atomic;
 use e2ebackup::stack::{ext4, loopdev, mount};
+use e2ebackup::teardown::Stack;
 
-fn mounted(img: &Path, at: &Path, read_only: bool, noload: bool) -> loopdev::Loop {
+/// The loop device and the mount, recorded as the session records them.
+struct Mounted {
+    stack: Stack,
+    _loop: loopdev::Loop,
+}
+
+fn mounted(img: &Path, at: &Path, read_only: bool, noload: bool) -> Mounted {
     let f = OpenOptions::new()
         .read(true)
         .write(!read_only)
         .open(img)
         .unwrap();
-    let l = loopdev::attach(&f, img, read_only).unwrap_or_else(|e| panic!("attach: {e:#}"));
-    std::fs::create_dir_all(at).unwrap();
-    mount::mount_ext4_with(&l.device, at, read_only, noload)
+    let mut stack = Stack::in_memory();
+    let l =
+        loopdev::attach(&mut stack, &f, img, read_only).unwrap_or_else(|e| panic!("attach: {e:#}"));
+    mount::mount_ext4_with(&mut stack, &l.device, at, read_only, noload)
         .unwrap_or_else(|e| panic!("mount {}: {e:#}", img.display()));
-    l
+    Mounted { stack, _loop: l }
 }
 
-fn unmounted(at: &Path, l: loopdev::Loop, img: &Path) {
-    mount::ensure_unmounted(at).unwrap();
-    let dev = l.device.clone();
-    drop(l);
-    loopdev::ensure_detached(&dev, img).unwrap();
+fn unmounted(m: Mounted) {
+    let Mounted { mut stack, _loop } = m;
+    drop(_loop);
+    let r = stack.unwind(&mut e2ebackup::stack::Real);
+    assert!(r.complete(), "{:?}", r.failed);
 }
 
 #[test]
@@ -60,7 +68,7 @@ fn host_crash_image_after_commit_shows_the_new_generation_under_noload() {
     let l = mounted(&img, &m, false, false);
     write_atomic(&m.join("STATE"), b"generation 4\n").unwrap();
     mount::syncfs(&m).unwrap();
-    unmounted(&m, l, &img);
+    unmounted(l);
 
     // Generation 5 committed as generation::commit does, then the "crash": the image is
     // copied while still mounted, before the unmount's checkpoint.
@@ -68,7 +76,7 @@ fn host_crash_image_after_commit_shows_the_new_generation_under_noload() {
     write_atomic(&m.join("STATE"), b"generation 5\n").unwrap();
     mount::syncfs(&m).unwrap();
     std::fs::copy(&img, &copy).unwrap();
-    unmounted(&m, l, &img);
+    unmounted(l);
 
     assert!(
         ext4::needs_recovery(&copy).unwrap(),
@@ -76,7 +84,7 @@ fn host_crash_image_after_commit_shows_the_new_generation_under_noload() {
     );
     let l = mounted(&copy, &c, true, true);
     let state = std::fs::read_to_string(c.join("STATE")).unwrap();
-    unmounted(&c, l, &copy);
+    unmounted(l);
     assert_eq!(
         state, "generation 5\n",
         "ro,noload shows the committed STATE"
@@ -87,10 +95,10 @@ fn host_crash_image_after_commit_shows_the_new_generation_under_noload() {
     let l = mounted(&img, &m, false, false);
     write_atomic(&m.join("STATE"), b"generation 6\n").unwrap();
     std::fs::copy(&img, &copy).unwrap();
-    unmounted(&m, l, &img);
+    unmounted(l);
     let l = mounted(&copy, &c, true, true);
     let state = std::fs::read_to_string(c.join("STATE")).unwrap();
-    unmounted(&c, l, &copy);
+    unmounted(l);
     assert_eq!(
         state, "generation 5\n",
         "without syncfs the home blocks lag"
