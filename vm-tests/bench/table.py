@@ -135,6 +135,7 @@ for l in profiles:
     for n in scales:
         c = f"n{n}.{l}"
         target(f"restore >= 1.0x restic ({l})", f"{n} files", ratio(g(c + ".restic_restore.s"), g(c + ".e2e_restore.s")), lambda v: v >= 1.0)
+        target(f"restore >= 1.0x restic ({l}), binary B", f"{n} files", ratio(g(c + ".restic_restore.s"), g(c + ".e2eb_restore.s")), lambda v: v >= 1.0)
 if 100000 in scales:
     rss = max((g(f"n100000.{l}.e2e_{s}.rss_kib") or 0) for l in profiles for s in STEPS) / 1024
     target("peak RSS of run < 30 MiB", "100000 files", rss or None, lambda v: v < 30, "{:.1f} MiB")
@@ -169,3 +170,53 @@ for gib in (1, 2, 4, 8, 16, 32, 64):
     pts.append((gib, e, c))
     print(f"| {gib} GiB | {fmt(e and e / MIB, '{:.0f} MiB')} | {fmt(g(f'e2e_init_{gib}G.s'))} | "
           f"{fmt(c and c / MIB, '{:.0f} MiB')} | {fmt(ratio(c, e), '{:.1f}x')} |")
+
+# ---------------------------------------------------------------- where e2ebackup's time goes
+# From the e2ebackup logs next to bench.txt (bench-<cell>.e2e_<step>.log): the seconds
+# between its info lines (1-second resolution).
+import datetime
+import glob
+import os
+
+MARKS = (("connecting to", "preflight (libssh2)"), ("mounting ", "sshfs mount, lock, loop"),
+         ("unlocking ", "LUKS open, mount"), ("snapshot ", "rsync"), ("restoring snapshot", "rsync"),
+         ("committed (", "commit, teardown"), ("restore of", "commit, teardown"))
+rows = []
+for n, l in cells:
+    for tool in ("e2e", "e2eb"):
+        for s in STEPS:
+            f = os.path.join(os.path.dirname(sys.argv[1]), f"bench-n{n}.{l}.{tool}_{s}.log")
+            if not os.path.exists(f):
+                continue
+            marks = []
+            for line in open(f, errors="replace"):
+                ts, _, msg = line.partition(" ")
+                try:
+                    t = datetime.datetime.strptime(ts, "%Y%m%dT%H%M%SZ").timestamp()
+                except ValueError:
+                    continue
+                for m, name in MARKS:
+                    if msg.startswith(m) and not (m == "snapshot " and "committed" in msg):
+                        marks.append((t, name))
+                        break
+                    if m == "committed (" and m in msg:
+                        marks.append((t, name))
+                        break
+            total = g(f"n{n}.{l}.{tool}_{s}.s")
+            if len(marks) < 2 or total is None:
+                continue
+            split = {}
+            for (ta, na), (tb, _) in zip(marks, marks[1:]):
+                split[na] = split.get(na, 0) + tb - ta
+            # The last phase runs to the process's end (wall time measured outside).
+            last = marks[-1][1]
+            split[last] = split.get(last, 0) + max(0.0, total - (marks[-1][0] - marks[0][0]))
+            rows.append((f"n{n}.{l}", f"{tool}_{s}", total, split))
+if rows:
+    cols = ["preflight (libssh2)", "sshfs mount, lock, loop", "LUKS open, mount", "rsync", "commit, teardown"]
+    print("Where e2ebackup's time goes (seconds between its log lines, 1 s resolution; "
+          "the last phase includes the process exit):\n")
+    print("| cell | step | total | " + " | ".join(cols) + " |")
+    print("|---|---|---|" + "---|" * len(cols))
+    for c, step, total, split in rows:
+        print(f"| {c} | {step} | {total:.1f} | " + " | ".join(fmt(split.get(k), "{:.0f}") for k in cols) + " |")
