@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Render the "key value" lines of vm-tests/bench/compare.sh (bench.txt) as Markdown tables.
 
-    vm-tests/bench/table.py target/vm-tests/runs/<run>/bench.txt
+    vm-tests/bench/table.py target/vm-tests/runs/<run>/bench.txt [more bench.txt ...]
+Several files (boots) are merged, a later one's figure winning for the same key.
 Keys: n<N>.<profile>.<tool>_<step>.s|rss_kib (one cell per file count and link profile).
 A figure that is missing (its step failed or did not run) prints as "-".
 """
@@ -9,12 +10,13 @@ import re
 import sys
 
 r = {}
-for line in open(sys.argv[1]):
-    k, _, v = line.strip().partition(" ")
-    try:
-        r[k] = float(v)
-    except ValueError:
-        pass
+for path in sys.argv[1:]:
+    for line in open(path):
+        k, _, v = line.strip().partition(" ")
+        try:
+            r[k] = float(v)
+        except ValueError:
+            pass
 
 MB = 1e6
 MIB = 1 << 20
@@ -179,15 +181,17 @@ import glob
 import os
 
 MARKS = (("connecting to", "preflight (libssh2)"), ("mounting ", "sshfs mount, lock, loop"),
-         ("unlocking ", "LUKS open, mount"), ("snapshot ", "rsync"), ("restoring snapshot", "rsync"),
-         ("committed (", "commit, teardown"), ("restore of", "commit, teardown"))
+         ("unlocking ", "LUKS open, mount"), ("snapshot ", "rsync, manifest, sync"),
+         ("restoring snapshot", "rsync, manifest, sync"), ("committed (", "teardown"), ("restore of", "teardown"))
 rows = []
 for n, l in cells:
     for tool in ("e2e", "e2eb"):
         for s in STEPS:
-            f = os.path.join(os.path.dirname(sys.argv[1]), f"bench-n{n}.{l}.{tool}_{s}.log")
-            if not os.path.exists(f):
+            found = [f for f in (os.path.join(os.path.dirname(a), f"bench-n{n}.{l}.{tool}_{s}.log")
+                                 for a in sys.argv[1:]) if os.path.exists(f)]
+            if not found:
                 continue
+            f = found[-1]
             marks = []
             for line in open(f, errors="replace"):
                 ts, _, msg = line.partition(" ")
@@ -213,7 +217,7 @@ for n, l in cells:
             split[last] = split.get(last, 0) + max(0.0, total - (marks[-1][0] - marks[0][0]))
             rows.append((f"n{n}.{l}", f"{tool}_{s}", total, split))
 if rows:
-    cols = ["preflight (libssh2)", "sshfs mount, lock, loop", "LUKS open, mount", "rsync", "commit, teardown"]
+    cols = ["preflight (libssh2)", "sshfs mount, lock, loop", "LUKS open, mount", "rsync, manifest, sync", "teardown"]
     print("Where e2ebackup's time goes (seconds between its log lines, 1 s resolution; "
           "the last phase includes the process exit):\n")
     print("| cell | step | total | " + " | ".join(cols) + " |")
