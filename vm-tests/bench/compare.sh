@@ -1,5 +1,5 @@
 #!/bin/bash
-# timeout: 14000
+# timeout: 86400
 # Benchmark (not part of the CI set; run by scripts/bench.sh): e2ebackup against restic
 # (sftp repository), borg (ssh repository) and the raw `ssh cat` of the same bytes, in one
 # boot, on generated data sets and the guest's one loopback sshd. Every figure is a wall
@@ -14,10 +14,10 @@
 #     applied before the cell and removed after it.
 # Per cell and per tool (BENCH_TOOLS, default "e2e restic borg"), interleaved so that a
 # drift of the shared machine hits every tool alike: full backup into a new repository,
-# no-change backup, 1% of the files rewritten then backup, restore of everything (checked
-# with diff -r). Plus the tar of the data set through `ssh host 'cat > file'` on the same
-# link. Peak RSS: VmHWM of the tool's own process, sampled every 0.2 s (children such as
-# rsync and ssh are not counted, for any tool).
+# no-change backup, 1% of the files rewritten then backup, restore of everything (caches
+# dropped before each; checked with diff -r). Plus the tar of the data set through
+# `ssh host 'cat > file'` on the same link. Peak RSS: VmHWM of the tool's own process,
+# sampled every 0.2 s (children such as rsync and ssh are not counted, for any tool).
 #
 # A/B of a restore change in the same boot: if the file BENCH_B_BIN (default
 # $E2E_OUT/e2ebackup-b) exists when a cell's restores start, that binary restores the
@@ -135,6 +135,8 @@ restic_() { exec restic -r "sftp:$SERVER:/srv/backup/restic-$C" -o "sftp.command
 borg_() { exec borg "$@"; }
 borg_extract() { mkdir -p "$RESTORE/borg" && cd "$RESTORE/borg" && exec borg extract "ssh://$SERVER/srv/backup/borg-$C::change1"; }
 restored() { diff -r "$SRC" "$1$SRC" > /dev/null; }
+# Every restore starts with cold caches (the server side's copy of the repository too).
+cold() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
 cell() {
   local n=$1 l=$2 seed=$3 P a
@@ -165,26 +167,29 @@ cell() {
   has e2e && measure "$C.e2e_change1" "$E2E_BIN" run "$P"
   has restic && measure "$C.restic_change1" restic_ backup "$SRC"
   has borg && measure "$C.borg_change1" borg_ create "$BORG_REPO::change1" "$SRC"
-  sync; echo 3 > /proc/sys/vm/drop_caches
   mkdir -p "$RESTORE"
   if has e2e; then
+    cold
     measure "$C.e2e_restore" "$E2E_BIN" restore "$P" latest "$RESTORE/e2e"
     check "$C-e2e-restored-identical" restored "$RESTORE/e2e"
     res "$C.e2e_server.bytes" "$(alloc_bytes "/srv/backup/$P.luks")"
     rm -rf "$RESTORE/e2e"
     if [ -x "$B_BIN" ]; then
+      cold
       measure "$C.e2eb_restore" "$B_BIN" restore "$P" latest "$RESTORE/e2e"
       check "$C-e2eb-restored-identical" restored "$RESTORE/e2e"
       rm -rf "$RESTORE/e2e"
     fi
   fi
   if has restic; then
+    cold
     measure "$C.restic_restore" restic_ restore latest --target "$RESTORE/restic"
     check "$C-restic-restored-identical" restored "$RESTORE/restic"
     res "$C.restic_server.bytes" "$(du -sB1 "/srv/backup/restic-$C" | cut -f1)"
     rm -rf "$RESTORE/restic"
   fi
   if has borg; then
+    cold
     measure "$C.borg_restore" borg_extract
     check "$C-borg-restored-identical" restored "$RESTORE/borg"
     res "$C.borg_server.bytes" "$(du -sB1 "/srv/backup/borg-$C" | cut -f1)"
