@@ -369,6 +369,159 @@ pub fn prefetch_metadata(dir: &Path, threads: usize) -> usize {
     seen.into_inner()
 }
 
+/// Threads that read a snapshot's files ahead of restore's rsync.
+const READAHEAD_THREADS: usize = 8;
+
+/// Reads the files of a snapshot into the page cache with several threads while `restore`'s
+/// rsync copies them, stopped and joined on drop. rsync reads one file after another, and in
+/// a container mounted over the network every small file is at least one round trip
+/// (ext4 -> dm-crypt -> loop -> sshfs -> SSH) that read-ahead on the mapping cannot hide;
+/// parallel readers keep several in flight, so rsync finds most files in memory. File data is
+/// read only up to half of MemAvailable (beyond that, inodes only), so what is read ahead is
+/// not evicted before rsync gets to it. Best effort: errors are ignored (rsync reports what
+/// matters); a pending signal stops it.
+pub struct ReadAhead {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<(usize, u64)>>,
+}
+
+impl ReadAhead {
+    /// Start reading, in the background, snapshot directory `snap`, or only the absolute
+    /// `paths` (as backed up) inside it when some are given.
+    pub fn start(snap: &Path, paths: &[PathBuf]) -> ReadAhead {
+        let roots = if paths.is_empty() {
+            vec![snap.to_path_buf()]
+        } else {
+            paths
+                .iter()
+                .map(|q| snap.join(q.strip_prefix("/").unwrap_or(q)))
+                .collect()
+        };
+        let budget = mem_available().unwrap_or(0) / 2;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("readahead".into())
+            .spawn(move || read_ahead(roots, READAHEAD_THREADS, budget, &flag))
+            .ok();
+        ReadAhead { stop, handle }
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            if let Ok((files, bytes)) = h.join() {
+                crate::debug!("read ahead {files} files, {bytes} bytes");
+            }
+        }
+    }
+}
+
+/// The walk of [`ReadAhead`]: `threads` walkers over `roots`, reading every regular file
+/// whole while the bytes read stay within `budget`, and the inode of everything else.
+/// Directories are taken in name order, roughly the order rsync copies them in. Returns the
+/// files read and their bytes.
+fn read_ahead(
+    roots: Vec<PathBuf>,
+    threads: usize,
+    budget: u64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> (usize, u64) {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::{Condvar, Mutex};
+    let files = AtomicUsize::new(0);
+    let bytes = AtomicU64::new(0);
+    let reserved = AtomicU64::new(0);
+    let halt = || stop.load(Ordering::Relaxed) || crate::signals::pending().is_some();
+    let read_file = |p: &Path, len: u64| {
+        let fits = |r: u64| r.checked_add(len).filter(|&t| t <= budget);
+        if reserved
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, fits)
+            .is_err()
+        {
+            return;
+        }
+        let Ok(mut f) = std::fs::File::open(p) else {
+            return;
+        };
+        let mut buf = vec![0u8; 128 << 10];
+        let mut n = 0u64;
+        while !halt() {
+            match f.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k as u64,
+            }
+        }
+        files.fetch_add(1, Ordering::Relaxed);
+        bytes.fetch_add(n, Ordering::Relaxed);
+    };
+    let mut dirs = Vec::new();
+    for r in roots.into_iter().rev() {
+        match std::fs::symlink_metadata(&r) {
+            Ok(m) if m.is_dir() => dirs.push(r),
+            Ok(m) if m.is_file() => read_file(&r, m.len()),
+            _ => {}
+        }
+    }
+    struct Queue {
+        dirs: Vec<PathBuf>,
+        busy: usize,
+    }
+    let q = (Mutex::new(Queue { dirs, busy: 0 }), Condvar::new());
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| loop {
+                let (m, cv) = &q;
+                let next = {
+                    let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+                    loop {
+                        if halt() {
+                            g.dirs.clear();
+                        }
+                        if let Some(d) = g.dirs.pop() {
+                            g.busy += 1;
+                            break d;
+                        }
+                        if g.busy == 0 {
+                            cv.notify_all();
+                            return;
+                        }
+                        g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
+                    }
+                };
+                let mut entries: Vec<_> = std::fs::read_dir(&next)
+                    .map(|rd| rd.flatten().collect())
+                    .unwrap_or_default();
+                entries.sort_by_key(|e| e.file_name());
+                let mut found = Vec::new();
+                for e in entries {
+                    if halt() {
+                        break;
+                    }
+                    match e.file_type() {
+                        Ok(t) if t.is_dir() => found.push(e.path()),
+                        Ok(t) if t.is_file() => {
+                            if let Ok(md) = e.metadata() {
+                                read_file(&e.path(), md.len());
+                            }
+                        }
+                        _ => drop(e.metadata()),
+                    }
+                }
+                let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+                g.busy -= 1;
+                // Popped from the end: the first name comes next.
+                g.dirs.extend(found.into_iter().rev());
+                cv.notify_all();
+            });
+        }
+    });
+    (files.into_inner(), bytes.into_inner())
+}
+
 /// The id of a new snapshot taken at `now`, given the `existing` ones (oldest first), and
 /// the snapshot to hard-link unchanged files to.
 ///
@@ -515,6 +668,46 @@ mod tests {
             );
         }
         assert_eq!(prefetch_metadata(&d.path().join("missing"), 4), 0);
+    }
+
+    #[test]
+    fn read_ahead_reads_every_file_within_the_budget_and_stops() {
+        let d = tempfile::tempdir().unwrap();
+        for a in 0..10 {
+            let sub = d.path().join(format!("a{a}/b"));
+            std::fs::create_dir_all(&sub).unwrap();
+            std::fs::write(sub.join("f"), vec![7u8; 1000]).unwrap();
+            std::fs::write(sub.join("g"), vec![7u8; 300 << 10]).unwrap();
+            std::os::unix::fs::symlink("/nonexistent", sub.join("dangling")).unwrap();
+        }
+        let never = std::sync::atomic::AtomicBool::new(false);
+        let all = 10 * (1000 + (300 << 10));
+        for threads in [0, 1, 3, 32] {
+            let got = read_ahead(vec![d.path().to_path_buf()], threads, u64::MAX, &never);
+            assert_eq!(got, (20, all), "{threads} threads");
+        }
+        // Files and directories as roots, and a root that is missing.
+        let roots = vec![
+            d.path().join("a0/b/f"),
+            d.path().join("a1"),
+            d.path().join("missing"),
+        ];
+        assert_eq!(
+            read_ahead(roots, 4, u64::MAX, &never),
+            (3, 2000 + (300 << 10))
+        );
+        // Within the budget only: the small files fit, the large ones do not all fit.
+        let (n, b) = read_ahead(vec![d.path().to_path_buf()], 4, 400 << 10, &never);
+        assert!(b <= 400 << 10 && n >= 1, "{n} files, {b} bytes");
+        // Stopped before it starts: nothing is read.
+        let stopped = std::sync::atomic::AtomicBool::new(true);
+        assert_eq!(
+            read_ahead(vec![d.path().to_path_buf()], 4, u64::MAX, &stopped).1,
+            0
+        );
+        // Through the handle: it runs in the background and drop joins it.
+        drop(ReadAhead::start(d.path(), &[]));
+        drop(ReadAhead::start(d.path(), &[PathBuf::from("/a2/b")]));
     }
 
     #[test]

@@ -191,6 +191,7 @@ pub fn restore(p: &Profile, which: &str, target: &Path, paths: &[PathBuf], force
             }
         }
         info!("restoring snapshot {id} into {}", target.display());
+        let _ahead = snapshots::ReadAhead::start(&snap, paths);
         c.arg(format!("{}/", target.display())).run()?;
         info!("restore of {id} complete");
         Ok(())
