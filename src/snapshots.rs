@@ -314,19 +314,41 @@ fn mem_available() -> Option<u64> {
 /// pending signal stops the walk. Returns the number of entries examined.
 pub fn prefetch_metadata(dir: &Path, threads: usize) -> usize {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Condvar, Mutex};
     let seen = AtomicUsize::new(0);
+    walk_parallel(
+        vec![dir.to_path_buf()],
+        threads,
+        || crate::signals::pending().is_some(),
+        |e, t| {
+            seen.fetch_add(1, Ordering::Relaxed);
+            if !t.is_some_and(|t| t.is_dir()) {
+                // lstat: reads the inode (its block of the inode table).
+                drop(e.metadata());
+            }
+        },
+    );
+    seen.into_inner()
+}
+
+/// `threads` walkers sharing one queue of directories, from `roots` down: each directory's
+/// entries in name order (the order rsync goes in), every entry handed to `visit` with its
+/// type, and every directory among them queued. Ends when the queue is empty and no walker
+/// is busy, or as soon as `halt` says so. What [`prefetch_metadata`] and [`ReadAhead`] walk
+/// with; errors are skipped (both are best effort).
+fn walk_parallel(
+    roots: Vec<PathBuf>,
+    threads: usize,
+    halt: impl Fn() -> bool + Sync,
+    visit: impl Fn(&std::fs::DirEntry, Option<std::fs::FileType>) + Sync,
+) {
+    use std::sync::{Condvar, Mutex};
     struct Queue {
         dirs: Vec<PathBuf>,
         busy: usize,
     }
-    let q = (
-        Mutex::new(Queue {
-            dirs: vec![dir.to_path_buf()],
-            busy: 0,
-        }),
-        Condvar::new(),
-    );
+    // Popped from the end: the first name comes next.
+    let dirs = roots.into_iter().rev().collect();
+    let q = (Mutex::new(Queue { dirs, busy: 0 }), Condvar::new());
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
             s.spawn(|| loop {
@@ -334,7 +356,7 @@ pub fn prefetch_metadata(dir: &Path, threads: usize) -> usize {
                 let next = {
                     let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
                     loop {
-                        if crate::signals::pending().is_some() {
+                        if halt() {
                             g.dirs.clear();
                         }
                         if let Some(d) = g.dirs.pop() {
@@ -348,25 +370,28 @@ pub fn prefetch_metadata(dir: &Path, threads: usize) -> usize {
                         g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
                     }
                 };
+                let mut entries: Vec<_> = std::fs::read_dir(&next)
+                    .map(|rd| rd.flatten().collect())
+                    .unwrap_or_default();
+                entries.sort_by_key(|e| e.file_name());
                 let mut found = Vec::new();
-                if let Ok(rd) = std::fs::read_dir(&next) {
-                    for e in rd.flatten() {
-                        seen.fetch_add(1, Ordering::Relaxed);
-                        match e.file_type() {
-                            Ok(t) if t.is_dir() => found.push(e.path()),
-                            // lstat: reads the inode (its block of the inode table).
-                            _ => drop(e.metadata()),
-                        }
+                for e in entries {
+                    if halt() {
+                        break;
+                    }
+                    let t = e.file_type().ok();
+                    visit(&e, t);
+                    if t.is_some_and(|t| t.is_dir()) {
+                        found.push(e.path());
                     }
                 }
                 let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
                 g.busy -= 1;
-                g.dirs.append(&mut found);
+                g.dirs.extend(found.into_iter().rev());
                 cv.notify_all();
             });
         }
     });
-    seen.into_inner()
 }
 
 /// Threads that read a snapshot's files ahead of restore's rsync.
@@ -431,7 +456,6 @@ fn read_ahead(
 ) -> (usize, u64) {
     use std::io::Read;
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-    use std::sync::{Condvar, Mutex};
     let files = AtomicUsize::new(0);
     let bytes = AtomicU64::new(0);
     let reserved = AtomicU64::new(0);
@@ -459,65 +483,21 @@ fn read_ahead(
         bytes.fetch_add(n, Ordering::Relaxed);
     };
     let mut dirs = Vec::new();
-    for r in roots.into_iter().rev() {
+    for r in roots {
         match std::fs::symlink_metadata(&r) {
             Ok(m) if m.is_dir() => dirs.push(r),
             Ok(m) if m.is_file() => read_file(&r, m.len()),
             _ => {}
         }
     }
-    struct Queue {
-        dirs: Vec<PathBuf>,
-        busy: usize,
-    }
-    let q = (Mutex::new(Queue { dirs, busy: 0 }), Condvar::new());
-    std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| loop {
-                let (m, cv) = &q;
-                let next = {
-                    let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
-                    loop {
-                        if halt() {
-                            g.dirs.clear();
-                        }
-                        if let Some(d) = g.dirs.pop() {
-                            g.busy += 1;
-                            break d;
-                        }
-                        if g.busy == 0 {
-                            cv.notify_all();
-                            return;
-                        }
-                        g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
-                    }
-                };
-                let mut entries: Vec<_> = std::fs::read_dir(&next)
-                    .map(|rd| rd.flatten().collect())
-                    .unwrap_or_default();
-                entries.sort_by_key(|e| e.file_name());
-                let mut found = Vec::new();
-                for e in entries {
-                    if halt() {
-                        break;
-                    }
-                    match e.file_type() {
-                        Ok(t) if t.is_dir() => found.push(e.path()),
-                        Ok(t) if t.is_file() => {
-                            if let Ok(md) = e.metadata() {
-                                read_file(&e.path(), md.len());
-                            }
-                        }
-                        _ => drop(e.metadata()),
-                    }
-                }
-                let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
-                g.busy -= 1;
-                // Popped from the end: the first name comes next.
-                g.dirs.extend(found.into_iter().rev());
-                cv.notify_all();
-            });
+    walk_parallel(dirs, threads, halt, |e, t| match t {
+        Some(t) if t.is_dir() => {}
+        Some(t) if t.is_file() => {
+            if let Ok(md) = e.metadata() {
+                read_file(&e.path(), md.len());
+            }
         }
+        _ => drop(e.metadata()),
     });
     (files.into_inner(), bytes.into_inner())
 }
