@@ -342,6 +342,16 @@ fn checked_dir(dir: &Path, strict: bool) -> Result<()> {
 /// directory (O_EXCL, mode 0600), fsync, rename over `path`, fsync of the directory. A crash
 /// at any point leaves the old content or the new one.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_with(path, |f| f.write_all(data).map_err(Into::into))
+}
+
+/// [`write_atomic`] for contents produced as they are written (a manifest of 10^5 files is
+/// streamed, not held in memory): `fill` writes into a buffered temporary file, which is then
+/// flushed, synced and renamed; on any error the temporary file is removed.
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut std::io::BufWriter<File>) -> Result<()>,
+) -> Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -355,15 +365,20 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = dir.join(tmp_name);
     let _ = std::fs::remove_file(&tmp);
     let r = (|| -> Result<()> {
-        let mut f = std::fs::OpenOptions::new()
+        let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp)
             .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(data)
-            .and_then(|_| f.sync_all())
+        let mut w = std::io::BufWriter::with_capacity(1 << 16, f);
+        fill(&mut w).with_context(|| format!("writing {}", tmp.display()))?;
+        let f = w
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all()
             .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path)
             .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;

@@ -8,17 +8,23 @@
 //! Hashing is incremental: a file that rsync hard-linked to the previous snapshot (same
 //! inode) has the same content, so its hash is taken from the previous manifest.
 
-use std::collections::HashMap;
-use std::ffi::OsStr;
-use std::io::Read;
-use std::os::unix::ffi::OsStrExt;
+use std::cmp::Ordering;
+use std::ffi::{OsStr, OsString};
+use std::fs::{File, FileType};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 pub const MANIFESTS: &str = "manifests";
+
+/// The longest record read back: a hash, a size and a path (a path below the snapshot can
+/// exceed PATH_MAX, but not by this much). A longer run without a NUL is damage (XTS lets
+/// the server garble ciphertext undetected), and a record is never read without a bound.
+const MAX_RECORD: u64 = 64 << 10;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -33,7 +39,7 @@ pub fn path_of(root: &Path, id: &str) -> PathBuf {
 }
 
 pub fn hash_file(p: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+    let mut f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -48,95 +54,263 @@ pub fn hash_file(p: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+fn encode_into(w: &mut impl Write, e: &Entry) -> std::io::Result<()> {
+    write!(w, "{} {} ", e.sha256, e.size)?;
+    w.write_all(&e.path)?;
+    w.write_all(&[0])
+}
+
 pub fn encode(entries: &[Entry]) -> Vec<u8> {
     let mut out = Vec::new();
     for e in entries {
-        out.extend_from_slice(format!("{} {} ", e.sha256, e.size).as_bytes());
-        out.extend_from_slice(&e.path);
-        out.push(0);
+        encode_into(&mut out, e).expect("writing to a Vec");
     }
     out
 }
 
-pub fn decode(data: &[u8]) -> Result<Vec<Entry>> {
-    let mut v = Vec::new();
-    for rec in data.split(|b| *b == 0).filter(|r| !r.is_empty()) {
-        let mut parts = rec.splitn(3, |b| *b == b' ');
-        let (Some(h), Some(s), Some(p)) = (parts.next(), parts.next(), parts.next()) else {
-            anyhow::bail!("malformed manifest record");
-        };
-        v.push(Entry {
-            sha256: String::from_utf8_lossy(h).into_owned(),
-            size: std::str::from_utf8(s)?.parse()?,
-            path: p.to_vec(),
-        });
-    }
-    Ok(v)
+fn parse_record(rec: &[u8]) -> Result<Entry> {
+    let mut parts = rec.splitn(3, |b| *b == b' ');
+    let (Some(h), Some(s), Some(p)) = (parts.next(), parts.next(), parts.next()) else {
+        bail!("malformed manifest record");
+    };
+    Ok(Entry {
+        sha256: String::from_utf8_lossy(h).into_owned(),
+        size: std::str::from_utf8(s)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .context("malformed manifest record (size)")?,
+        path: p.to_vec(),
+    })
 }
 
-pub fn read(root: &Path, id: &str) -> Result<Option<Vec<Entry>>> {
-    match std::fs::read(path_of(root, id)) {
-        Ok(b) => Ok(Some(decode(&b)?)),
+/// The records of a manifest, read one at a time: memory stays flat in the file count.
+pub struct Records<R> {
+    r: R,
+    what: String,
+    buf: Vec<u8>,
+    done: bool,
+}
+
+impl<R: BufRead> Records<R> {
+    pub fn new(r: R, what: impl Into<String>) -> Records<R> {
+        Records {
+            r,
+            what: what.into(),
+            buf: Vec::new(),
+            done: false,
+        }
+    }
+}
+
+impl<R: BufRead> Iterator for Records<R> {
+    type Item = Result<Entry>;
+    fn next(&mut self) -> Option<Result<Entry>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            self.buf.clear();
+            let got = (&mut self.r)
+                .take(MAX_RECORD + 1)
+                .read_until(0, &mut self.buf);
+            let r = match got {
+                Ok(0) => {
+                    self.done = true;
+                    return None;
+                }
+                Ok(_) if self.buf.last() != Some(&0) && self.buf.len() as u64 > MAX_RECORD => Err(
+                    anyhow::anyhow!("a record of more than {MAX_RECORD} bytes without its end"),
+                ),
+                Ok(_) => {
+                    if self.buf.last() == Some(&0) {
+                        self.buf.pop();
+                    }
+                    if self.buf.is_empty() {
+                        continue;
+                    }
+                    parse_record(&self.buf)
+                }
+                Err(e) => Err(e.into()),
+            };
+            if r.is_err() {
+                self.done = true;
+            }
+            return Some(r.with_context(|| format!("reading manifest {}", self.what)));
+        }
+    }
+}
+
+pub type FileRecords = Records<BufReader<File>>;
+
+/// The manifest of snapshot `id`, opened for reading; `None` if it has none.
+pub fn open(root: &Path, id: &str) -> Result<Option<FileRecords>> {
+    let p = path_of(root, id);
+    match File::open(&p) {
+        Ok(f) => Ok(Some(Records::new(
+            BufReader::with_capacity(1 << 16, f),
+            p.display().to_string(),
+        ))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e).with_context(|| format!("opening {}", p.display())),
     }
 }
 
-/// Every regular file below `dir`, as paths relative to it (sorted).
-fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let abs = dir.join(&rel);
-        for e in std::fs::read_dir(&abs).with_context(|| format!("reading {}", abs.display()))? {
-            let e = e?;
-            let t = e.file_type()?;
-            let r = rel.join(e.file_name());
-            if t.is_dir() {
-                stack.push(r);
-            } else if t.is_file() {
-                out.push(r);
+/// The number of records in snapshot `id`'s manifest, counted without holding them.
+pub fn count(root: &Path, id: &str) -> Result<Option<u64>> {
+    let p = path_of(root, id);
+    let mut f = match File::open(&p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("opening {}", p.display())),
+    };
+    let mut buf = vec![0u8; 1 << 16];
+    let mut n = 0;
+    loop {
+        let k = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", p.display()))?;
+        if k == 0 {
+            return Ok(Some(n));
+        }
+        n += buf[..k].iter().filter(|b| **b == 0).count() as u64;
+    }
+}
+
+/// Every regular file below a directory, as paths relative to it, in the order of `Path`'s
+/// own comparison (component by component): each directory's entries sorted by name, a
+/// subdirectory's contents right after its name. That is the order manifests are written
+/// in, so the previous one can be followed alongside. Only the directories on the way down
+/// are held, never the whole tree.
+struct Walk {
+    root: PathBuf,
+    /// Per open directory: its relative path and its entries not yet taken, sorted
+    /// descending (taken from the end).
+    open: Vec<(PathBuf, Vec<(OsString, FileType)>)>,
+}
+
+impl Walk {
+    fn new(root: &Path) -> Result<Walk> {
+        let top = Self::entries(root)?;
+        Ok(Walk {
+            root: root.to_path_buf(),
+            open: vec![(PathBuf::new(), top)],
+        })
+    }
+
+    fn entries(abs: &Path) -> Result<Vec<(OsString, FileType)>> {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(abs).with_context(|| format!("reading {}", abs.display()))? {
+            let e = e.with_context(|| format!("reading {}", abs.display()))?;
+            let t = e
+                .file_type()
+                .with_context(|| format!("reading {}", abs.display()))?;
+            if t.is_dir() || t.is_file() {
+                v.push((e.file_name(), t));
+            }
+        }
+        v.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        Ok(v)
+    }
+}
+
+impl Iterator for Walk {
+    type Item = Result<PathBuf>;
+    fn next(&mut self) -> Option<Result<PathBuf>> {
+        loop {
+            let (dir, entries) = self.open.last_mut()?;
+            let Some((name, t)) = entries.pop() else {
+                self.open.pop();
+                continue;
+            };
+            let rel = dir.join(name);
+            if t.is_file() {
+                return Some(Ok(rel));
+            }
+            match Self::entries(&self.root.join(&rel)) {
+                Ok(es) => self.open.push((rel, es)),
+                Err(e) => return Some(Err(e)),
             }
         }
     }
-    out.sort();
-    Ok(out)
 }
 
-/// Build the manifest of `snap`, reusing hashes of files shared (same inode) with `prev`.
-pub fn build(snap: &Path, prev: Option<(&Path, Vec<Entry>)>) -> Result<Vec<Entry>> {
-    let known: HashMap<Vec<u8>, Entry> = prev
-        .as_ref()
-        .map(|(_, es)| es.iter().map(|e| (e.path.clone(), e.clone())).collect())
-        .unwrap_or_default();
-    let mut out = Vec::new();
-    for rel in walk(snap)? {
+/// Write the manifest of `snap` to `out`, one record per regular file, reusing the hash of
+/// every file that shares its inode with the same path in the previous snapshot `prev`
+/// (its directory and its manifest, followed alongside in the same order). A previous
+/// manifest that cannot be read only costs re-hashing. Returns the number of records.
+pub fn build<R: BufRead>(
+    snap: &Path,
+    prev: Option<(&Path, Records<R>)>,
+    out: &mut impl Write,
+) -> Result<u64> {
+    let (pdir, mut prev_records) = match prev {
+        Some((d, r)) => (Some(d), Some(r)),
+        None => (None, None),
+    };
+    let mut next_prev = || -> Option<Entry> {
+        match prev_records.as_mut()?.next()? {
+            Ok(e) => Some(e),
+            Err(e) => {
+                crate::warn!("{e:#}: the files it lists are hashed again");
+                prev_records = None;
+                None
+            }
+        }
+    };
+    let mut pending = next_prev();
+    let mut n = 0;
+    for rel in Walk::new(snap)? {
+        let rel = rel?;
         crate::signals::check()?;
         let abs = snap.join(&rel);
-        let m = std::fs::symlink_metadata(&abs)?;
-        let key = rel.as_os_str().as_bytes().to_vec();
-        let reused = prev.as_ref().and_then(|(pdir, _)| {
-            let pm = std::fs::symlink_metadata(pdir.join(&rel)).ok()?;
-            let e = known.get(&key)?;
-            (pm.ino() == m.ino() && pm.dev() == m.dev() && e.size == m.len()).then(|| e.clone())
-        });
-        out.push(match reused {
-            Some(e) => e,
-            None => Entry {
-                sha256: hash_file(&abs)?,
-                size: m.len(),
-                path: key,
+        let m = std::fs::symlink_metadata(&abs)
+            .with_context(|| format!("reading {}", abs.display()))?;
+        // Skip the previous records that sort before this path (files since deleted).
+        while let Some(p) = &pending {
+            if Path::new(OsStr::from_bytes(&p.path)).cmp(&rel) == Ordering::Less {
+                pending = next_prev();
+            } else {
+                break;
+            }
+        }
+        let reused = match (&pending, pdir) {
+            (Some(e), Some(pdir)) if Path::new(OsStr::from_bytes(&e.path)) == rel => {
+                std::fs::symlink_metadata(pdir.join(&rel))
+                    .ok()
+                    .filter(|pm| pm.ino() == m.ino() && pm.dev() == m.dev() && e.size == m.len())
+                    .map(|_| e.sha256.clone())
+            }
+            _ => None,
+        };
+        let entry = Entry {
+            sha256: match reused {
+                Some(h) => h,
+                None => hash_file(&abs)?,
             },
-        });
+            size: m.len(),
+            path: rel.into_os_string().into_vec(),
+        };
+        encode_into(out, &entry)?;
+        n += 1;
     }
-    Ok(out)
+    Ok(n)
 }
 
-/// Write a manifest atomically.
-pub fn write(root: &Path, id: &str, entries: &[Entry]) -> Result<()> {
+/// Build and write the manifest of snapshot `id` (in the directory `snap`) atomically.
+pub fn write<R: BufRead>(
+    root: &Path,
+    id: &str,
+    snap: &Path,
+    prev: Option<(&Path, Records<R>)>,
+) -> Result<u64> {
     let dir = root.join(MANIFESTS);
     std::fs::create_dir_all(&dir)?;
-    crate::fsutil::write_atomic(&path_of(root, id), &encode(entries))
+    let mut n = 0;
+    crate::fsutil::write_atomic_with(&path_of(root, id), |w| {
+        n = build(snap, prev, w)?;
+        Ok(())
+    })?;
+    Ok(n)
 }
 
 /// Whether `path` belongs to today's share of a rolling `percent` subset: over
@@ -151,16 +325,26 @@ pub fn in_rolling_subset(path: &[u8], percent: u32, day: i64) -> bool {
     (bucket + 100 - offset) % 100 < percent
 }
 
-/// Compare `snap` against its manifest; returns the paths (lossy, for messages) that differ.
+/// Compare `snap` against its manifest's records; returns how many files were read and the
+/// paths (lossy, for messages) that differ.
 pub fn verify(
     snap: &Path,
-    entries: &[Entry],
+    entries: impl IntoIterator<Item = Result<Entry>>,
     percent: u32,
     day: i64,
 ) -> Result<(u64, Vec<String>)> {
     let mut checked = 0;
     let mut bad = Vec::new();
     for e in entries {
+        let e = match e {
+            Ok(e) => e,
+            Err(err) => {
+                // The rest of the manifest cannot be trusted to line up; what was read is
+                // checked, and the damage itself is a finding.
+                bad.push(format!("{err:#}"));
+                break;
+            }
+        };
         if !in_rolling_subset(&e.path, percent, day) {
             continue;
         }
@@ -181,6 +365,20 @@ pub fn verify(
 mod tests {
     use super::*;
 
+    fn records(data: &[u8]) -> Records<&[u8]> {
+        Records::new(data, "test")
+    }
+
+    /// `build` into memory, the previous manifest given as entries.
+    fn built(snap: &Path, prev: Option<(&Path, &[Entry])>) -> Vec<Entry> {
+        let bytes = prev.map(|(_, es)| encode(es)).unwrap_or_default();
+        let mut out = Vec::new();
+        let n = build(snap, prev.map(|(d, _)| (d, records(&bytes))), &mut out).unwrap();
+        let es: Vec<Entry> = records(&out).map(Result::unwrap).collect();
+        assert_eq!(n as usize, es.len());
+        es
+    }
+
     #[test]
     fn round_trip_with_odd_names() {
         let es = vec![
@@ -195,8 +393,20 @@ mod tests {
                 path: b"latin1-\xe9t\xe9 with space".to_vec(),
             },
         ];
-        assert_eq!(decode(&encode(&es)).unwrap(), es);
-        assert!(decode(b"garbage\0").is_err());
+        let back: Vec<Entry> = records(&encode(&es)).map(Result::unwrap).collect();
+        assert_eq!(back, es);
+        let bad: Vec<Result<Entry>> = records(b"garbage\0").collect();
+        assert_eq!(bad.len(), 1);
+        assert!(bad[0].is_err());
+        // A run of bytes with no NUL longer than a record can be is refused, not buffered,
+        // and ends the iteration.
+        let mut huge = encode(&es);
+        huge.extend(std::iter::repeat_n(b'x', MAX_RECORD as usize + 10));
+        let got: Vec<Result<Entry>> = records(&huge).collect();
+        assert_eq!(got.len(), 3);
+        assert!(got[0].is_ok() && got[1].is_ok());
+        let err = format!("{:#}", got[2].as_ref().unwrap_err());
+        assert!(err.contains("without its end"), "{err}");
     }
 
     #[test]
@@ -207,7 +417,7 @@ mod tests {
         std::fs::create_dir_all(s1.join("a")).unwrap();
         std::fs::write(s1.join("a/same"), b"same content").unwrap();
         std::fs::write(s1.join("a/changed"), b"old").unwrap();
-        let m1 = build(&s1, None).unwrap();
+        let m1 = built(&s1, None);
         assert_eq!(m1.len(), 2);
         std::fs::create_dir_all(s2.join("a")).unwrap();
         std::fs::hard_link(s1.join("a/same"), s2.join("a/same")).unwrap();
@@ -219,22 +429,103 @@ mod tests {
                 e.sha256 = "00".repeat(32);
             }
         }
-        let m2 = build(&s2, Some((&s1, poisoned))).unwrap();
+        let m2 = built(&s2, Some((&s1, &poisoned)));
         let same = m2.iter().find(|e| e.path == b"a/same").unwrap();
         assert_eq!(
             same.sha256,
             "00".repeat(32),
             "hash of a shared inode is reused"
         );
-        let m2 = build(&s2, Some((&s1, m1))).unwrap();
-        let (n, bad) = verify(&s2, &m2, 100, 0).unwrap();
+        let m2 = built(&s2, Some((&s1, &m1)));
+        let ok = |es: &[Entry]| es.iter().cloned().map(Ok).collect::<Vec<_>>();
+        let (n, bad) = verify(&s2, ok(&m2), 100, 0).unwrap();
         assert_eq!((n, bad.len()), (2, 0));
         std::fs::write(s2.join("a/changed"), b"NEW").unwrap();
-        let (_, bad) = verify(&s2, &m2, 100, 0).unwrap();
+        let (_, bad) = verify(&s2, ok(&m2), 100, 0).unwrap();
         assert_eq!(
             bad,
             vec!["a/changed: content differs from the manifest".to_string()]
         );
+    }
+
+    #[test]
+    fn walk_order_is_path_order_and_the_previous_manifest_is_followed_alongside() {
+        let d = tempfile::tempdir().unwrap();
+        let (s1, s2) = (d.path().join("s1"), d.path().join("s2"));
+        // Names whose byte order and component order differ ("a" < "a-" < "a.b", but
+        // "a/z" sorts before "a-" as a path), a deep file, and an empty directory.
+        let names = ["a/z", "a-", "a.b", "a/b/c/d", "b", "a/0", "e/"];
+        for s in [&s1, &s2] {
+            for n in names {
+                let p = s.join(n);
+                std::fs::create_dir_all(if n.ends_with('/') {
+                    &p
+                } else {
+                    p.parent().unwrap()
+                })
+                .unwrap();
+            }
+        }
+        for n in names.iter().filter(|n| !n.ends_with('/')) {
+            std::fs::write(s1.join(n), n.as_bytes()).unwrap();
+        }
+        // s1 also has files deleted since, sorting first, between and last.
+        for n in ["0gone", "a/b/gone", "zz"] {
+            std::fs::write(s1.join(n), b"gone").unwrap();
+        }
+        let m1 = built(&s1, None);
+        let order: Vec<PathBuf> = m1
+            .iter()
+            .map(|e| PathBuf::from(OsStr::from_bytes(&e.path)))
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(order, sorted, "records come in Path order");
+        assert_eq!(order.len(), 9);
+        // s2: every kept file hard-linked but "a.b", a new file in the middle.
+        for n in names.iter().filter(|n| !n.ends_with('/') && **n != "a.b") {
+            std::fs::hard_link(s1.join(n), s2.join(n)).unwrap();
+        }
+        std::fs::write(s2.join("a.b"), b"rewritten").unwrap();
+        std::fs::write(s2.join("a/new"), b"new").unwrap();
+        // Poisoned hashes in the previous manifest show which ones were reused.
+        let poisoned: Vec<Entry> = m1
+            .iter()
+            .map(|e| Entry {
+                sha256: "00".repeat(32),
+                ..e.clone()
+            })
+            .collect();
+        let m2 = built(&s2, Some((&s1, &poisoned)));
+        let reused: Vec<&[u8]> = m2
+            .iter()
+            .filter(|e| e.sha256 == "00".repeat(32))
+            .map(|e| e.path.as_slice())
+            .collect();
+        assert_eq!(
+            reused,
+            vec![&b"a/0"[..], b"a/b/c/d", b"a/z", b"a-", b"b"],
+            "exactly the shared inodes"
+        );
+        let truth = built(&s2, None);
+        assert_eq!(m2.iter().filter(|e| e.sha256 != "00".repeat(32)).count(), 2);
+        // A previous manifest out of order loses reuse, never correctness; a damaged one
+        // is read up to the damage and the rest hashed again.
+        let mut shuffled = m1.clone();
+        shuffled.reverse();
+        assert_eq!(built(&s2, Some((&s1, &shuffled))).len(), truth.len());
+        let mut damaged = encode(&m1[..3]);
+        damaged.extend_from_slice(b"no-size-field\0");
+        damaged.extend_from_slice(&encode(&m1[3..]));
+        let mut out = Vec::new();
+        build(&s2, Some((&s1, records(&damaged))), &mut out).unwrap();
+        let got: Vec<Entry> = records(&out).map(Result::unwrap).collect();
+        assert_eq!(got, truth, "re-hashed, same result");
+        // verify names a damaged manifest and checks what it could read.
+        let (n, bad) = verify(&s2, records(&damaged), 100, 0).unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(bad.len(), 1 + 1, "{bad:?}");
+        assert!(bad.iter().any(|b| b.contains("malformed manifest record")));
     }
 
     #[test]

@@ -555,14 +555,13 @@ pub fn take(profile: &Profile, root: &Path) -> Result<Taken> {
             None => "(first snapshot: full copy)".into(),
         }
     );
-    // The previous manifest: its hashes are reused below, and its size says how much
-    // metadata the prefetch would pull into memory.
-    let prev_manifest = match prev {
-        Some(l) => crate::manifest::read(root, &l.to_string())?,
+    // The previous manifest's file count says how much metadata the prefetch would pull
+    // into memory; its hashes are reused below, read alongside, never held whole.
+    let prev_files = match prev {
+        Some(l) => crate::manifest::count(root, &l.to_string())?,
         None => None,
     };
-    if let (Some(dir), Some(m)) = (&link, &prev_manifest) {
-        let files = m.len() as u64;
+    if let (Some(dir), Some(files)) = (&link, prev_files) {
         match mem_available() {
             Some(avail) if files * PREFETCH_BYTES_PER_FILE < avail / 2 => {
                 let t = std::time::Instant::now();
@@ -601,8 +600,17 @@ pub fn take(profile: &Profile, root: &Path) -> Result<Taken> {
     }
     // The manifest (content hashes for `verify`) is written before the snapshot is visible,
     // so every complete snapshot has one.
-    let entries = crate::manifest::build(&partial, link.as_deref().zip(prev_manifest))?;
-    crate::manifest::write(root, &id.to_string(), &entries)?;
+    let prev_manifest = match prev {
+        Some(l) => crate::manifest::open(root, &l.to_string())?,
+        None => None,
+    };
+    let files = crate::manifest::write(
+        root,
+        &id.to_string(),
+        &partial,
+        link.as_deref().zip(prev_manifest),
+    )?;
+    crate::debug!("manifest of {files} files written");
     // Data first, then the rename that makes the snapshot visible, then the rename itself.
     mount::syncfs(root)?;
     crate::signals::check()?;

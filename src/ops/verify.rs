@@ -55,11 +55,11 @@ fn work(p: &Profile, s: &mut Session<'_>, percent: u32, rep: &mut CheckReport) -
     let mut files = 0;
     for id in snapshots::list(&root)? {
         let name = id.to_string();
-        let Some(entries) = manifest::read(&root, &name)? else {
+        let Some(entries) = manifest::open(&root, &name)? else {
             warn!("snapshot {name} has no manifest (taken by an older version): not verified");
             continue;
         };
-        let (n, bad) = manifest::verify(&snapshots::path_of(&root, id), &entries, percent, day)?;
+        let (n, bad) = manifest::verify(&snapshots::path_of(&root, id), entries, percent, day)?;
         files += n;
         for b in bad {
             problems.push(format!("snapshot {name}: {b}"));

@@ -29,6 +29,7 @@
 # Results: $E2E_OUT/bench.txt ("key value" lines, key = n<N>.<profile>.<tool>_<step>.s|rss_kib);
 # vm-tests/bench/table.py renders them.
 source "$(dirname "$0")/../lib/common.sh"
+source "$(dirname "$0")/lib.sh"
 RES=$E2E_OUT/bench.txt
 : > "$RES"
 SCALES=${BENCH_SCALES:-2000 20000}
@@ -53,31 +54,9 @@ secs() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.1f", b-a}'; }
 has() { case "$TOOLS" in *" $1 "*) return 0 ;; esac; return 1; }
 T0=$(_uptime)
 
-# A pipe nobody writes to: `read -t` on it is a sleep without forking (a process start
-# costs ~0.1 s of emulated CPU, which the sampler must not steal from the measured tool).
-mkfifo /run/bench-tick; exec 9<>/run/bench-tick
-
-# measure NAME CMD...: wall seconds and the command's own peak RSS (KiB), as NAME.s and
-# NAME.rss_kib; a check NAME that fails if the command does.
-measure() {
-  local name=$1; shift
-  local a b rc pid hwm=0 k v
-  echo "[$(_uptime)] >>> bench $name: $*"
-  a=$(_uptime)
-  "$@" > "$E2E_OUT/bench-$name.log" 2>&1 &
-  pid=$!
-  while kill -0 "$pid" 2>/dev/null; do
-    while read -r k v _; do [ "$k" = VmHWM: ] && hwm=$v; done < "/proc/$pid/status" 2>/dev/null
-    read -r -t 0.2 -u 9 _
-  done
-  wait "$pid"; rc=$?
-  b=$(_uptime)
-  res "$name.s" "$(secs "$a" "$b")"
-  res "$name.rss_kib" "$hwm"
-  if [ $rc -eq 0 ]; then echo "PASS $name $(secs "$a" "$b")s" >> "$_CHECKS"
-  else echo "FAIL $name (exit $rc; see bench-$name.log)" | tee -a "$_CHECKS"; tail -5 "$E2E_OUT/bench-$name.log"; fi
-  return $rc
-}
+# measure NAME CMD...: wall seconds, the command's own peak RSS (KiB) and the guest's CPU
+# use, as NAME.s, NAME.rss_kib and NAME.cpu_pct; a check NAME that fails if the command does.
+measure() { local name=$1; shift; bench_step "$name" . res "$@"; }
 
 # ---------------------------------------------------------------- the data sets
 # make_data N: N small files, deterministic (seed 42), incompressible.

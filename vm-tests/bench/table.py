@@ -3,7 +3,7 @@
 
     vm-tests/bench/table.py target/vm-tests/runs/<run>/bench.txt [more bench.txt ...]
 Several files (boots) are merged, a later one's figure winning for the same key.
-Keys: n<N>.<profile>.<tool>_<step>.s|rss_kib (one cell per file count and link profile).
+Keys: n<N>.<profile>.<tool>_<step>.s|rss_kib|cpu_pct (one cell per file count and link profile).
 A figure that is missing (its step failed or did not run) prints as "-".
 """
 import re
@@ -108,6 +108,19 @@ for n in scales:
     row = [fmt((g(f"n{n}.{l}.e2e_{s}.rss_kib") or 0) / 1024 or None, "{:.1f} MiB") for l in profiles for s in STEPS]
     print(f"| {n} | " + " | ".join(row) + " |")
 print()
+
+# Guest CPU use per step (keys .cpu_pct, recorded since run 5): near 100 % the emulated CPU
+# is the limit, not the link.
+if any(k.endswith(".cpu_pct") for k in r):
+    print("Guest CPU busy during each step (% of all vCPUs; near 100 = CPU-bound under emulation):\n")
+    print("| cell | tool | " + " | ".join(STEPS) + " |")
+    print("|---|---|" + "---|" * len(STEPS))
+    for n, l in cells:
+        for tool, name in TOOLS:
+            row = [g(f"n{n}.{l}.{tool}_{s}.cpu_pct") for s in STEPS]
+            if any(v is not None for v in row):
+                print(f"| {n} {l} | {name} | " + " | ".join(fmt(v, "{:.0f}") for v in row) + " |")
+    print()
 
 # Targets of issue 16, where this run has the figures.
 print("Targets (issue 16), ratio = peer time / e2ebackup time:\n")
