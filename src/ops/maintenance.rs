@@ -88,17 +88,19 @@ pub fn validate(p: &Profile, connect: bool, json: bool) -> Exit {
             );
         }
     }
-    if !problems.is_empty() {
-        for pr in problems.iter() {
-            crate::logging::emit(
-                -2,
-                "ERROR: ",
-                format_args!("{}: {pr}", p.source_file.display()),
-            );
-        }
-        return rep.conclude(Exit::Usage, None, json);
+    for pr in problems.iter() {
+        crate::logging::emit(
+            -2,
+            "ERROR: ",
+            format_args!("{}: {pr}", p.source_file.display()),
+        );
     }
-    if connect {
+    let local_ok = problems.is_empty();
+    // The server is checked even when something local is wrong (a missing device-mapper
+    // does not stop an SSH connection): a changed host key is the graver news, and its
+    // exit code wins.
+    let ssh_ready = p.server.identity_file.0.is_file() && p.server.known_hosts.0.is_file();
+    if connect && ssh_ready {
         match ssh::Remote::connect(&p.server)
             .and_then(|r| r.facts(&p.server.path, &p.remote_container()))
         {
@@ -129,6 +131,9 @@ pub fn validate(p: &Profile, connect: bool, json: bool) -> Exit {
                 return rep.conclude(code, Some(&e), json);
             }
         }
+    }
+    if !local_ok {
+        return rep.conclude(Exit::Usage, None, json);
     }
     if !json {
         println!("{}: OK", p.source_file.display());
