@@ -162,7 +162,7 @@ fn work(p: &Profile, s: &mut Session<'_>, f: &mut Figures) -> Result<Exit> {
     snapshots::remove_partials(&root)?;
     super::grow::auto_grow(p, s, &root)?;
     no_space::check_before(p, &root)?;
-    let t = snapshots::take(p, &root)?;
+    let t = snapshots::take(p, &root, Some(&s.mapper()?))?;
     let warnings = t.vanished_files;
     f.taken = Some(t);
     crate::signals::check()?;

@@ -124,6 +124,323 @@ pub fn resize_to_fill(device: &Path) -> Result<()> {
     Ok(())
 }
 
+// ---------------------------------------------------------------- metadata read-ahead
+
+/// What [`read_metadata`] read into the page cache of the device.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MetadataRead {
+    /// Bytes of the used part of the inode tables, and of the bitmaps.
+    pub table_bytes: u64,
+    /// Bytes of directory blocks (and the small gaps between them read through).
+    pub directory_bytes: u64,
+    /// Read requests issued (at most [`READ_CHUNK`] each).
+    pub reads: usize,
+}
+
+/// The largest single read: large enough to keep several SFTP requests in flight behind
+/// one read, small enough to spread over the threads.
+pub const READ_CHUNK: u64 = 256 << 10;
+/// Directory extents closer than this are read as one (the gap is read through).
+const GAP_READ_THROUGH: u64 = 32 << 10;
+
+/// The layout the superblock gives, validated before anything is computed from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geometry {
+    block: u64,
+    groups: u64,
+    inodes_per_group: u64,
+    inode_size: u64,
+    desc_size: u64,
+    /// First block of the group descriptor table.
+    gdt_block: u64,
+    blocks: u64,
+}
+
+fn le16(b: &[u8], at: usize) -> u64 {
+    u64::from(u16::from_le_bytes([b[at], b[at + 1]]))
+}
+fn le32(b: &[u8], at: usize) -> u64 {
+    u64::from(u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]))
+}
+
+impl Geometry {
+    /// From the 1024 bytes of the superblock. Every value comes from inside the container
+    /// (the server cannot forge it coherently, but can garble it): anything out of range
+    /// is an error, not a read of whatever it points at.
+    fn parse(sb: &[u8]) -> Result<Geometry> {
+        anyhow::ensure!(sb.len() >= 1024, "short superblock");
+        anyhow::ensure!(le16(sb, 0x38) == 0xEF53, "bad superblock magic");
+        let log = le32(sb, 0x18);
+        anyhow::ensure!(log <= 6, "block size out of range");
+        let block = 1024u64 << log;
+        let incompat = le32(sb, 0x60);
+        let wide = incompat & 0x80 != 0; // INCOMPAT_64BIT
+        let blocks = le32(sb, 0x04) | if wide { le32(sb, 0x150) << 32 } else { 0 };
+        let first = le32(sb, 0x14);
+        let per_group = le32(sb, 0x20);
+        let inodes_per_group = le32(sb, 0x28);
+        let inode_size = le16(sb, 0x58);
+        let desc_size = if wide { le16(sb, 0xFE) } else { 32 };
+        anyhow::ensure!(
+            per_group > 0
+                && inodes_per_group > 0
+                && (128..=block).contains(&inode_size)
+                && inode_size.is_power_of_two()
+                && (32..=1024).contains(&desc_size)
+                && blocks > first
+                && blocks.checked_mul(block).is_some_and(|b| b <= 1 << 60),
+            "superblock values out of range"
+        );
+        Ok(Geometry {
+            block,
+            groups: (blocks - first).div_ceil(per_group),
+            inodes_per_group,
+            inode_size,
+            desc_size,
+            gdt_block: first + 1,
+            blocks,
+        })
+    }
+
+    /// Byte ranges of each group's used inode-table prefix and of its two bitmaps, from
+    /// the group descriptor table; anything pointing past the filesystem is left out.
+    fn table_ranges(&self, gdt: &[u8]) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let dsz = self.desc_size as usize;
+        for d in gdt.chunks_exact(dsz).take(self.groups as usize) {
+            let hi = |at: usize| if dsz >= 64 { le32(d, at) << 32 } else { 0 };
+            let hi16 = |at: usize| if dsz >= 64 { le16(d, at) << 16 } else { 0 };
+            let block_bitmap = le32(d, 0x00) | hi(0x20);
+            let inode_bitmap = le32(d, 0x04) | hi(0x24);
+            let table = le32(d, 0x08) | hi(0x28);
+            let flags = le16(d, 0x12);
+            let unused = le16(d, 0x1C) | hi16(0x32);
+            for b in [block_bitmap, inode_bitmap] {
+                if b > 0 && b < self.blocks {
+                    out.push((b * self.block, self.block));
+                }
+            }
+            // INODE_UNINIT: nothing in this group's table was ever used.
+            let used = if flags & 0x1 != 0 {
+                0
+            } else {
+                self.inodes_per_group.saturating_sub(unused)
+            };
+            let len = used * self.inode_size;
+            if len > 0 && table > 0 && table.saturating_add(len.div_ceil(self.block)) <= self.blocks
+            {
+                out.push((table * self.block, len));
+            }
+        }
+        out
+    }
+
+    /// The extents (first block, length) of every directory among the inodes in `table`
+    /// created at or after `since` (unix seconds; inodes without a creation time count as
+    /// new), as far as the inode itself lists them; `nodes` gets the blocks of the extent-tree
+    /// nodes below a directory with more than four runs of blocks ([`Self::extent_node`]
+    /// reads them). Inline and non-extent directories are left to the walk that follows.
+    fn directory_extents(
+        &self,
+        table: &[u8],
+        since: u64,
+        out: &mut Vec<(u64, u64)>,
+        nodes: &mut Vec<u64>,
+    ) {
+        for ino in table.chunks_exact(self.inode_size as usize) {
+            let mode = le16(ino, 0x00);
+            let links = le16(ino, 0x1A);
+            let flags = le32(ino, 0x20);
+            if mode & 0xF000 != 0x4000 || links == 0 || flags & 0x80000 == 0 {
+                continue;
+            }
+            // i_crtime, where the inode has room for it (i_extra_isize covers it).
+            if ino.len() >= 0x94 && le16(ino, 0x80) >= 0x18 && le32(ino, 0x90) < since {
+                continue;
+            }
+            self.extent_node(&ino[0x28..0x28 + 60], out, nodes);
+        }
+    }
+
+    /// One node of an extent tree (the 60 bytes in the inode, or a tree block): a leaf
+    /// adds its extents to `out`, an index node its children's blocks to `nodes`. Anything
+    /// malformed or pointing past the filesystem is skipped.
+    fn extent_node(&self, node: &[u8], out: &mut Vec<(u64, u64)>, nodes: &mut Vec<u64>) {
+        if node.len() < 12 || le16(node, 0) != 0xF30A {
+            return;
+        }
+        let entries = (le16(node, 2) as usize).min(node.len() / 12 - 1);
+        let leaf = le16(node, 6) == 0;
+        for e in 0..entries {
+            let x = &node[12 + 12 * e..24 + 12 * e];
+            if leaf {
+                let mut len = le16(x, 4);
+                if len > 32768 {
+                    len -= 32768; // an uninitialized extent: still its blocks
+                }
+                let start = (le16(x, 6) << 32) | le32(x, 8);
+                if len > 0 && start > 0 && start.saturating_add(len) <= self.blocks {
+                    out.push((start, len));
+                }
+            } else {
+                let child = (le16(x, 8) << 32) | le32(x, 4);
+                if child > 0 && child < self.blocks {
+                    nodes.push(child);
+                }
+            }
+        }
+    }
+}
+
+/// Sorted byte ranges with near neighbours merged (gaps up to `gap` read through), then cut
+/// into reads of at most [`READ_CHUNK`].
+fn plan_reads(mut ranges: Vec<(u64, u64)>, gap: u64) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (off, len) in ranges {
+        match merged.last_mut() {
+            Some((o, l)) if off <= *o + *l + gap => *l = (*l).max(off + len - *o),
+            _ => merged.push((off, len)),
+        }
+    }
+    let mut out = Vec::new();
+    for (off, len) in merged {
+        let mut o = off;
+        while o < off + len {
+            let n = READ_CHUNK.min(off + len - o);
+            out.push((o, n));
+            o += n;
+        }
+    }
+    out
+}
+
+/// Read `reads` from `f` with `threads` threads, handing each read's bytes to `visit`.
+/// Stops early when `halt` says so; a failed read is skipped (this is read-ahead).
+fn read_parallel(
+    f: &std::fs::File,
+    reads: &[(u64, u64)],
+    threads: usize,
+    halt: &(impl Fn() -> bool + Sync),
+    visit: &(impl Fn(&[u8]) + Sync),
+) {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                let mut buf = vec![0u8; READ_CHUNK as usize];
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(off, len)) = reads.get(i) else {
+                        return;
+                    };
+                    if halt() {
+                        return;
+                    }
+                    let b = &mut buf[..len as usize];
+                    if f.read_exact_at(b, off).is_ok() {
+                        visit(b);
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Read the metadata of the ext4 on `device` into the device's page cache, which is the
+/// cache ext4 itself reads its metadata through: the used part of every inode table, the
+/// bitmaps, then the blocks of every directory those inodes describe. Large reads, several
+/// at a time: in a container mounted over the network that is a few dozen round trips
+/// instead of one per cold block when rsync's `--link-dest` walk asks for them one after
+/// another (docs/benchmarks.md). Only directories created at or after `since` (unix
+/// seconds) are read: the previous snapshot's, not every older one's. Reading a mounted
+/// filesystem's device is coherent with the filesystem (one page cache), and only reads.
+/// At most `budget` bytes; stops on `halt`.
+pub fn read_metadata(
+    device: &Path,
+    since: u64,
+    budget: u64,
+    threads: usize,
+    halt: impl Fn() -> bool + Sync,
+) -> Result<MetadataRead> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(device)
+        .with_context(|| format!("opening {} to read its metadata", device.display()))?;
+    let mut sb = [0u8; 1024];
+    f.read_exact_at(&mut sb, 1024)
+        .with_context(|| format!("reading the superblock of {}", device.display()))?;
+    let g = Geometry::parse(&sb).with_context(|| format!("ext4 on {}", device.display()))?;
+    let gdt_len = g.groups * g.desc_size;
+    anyhow::ensure!(
+        gdt_len <= budget,
+        "{}: group descriptors larger than the read-ahead budget",
+        device.display()
+    );
+    let mut gdt = vec![0u8; gdt_len as usize];
+    f.read_exact_at(&mut gdt, g.gdt_block * g.block)
+        .with_context(|| format!("reading the group descriptors of {}", device.display()))?;
+    let mut left = budget - gdt_len;
+    let mut within = |reads: Vec<(u64, u64)>| -> Vec<(u64, u64)> {
+        reads
+            .into_iter()
+            .take_while(|(_, len)| {
+                let ok = *len <= left;
+                left = left.saturating_sub(*len);
+                ok
+            })
+            .collect()
+    };
+    let tables = within(plan_reads(g.table_ranges(&gdt), 0));
+    let found = std::sync::Mutex::new((Vec::new(), Vec::new()));
+    let collect = |extents: Vec<(u64, u64)>, nodes: Vec<u64>| {
+        let mut f = found.lock().unwrap_or_else(|e| e.into_inner());
+        f.0.extend(extents);
+        f.1.extend(nodes);
+    };
+    read_parallel(&f, &tables, threads, &halt, &|b: &[u8]| {
+        let (mut extents, mut nodes) = (Vec::new(), Vec::new());
+        g.directory_extents(b, since, &mut extents, &mut nodes);
+        collect(extents, nodes);
+    });
+    let mut tree_reads = 0;
+    // The tree blocks of fragmented directories, one level at a time (ext4 trees are at
+    // most 5 deep).
+    for _ in 0..5 {
+        let nodes = std::mem::take(&mut found.lock().unwrap_or_else(|e| e.into_inner()).1);
+        if nodes.is_empty() {
+            break;
+        }
+        let reads = within(plan_reads(
+            nodes.into_iter().map(|b| (b * g.block, g.block)).collect(),
+            0,
+        ));
+        tree_reads += reads.len();
+        read_parallel(&f, &reads, threads, &halt, &|b: &[u8]| {
+            let (mut extents, mut nodes) = (Vec::new(), Vec::new());
+            for node in b.chunks_exact(g.block as usize) {
+                g.extent_node(node, &mut extents, &mut nodes);
+            }
+            collect(extents, nodes);
+        });
+    }
+    let dir_ranges = found
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .0
+        .into_iter()
+        .map(|(b, n)| (b * g.block, n * g.block))
+        .collect();
+    let dir_reads = within(plan_reads(dir_ranges, GAP_READ_THROUGH));
+    read_parallel(&f, &dir_reads, threads, &halt, &|_: &[u8]| {});
+    Ok(MetadataRead {
+        table_bytes: tables.iter().map(|r| r.1).sum(),
+        directory_bytes: dir_reads.iter().map(|r| r.1).sum(),
+        reads: 1 + tables.len() + tree_reads + dir_reads.len(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,5 +493,189 @@ mod recovery_tests {
         std::fs::write(&junk, vec![0u8; 4096]).unwrap();
         let e = needs_recovery(&junk).unwrap_err();
         assert!(format!("{e:#}").contains("bad superblock magic"), "{e:#}");
+    }
+}
+
+#[cfg(test)]
+mod metadata_tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn reads_are_merged_across_small_gaps_and_cut_into_chunks() {
+        let r = plan_reads(vec![(8192, 4096), (0, 4096), (4096, 100)], 0);
+        assert_eq!(r, vec![(0, 4196), (8192, 4096)]);
+        let r = plan_reads(vec![(8192, 4096), (0, 4096)], 4096);
+        assert_eq!(r, vec![(0, 12288)]);
+        let r = plan_reads(vec![(0, 2 * READ_CHUNK + 5)], 0);
+        assert_eq!(
+            r,
+            vec![
+                (0, READ_CHUNK),
+                (READ_CHUNK, READ_CHUNK),
+                (2 * READ_CHUNK, 5)
+            ]
+        );
+        // Overlapping and contained ranges read once.
+        assert_eq!(
+            plan_reads(vec![(0, 100), (10, 20), (50, 100)], 0),
+            vec![(0, 150)]
+        );
+    }
+
+    #[test]
+    fn a_garbled_superblock_is_refused_and_garbled_tables_point_nowhere_outside() {
+        assert!(Geometry::parse(&[0u8; 1024]).is_err());
+        // Random superblocks with the magic in place: refused or bounded, never a panic,
+        // and nothing they yield points past the filesystem.
+        let mut x: u64 = 0x9E3779B97F4A7C15;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut accepted = 0;
+        for _ in 0..2000 {
+            let mut sb: Vec<u8> = (0..1024).map(|_| rnd() as u8).collect();
+            sb[0x38..0x3A].copy_from_slice(&0xEF53u16.to_le_bytes());
+            sb[0x18..0x1C].copy_from_slice(&((rnd() % 8) as u32).to_le_bytes());
+            sb[0x58..0x5A].copy_from_slice(&(128u16 << (rnd() % 3)).to_le_bytes());
+            let Ok(g) = Geometry::parse(&sb) else {
+                continue;
+            };
+            accepted += 1;
+            let gdt: Vec<u8> = (0..(g.desc_size * 8)).map(|_| rnd() as u8).collect();
+            let end = g.blocks * g.block;
+            assert!(g.table_ranges(&gdt).iter().all(|(o, l)| o + l <= end));
+            let table: Vec<u8> = (0..g.inode_size * 16).map(|_| rnd() as u8).collect();
+            let (mut ext, mut nodes) = (Vec::new(), Vec::new());
+            g.directory_extents(&table, 0, &mut ext, &mut nodes);
+            for node in table.chunks_exact(g.block.min(table.len() as u64) as usize) {
+                g.extent_node(node, &mut ext, &mut nodes);
+            }
+            assert!(ext.iter().all(|(b, n)| b + n <= g.blocks));
+            assert!(nodes.iter().all(|b| *b < g.blocks));
+        }
+        assert!(
+            accepted > 0,
+            "the generator never produced a valid geometry"
+        );
+    }
+
+    /// A real ext4 made by mke2fs from a directory tree (no mount, no root): every block
+    /// debugfs lists for each directory is among what the read-ahead found, and it reads
+    /// within its budget.
+    #[test]
+    fn finds_every_directory_block_of_a_real_filesystem() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("tree");
+        for a in 0..12 {
+            for b in 0..5 {
+                let dir = tree.join(format!("a{a}/b{b}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                for f in 0..(3 + a * 20) {
+                    std::fs::write(dir.join(format!("file-with-a-long-name-{f:04}")), b"x")
+                        .unwrap();
+                }
+            }
+        }
+        let img = d.path().join("fs.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let out = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-I", "256", "-N", "8192", "-d"])
+            .arg(&tree)
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+
+        // The extents the reader derives, by block.
+        let f = std::fs::File::open(&img).unwrap();
+        let mut sb = [0u8; 1024];
+        f.read_exact_at(&mut sb, 1024).unwrap();
+        let g = Geometry::parse(&sb).unwrap();
+        let mut gdt = vec![0u8; (g.groups * g.desc_size) as usize];
+        f.read_exact_at(&mut gdt, g.gdt_block * g.block).unwrap();
+        let (mut ext, mut nodes) = (Vec::new(), Vec::new());
+        for (off, len) in g.table_ranges(&gdt) {
+            let mut t = vec![0u8; len as usize];
+            f.read_exact_at(&mut t, off).unwrap();
+            g.directory_extents(&t, 0, &mut ext, &mut nodes);
+        }
+        let mut found = std::collections::BTreeSet::new();
+        let mut tree_blocks = 0;
+        while let Some(b) = nodes.pop() {
+            found.insert(b);
+            tree_blocks += 1;
+            let mut node = vec![0u8; g.block as usize];
+            f.read_exact_at(&mut node, b * g.block).unwrap();
+            g.extent_node(&node, &mut ext, &mut nodes);
+        }
+        assert!(
+            tree_blocks > 0,
+            "mke2fs -d fragments the larger directories"
+        );
+        for (b, n) in ext {
+            found.extend(b..b + n);
+        }
+        // What debugfs says each directory occupies.
+        let mut dirs = vec!["/".to_string()];
+        for a in 0..12 {
+            dirs.push(format!("/a{a}"));
+            for b in 0..5 {
+                dirs.push(format!("/a{a}/b{b}"));
+            }
+        }
+        let mut want = 0u64;
+        for dir in &dirs {
+            let out = std::process::Command::new("debugfs")
+                .args(["-R", &format!("blocks {dir}")])
+                .arg(&img)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            let blocks: Vec<u64> = text
+                .split_whitespace()
+                .map(|w| w.parse().unwrap())
+                .collect();
+            assert!(!blocks.is_empty(), "debugfs: no blocks for {dir}: {out:?}");
+            for b in blocks {
+                assert!(found.contains(&b), "block {b} of {dir} not found");
+                want += 1;
+            }
+        }
+        assert!(
+            want > dirs.len() as u64,
+            "some directories span several blocks"
+        );
+
+        let r = read_metadata(&img, 0, 1 << 30, 4, || false).unwrap();
+        assert!(r.directory_bytes >= want * g.block, "{r:?}");
+        assert!(r.table_bytes > 0 && r.reads >= 2, "{r:?}");
+        // A budget smaller than the tables: reads less, still no error; smaller than the
+        // group descriptors: refused.
+        let small = read_metadata(&img, 0, 64 << 10, 4, || false).unwrap();
+        assert!(
+            small.table_bytes + small.directory_bytes <= 64 << 10,
+            "{small:?}"
+        );
+        assert!(read_metadata(&img, 0, 16, 4, || false).is_err());
+        // Halted before it starts: nothing but the descriptors.
+        let none = read_metadata(&img, 0, 1 << 30, 4, || true).unwrap();
+        assert_eq!((none.table_bytes > 0, none.directory_bytes), (true, 0));
+        // Only directories created since a time: none of these (made just now) are
+        // newer than an hour from now; all are newer than an hour ago.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let later = read_metadata(&img, now + 3600, 1 << 30, 4, || false).unwrap();
+        assert_eq!(later.directory_bytes, 0, "{later:?}");
+        let earlier = read_metadata(&img, now - 3600, 1 << 30, 4, || false).unwrap();
+        assert_eq!(earlier.directory_bytes, r.directory_bytes, "{earlier:?}");
     }
 }

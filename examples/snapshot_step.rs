@@ -1,0 +1,59 @@
+//! One snapshot step of `run`, on the host, without LUKS: e2ebackup's own
+//! `snapshots::take` (the metadata read-ahead when DEVICE is given, the parallel walk of the
+//! previous snapshot, rsync --link-dest, the streamed manifest) from SOURCE into the container
+//! root ROOT, in a process of its own, as `run` would. Prints the time and the process's peak
+//! RSS. `run`'s memory grows with the file count only in this step: rsync is a child, and
+//! each layer of the stack holds a fixed amount.
+//!
+//!   cargo run --release --example snapshot_step -- SOURCE ROOT [DEVICE]
+//!
+//! SNAPSHOT_STEP_DEBUG=1 shows the debug lines (what the read-ahead and the walk took).
+//! ROOT is a directory (made a container root on first use); for the read-ahead it is
+//! where the ext4 on DEVICE is mounted. scripts/bench-host.sh drives it over a link with
+//! round-trip delay; at 100k files on a local directory it is the memory benchmark
+//! (docs/benchmarks.md). Run as root, like `run`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+fn peak_rss_kib() -> i64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    u.ru_maxrss
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
+    let (Some(src), Some(root)) = (args.first(), args.get(1)) else {
+        anyhow::bail!("usage: snapshot_step SOURCE ROOT [DEVICE]");
+    };
+    // Absolute, as the real mount point is: rsync reads a relative --link-dest against the
+    // destination.
+    let (src, root) = (std::fs::canonicalize(src)?, std::fs::canonicalize(root)?);
+    let profile = e2ebackup::profile::Profile::parse(
+        Path::new("snapshot-step.yaml"),
+        &format!(
+            "server: {{host: h, user: u, identity_file: /k, known_hosts: /kh, path: /srv}}\n\
+             container: {{file: c.luks, size: 1G, keyfile: /key}}\n\
+             backup: {{sources: [{}]}}\n",
+            src.display()
+        ),
+    )?;
+    if !root.join("FORMAT").exists() {
+        e2ebackup::snapshots::create_layout(&root)?;
+    }
+    if std::env::var_os("SNAPSHOT_STEP_DEBUG").is_some() {
+        e2ebackup::logging::set_level(2);
+    }
+    let t = Instant::now();
+    let taken = e2ebackup::snapshots::take(&profile, &root, args.get(2).map(PathBuf::as_path))?;
+    println!(
+        "snapshot {}: {:.2} s, {} files transferred, peak RSS {} KiB",
+        taken.id,
+        t.elapsed().as_secs_f64(),
+        taken.files_transferred.unwrap_or(0),
+        peak_rss_kib()
+    );
+    Ok(())
+}
