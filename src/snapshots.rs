@@ -394,6 +394,25 @@ fn walk_parallel(
     });
 }
 
+/// Copy a snapshot (or only `paths` in it, absolute as backed up) into `target`, with
+/// rsync and the files read ahead of it ([`ReadAhead`]): what `restore` does once the
+/// snapshot is mounted and chosen.
+pub fn copy_out(snap: &Path, paths: &[PathBuf], target: &Path) -> Result<()> {
+    let mut c = Cmd::new("rsync")?.args(["-aHAX", "--sparse", "--numeric-ids", "--stats"]);
+    if paths.is_empty() {
+        c = c.arg(format!("{}/", snap.display()));
+    } else {
+        c = c.arg("--relative");
+        for q in paths {
+            // "/./" marks where --relative starts the path it recreates under TARGET.
+            c = c.arg(format!("{}/.{}", snap.display(), q.display()));
+        }
+    }
+    let _ahead = ReadAhead::start(snap, paths);
+    c.arg(format!("{}/", target.display())).run()?;
+    Ok(())
+}
+
 /// Threads that read a snapshot's files ahead of restore's rsync.
 const READAHEAD_THREADS: usize = 8;
 

@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::cmd::Cmd;
 use crate::error::{usage, Exit};
 use crate::info;
 use crate::ops::{fail, finish};
@@ -176,23 +175,14 @@ pub fn restore(p: &Profile, which: &str, target: &Path, paths: &[PathBuf], force
         let id = resolve(root, which)?;
         let snap = snapshots::path_of(root, id);
         std::fs::create_dir_all(target)?;
-        let mut c = Cmd::new("rsync")?.args(["-aHAX", "--sparse", "--numeric-ids", "--stats"]);
-        if paths.is_empty() {
-            c = c.arg(format!("{}/", snap.display()));
-        } else {
-            c = c.arg("--relative");
-            for q in paths {
-                let inside = snap.join(q.strip_prefix("/").unwrap_or(q));
-                if std::fs::symlink_metadata(&inside).is_err() {
-                    bail!("{} is not in snapshot {id}", q.display());
-                }
-                // "/./" marks where --relative starts the path it recreates under TARGET.
-                c = c.arg(format!("{}/.{}", snap.display(), q.display()));
+        for q in paths {
+            let inside = snap.join(q.strip_prefix("/").unwrap_or(q));
+            if std::fs::symlink_metadata(&inside).is_err() {
+                bail!("{} is not in snapshot {id}", q.display());
             }
         }
         info!("restoring snapshot {id} into {}", target.display());
-        let _ahead = snapshots::ReadAhead::start(&snap, paths);
-        c.arg(format!("{}/", target.display())).run()?;
+        snapshots::copy_out(&snap, paths, target)?;
         info!("restore of {id} complete");
         Ok(())
     });

@@ -59,32 +59,9 @@ T0=$(_uptime)
 measure() { local name=$1; shift; bench_step "$name" . res "$@"; }
 
 # ---------------------------------------------------------------- the data sets
-# make_data N: N small files, deterministic (seed 42), incompressible.
-make_data() {
-  rm -rf "$SRC"
-  python3 - "$SRC" "$1" <<'PY'
-import os, random, sys
-root, n = sys.argv[1], int(sys.argv[2])
-rng = random.Random(42)
-for i in range(n):
-    d = os.path.join(root, "d%03d" % (i // 200), "s%02d" % (i // 20 % 10))
-    if i % 20 == 0:
-        os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "f%06d.bin" % i), "wb") as f:
-        f.write(rng.randbytes(rng.randint(100, 8 << 10)))
-PY
-}
-# change_one_percent SEED: 1% of the files get their first 4 KiB rewritten.
-change_one_percent() {
-  python3 - "$SRC" "$1" <<'PY'
-import os, random, sys
-files = sorted(os.path.join(d, f) for d, _, fs in os.walk(sys.argv[1]) for f in fs)
-rng = random.Random(int(sys.argv[2]))
-for p in rng.sample(files, max(1, len(files) // 100)):
-    with open(p, "r+b") as f:
-        f.write(rng.randbytes(min(4096, os.path.getsize(p))))
-PY
-}
+# make_data N / change_one_percent SEED: vm-tests/bench/dataset.py (shared with the host tier).
+make_data() { rm -rf "$SRC"; python3 "$(dirname "$0")/dataset.py" make "$SRC" "$1"; }
+change_one_percent() { python3 "$(dirname "$0")/dataset.py" change "$SRC" "$1"; }
 
 # ---------------------------------------------------------------- link profiles
 link_on() {
