@@ -461,6 +461,22 @@ mod tests {
     }
 }
 
+/// A real ext4 image file of `bytes` in `dir`, made by mkfs.ext4 with `args` (mkfs and
+/// debugfs need no device, no mount and no root).
+#[cfg(test)]
+fn image(dir: &Path, bytes: u64, args: &[&std::ffi::OsStr]) -> std::path::PathBuf {
+    let img = dir.join("fs.img");
+    std::fs::File::create(&img).unwrap().set_len(bytes).unwrap();
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .args(args)
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    img
+}
+
 #[cfg(test)]
 mod recovery_tests {
     use super::*;
@@ -470,17 +486,7 @@ mod recovery_tests {
     #[test]
     fn needs_recovery_reads_the_superblock_flag() {
         let d = tempfile::tempdir().unwrap();
-        let img = d.path().join("fs.img");
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(8 << 20)
-            .unwrap();
-        let ok = std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&img)
-            .status()
-            .unwrap();
-        assert!(ok.success());
+        let img = image(d.path(), 8 << 20, &[]);
         assert!(!needs_recovery(&img).unwrap());
         let ok = std::process::Command::new("debugfs")
             .args(["-w", "-R", "feature needs_recovery"])
@@ -580,18 +586,18 @@ mod metadata_tests {
                 }
             }
         }
-        let img = d.path().join("fs.img");
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(64 << 20)
-            .unwrap();
-        let out = std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-I", "256", "-N", "8192", "-d"])
-            .arg(&tree)
-            .arg(&img)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
+        let img = image(
+            d.path(),
+            64 << 20,
+            &[
+                "-I".as_ref(),
+                "256".as_ref(),
+                "-N".as_ref(),
+                "8192".as_ref(),
+                "-d".as_ref(),
+                tree.as_os_str(),
+            ],
+        );
 
         // The extents the reader derives, by block.
         let f = std::fs::File::open(&img).unwrap();
