@@ -6,10 +6,13 @@
 //! each layer of the stack holds a fixed amount.
 //!
 //!   cargo run --release --example snapshot_step -- SOURCE ROOT [DEVICE]
-//!   cargo run --release --example snapshot_step -- --restore ROOT TARGET
+//!   cargo run --release --example snapshot_step -- --restore ROOT TARGET [DEVICE CONTAINER]
 //!
 //! The second form is restore's copy (`snapshots::copy_out`: rsync with the files read
-//! ahead by 8 threads) of the newest snapshot in ROOT into the empty directory TARGET.
+//! ahead by 8 threads) of the newest snapshot in ROOT into the empty directory TARGET; with
+//! DEVICE (a read-only, buffered loop device, where ROOT is mounted) and CONTAINER (the file
+//! it is attached to, on sshfs) the snapshot's data is first read from CONTAINER in bulk, as
+//! `restore` does (`snapshots::Warm`; offset 0: no LUKS here).
 //!
 //! SNAPSHOT_STEP_DEBUG=1 shows the debug lines (what the read-ahead and the walk took).
 //! ROOT is a directory (made a container root on first use); for the read-ahead it is
@@ -31,14 +34,27 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
     if args.first().is_some_and(|a| a.as_os_str() == "--restore") {
         let (Some(root), Some(target)) = (args.get(1), args.get(2)) else {
-            anyhow::bail!("usage: snapshot_step --restore ROOT TARGET");
+            anyhow::bail!("usage: snapshot_step --restore ROOT TARGET [DEVICE CONTAINER]");
         };
         let root = std::fs::canonicalize(root)?;
         let newest = *e2ebackup::snapshots::list(&root)?
             .last()
             .ok_or_else(|| anyhow::anyhow!("no snapshot in {}", root.display()))?;
+        let warm = match (args.get(3), args.get(4)) {
+            (Some(device), Some(container)) => Some(e2ebackup::snapshots::Warm {
+                container: std::fs::File::open(container)?,
+                offset: 0,
+                device: device.clone(),
+                since: newest.unix().max(0) as u64,
+            }),
+            _ => None,
+        };
+        if std::env::var_os("SNAPSHOT_STEP_DEBUG").is_some() {
+            e2ebackup::logging::set_level(2);
+        }
         let t = Instant::now();
-        e2ebackup::snapshots::copy_out(&e2ebackup::snapshots::path_of(&root, newest), &[], target)?;
+        let snap = e2ebackup::snapshots::path_of(&root, newest);
+        e2ebackup::snapshots::copy_out(&snap, &[], target, warm.as_ref())?;
         println!(
             "restore of {newest}: {:.2} s, peak RSS {} KiB",
             t.elapsed().as_secs_f64(),

@@ -12,10 +12,13 @@
 #     has no device-mapper; it adds CPU, not round trips). The stack is mounted afresh and
 #     the caches dropped before each step; mount and unmount are timed apart.
 #   - the same step without the read-ahead (DEVICE not given): the A/B of the lever;
+#   - restore's copy on the stack as `restore` builds it (read-only, so the loop device is
+#     buffered), with the snapshot's data read from the container in bulk first, and the
+#     same copy of the other variant's container without that: the A/B of that lever;
 #   - restic (sftp) and borg (ssh) backups, and `ssh cat > file` of the same bytes as a tar.
 # Full backup, no change, 1% of the files changed, and a restore of the newest backup
-# (e2ebackup: restore's copy, snapshots::copy_out, with its read-ahead), checked with diff -r. Run as root on Debian; installs what it
-# needs. Prints a Markdown table (also written to target/bench/host-results.md).
+# (e2ebackup: restore's copy, snapshots::copy_out, with its read-ahead), checked with diff -r.
+# Run as root on Debian; installs what it needs. Prints a Markdown table (also written to target/bench/host-results.md).
 #   scripts/bench-host.sh [FILES] [DELAY_MS]      defaults: 20000 files, 25 ms each way
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -89,13 +92,18 @@ change_one_percent() { python3 vm-tests/bench/dataset.py change "$SRC" "$1"; }
 # e2ebackup's stack minus dm-crypt: one container per variant, made locally on the server.
 # 64 KiB per inode, room for the snapshots' directories.
 SIZE_G=$(( N * 64 * 4 / 1024 / 1024 + 1 ))
-stack_up() {
+stack_up() {  # stack_up VARIANT [ro]: read-only is buffered, as `restore` attaches it
   sshfs -f -p "$PORT" -o "IdentityFile=$W/id,IdentitiesOnly=yes,UserKnownHostsFile=$W/known_hosts,StrictHostKeyChecking=yes,BatchMode=yes,idmap=none,contain_symlinks,nosuid,nodev,noexec" \
     "$SERVER:$W/server/$1" "$W/sshfs" &
   SSHFS=$!
   for _ in $(seq 100); do mountpoint -q "$W/sshfs" && [ -e "$W/sshfs/c.img" ] && break; sleep 0.1; done
-  LOOP=$(losetup -f --show --direct-io=on "$W/sshfs/c.img")
-  mount "$LOOP" "$W/mnt"
+  if [ "${2:-}" = ro ]; then
+    LOOP=$(losetup -f --show -r "$W/sshfs/c.img")
+    mount -o ro "$LOOP" "$W/mnt"
+  else
+    LOOP=$(losetup -f --show --direct-io=on "$W/sshfs/c.img")
+    mount "$LOOP" "$W/mnt"
+  fi
 }
 stack_down() { umount "$W/mnt"; losetup -d "$LOOP"; fusermount3 -u "$W/sshfs"; wait "$SSHFS"; }
 e2e_variant() {
@@ -135,10 +143,15 @@ done
 # Restore of the newest backup into an empty directory, caches dropped, checked with diff -r.
 restored() { diff -r "$SRC" "$1$SRC" > /dev/null || { echo "bench-host: $1 differs from the source"; exit 1; }; }
 cold
-timed e2e.mount_restore stack_up e2e
-timed e2e.restore "$STEP" --restore "$W/mnt" "$W/restore/e2e"
+timed e2e.mount_restore stack_up e2e ro
+timed e2e.restore "$STEP" --restore "$W/mnt" "$W/restore/e2e" "$LOOP" "$W/sshfs/c.img"
 timed e2e.umount_restore stack_down
 restored "$W/restore/e2e"
+cold
+timed e2e_noreadahead.mount_restore stack_up e2e_noreadahead ro
+timed e2e_noreadahead.restore "$STEP" --restore "$W/mnt" "$W/restore/e2e_noreadahead"
+timed e2e_noreadahead.umount_restore stack_down
+restored "$W/restore/e2e_noreadahead"
 cold; timed restic.restore "${RESTIC[@]}" restore latest --target "$W/restore/restic"
 restored "$W/restore/restic"
 cold; timed borg.restore sh -c "mkdir -p '$W/restore/borg' && cd '$W/restore/borg' && borg extract '$BORG_REPO::change1'"
@@ -173,7 +186,7 @@ done
   }
   row "e2ebackup (mount, snapshot step, unmount)" e2e.total_
   row "- of which the snapshot step" e2e.
-  row "e2ebackup without the metadata read-ahead" e2e_noreadahead.total_
+  row "e2ebackup without the read-aheads (metadata; restore: bulk data)" e2e_noreadahead.total_
   row "- of which the snapshot step" e2e_noreadahead.
   row "restic (sftp)" restic.
   row "borg (ssh)" borg.

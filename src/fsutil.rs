@@ -438,6 +438,68 @@ pub fn printable(s: &str, max: usize) -> String {
     out
 }
 
+/// Sorted byte ranges with near neighbours merged (gaps up to `gap` read through), then cut
+/// into reads of at most `chunk` bytes: how a read-ahead turns many small, scattered ranges
+/// (inode tables, directory blocks, file extents) into few large requests.
+pub fn plan_reads(mut ranges: Vec<(u64, u64)>, gap: u64, chunk: u64) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (off, len) in ranges {
+        match merged.last_mut() {
+            Some((o, l)) if off <= *o + *l + gap => *l = (*l).max(off + len - *o),
+            _ => merged.push((off, len)),
+        }
+    }
+    let chunk = chunk.max(1);
+    let mut out = Vec::new();
+    for (off, len) in merged {
+        let mut o = off;
+        while o < off + len {
+            let n = chunk.min(off + len - o);
+            out.push((o, n));
+            o += n;
+        }
+    }
+    out
+}
+
+/// Read `reads` (each at most `chunk` bytes, as [`plan_reads`] cuts them) from `f` with
+/// `threads` threads, handing each read's bytes to `visit`. Stops early when `halt` says
+/// so; a failed or short read is skipped (this is read-ahead: whoever reads the data for
+/// real reports the error).
+pub fn read_ranges(
+    f: &File,
+    reads: &[(u64, u64)],
+    threads: usize,
+    chunk: u64,
+    halt: &(impl Fn() -> bool + Sync),
+    visit: &(impl Fn(&[u8]) + Sync),
+) {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                let mut buf = vec![0u8; chunk as usize];
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(off, len)) = reads.get(i) else {
+                        return;
+                    };
+                    if halt() || len > chunk {
+                        return;
+                    }
+                    let b = &mut buf[..len as usize];
+                    if f.read_exact_at(b, off).is_ok() {
+                        visit(b);
+                    }
+                }
+            });
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,6 +519,50 @@ mod tests {
     /// The no-follow opens hold on a plain directory, without any help from sshfs: links
     /// (absolute, `..`, inside), a FIFO and a device node are refused with exit 6 and the
     /// name, and what they point to is untouched.
+    #[test]
+    fn reads_are_merged_across_small_gaps_and_cut_into_chunks() {
+        const C: u64 = 256 << 10;
+        let r = plan_reads(vec![(8192, 4096), (0, 4096), (4096, 100)], 0, C);
+        assert_eq!(r, vec![(0, 4196), (8192, 4096)]);
+        let r = plan_reads(vec![(8192, 4096), (0, 4096)], 4096, C);
+        assert_eq!(r, vec![(0, 12288)]);
+        let r = plan_reads(vec![(0, 2 * C + 5)], 0, C);
+        assert_eq!(r, vec![(0, C), (C, C), (2 * C, 5)]);
+        // Overlapping and contained ranges read once.
+        assert_eq!(
+            plan_reads(vec![(0, 100), (10, 20), (50, 100)], 0, C),
+            vec![(0, 150)]
+        );
+    }
+
+    #[test]
+    fn ranges_are_read_whole_by_every_thread_count_and_stop_on_halt() {
+        let d = tmp();
+        let p = d.join("data");
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let f = File::open(&p).unwrap();
+        let reads = plan_reads(
+            vec![(0, 70_000), (100_000, 90_000), (199_990, 100)],
+            0,
+            4096,
+        );
+        for threads in [0, 1, 3, 16] {
+            let got = std::sync::Mutex::new(0u64);
+            read_ranges(&f, &reads, threads, 4096, &|| false, &|b: &[u8]| {
+                *got.lock().unwrap() += b.len() as u64
+            });
+            // The last range runs past the end of the file: a short read is skipped.
+            assert_eq!(*got.lock().unwrap(), 70_000 + 90_000, "{threads}");
+        }
+        let got = std::sync::Mutex::new(0u64);
+        read_ranges(&f, &reads, 4, 4096, &|| true, &|b: &[u8]| {
+            *got.lock().unwrap() += b.len() as u64
+        });
+        assert_eq!(*got.lock().unwrap(), 0);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
     #[test]
     fn server_dir_refuses_links_fifos_devices() {
         let root = tmp();

@@ -58,6 +58,8 @@ pub struct Session<'p> {
     header_override: Option<PathBuf>,
     /// The keyfile's content, once read.
     key: Option<luks::Key>,
+    /// The pinned header the container was unlocked with (checked then).
+    unlocked_with: Option<PathBuf>,
     /// The container's authenticated generation, once checked (see [`crate::generation`]).
     generation: Option<u64>,
     /// `accept-rollback` only: skip the comparison with the client's record.
@@ -129,6 +131,7 @@ impl<'p> Session<'p> {
             fs_root: None,
             header_override: None,
             key: None,
+            unlocked_with: None,
             generation: None,
             accept_any_generation: false,
             watchdog: None,
@@ -242,8 +245,9 @@ impl<'p> Session<'p> {
         Ok(())
     }
 
-    /// Attach a loop device (direct I/O) over the server file `name`, opened beneath the
-    /// server directory without following links.
+    /// Attach a loop device over the server file `name`, opened beneath the server directory
+    /// without following links: direct I/O when read-write, buffered when read-only
+    /// ([`crate::stack::loopdev`]).
     pub fn attach(&mut self, name: &str, read_only: bool) -> Result<PathBuf> {
         signals::check()?;
         let dir = self
@@ -340,6 +344,7 @@ impl<'p> Session<'p> {
             discards,
         )?;
         self.mapper = Some(m.clone());
+        self.unlocked_with = header;
         if let Err(e) = luks::set_read_ahead(&m, luks::READ_AHEAD_KIB) {
             warn!("read-ahead of {} left at the default: {e:#}", m.display());
         }
@@ -502,6 +507,31 @@ impl<'p> Session<'p> {
         self.accept_any_generation = true;
     }
 
+    /// What a restore needs to read a snapshot's data from the server in bulk
+    /// ([`crate::snapshots::Warm`]), for a snapshot created at `since` (unix seconds): only on
+    /// a read-only loop device, which reads through the container file's page cache; `None`
+    /// on any other stack (read-write, NBD), where reading the file ahead would not help.
+    pub fn warm_view(&self, since: u64) -> Result<Option<crate::snapshots::Warm>> {
+        let Some(Backing::Loop(l)) = &self.backing else {
+            return Ok(None);
+        };
+        if !l.read_only {
+            return Ok(None);
+        }
+        let device = self.mapper()?;
+        let offset =
+            luks::data_offset(&self.profile.mapping_name(), self.unlocked_with.as_deref())?;
+        let container = self
+            .server_dir()?
+            .open_file(&self.profile.container.file.0, true)?;
+        Ok(Some(crate::snapshots::Warm {
+            container,
+            offset,
+            device,
+            since,
+        }))
+    }
+
     /// Bind the mounted container's snapshots read-only at `dir` (`e2ebackup mount`).
     pub fn bind_snapshots(&mut self, dir: &Path) -> Result<()> {
         signals::check()?;
@@ -531,6 +561,7 @@ impl<'p> Session<'p> {
             }
         }
         self.mapper = None;
+        self.unlocked_with = None;
         self.backing = None;
         let r = self.stack.unwind_to(mark, &mut stack::Real);
         if !r.complete() {

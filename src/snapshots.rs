@@ -394,10 +394,12 @@ fn walk_parallel(
     });
 }
 
-/// Copy a snapshot (or only `paths` in it, absolute as backed up) into `target`, with
-/// rsync and the files read ahead of it ([`ReadAhead`]): what `restore` does once the
-/// snapshot is mounted and chosen.
-pub fn copy_out(snap: &Path, paths: &[PathBuf], target: &Path) -> Result<()> {
+/// Copy a snapshot (or only `paths` in it, absolute as backed up) into `target` with rsync:
+/// what `restore` does once the snapshot is mounted and chosen. With `warm` the snapshot's
+/// file data is first read from the server in bulk ([`warm_snapshot`]); either way the files
+/// are read ahead of rsync by several threads ([`ReadAhead`]), which covers whatever the
+/// bulk read left out.
+pub fn copy_out(snap: &Path, paths: &[PathBuf], target: &Path, warm: Option<&Warm>) -> Result<()> {
     let mut c = Cmd::new("rsync")?.args(["-aHAX", "--sparse", "--numeric-ids", "--stats"]);
     if paths.is_empty() {
         c = c.arg(format!("{}/", snap.display()));
@@ -408,9 +410,144 @@ pub fn copy_out(snap: &Path, paths: &[PathBuf], target: &Path) -> Result<()> {
             c = c.arg(format!("{}/.{}", snap.display(), q.display()));
         }
     }
+    if let Some(w) = warm {
+        let t = std::time::Instant::now();
+        let r = warm_snapshot(&roots_of(snap, paths), w, mem_available().unwrap_or(0) / 2);
+        crate::signals::check()?;
+        info!(
+            "read {} files ({} MiB) ahead from the server in bulk, {:.1} s",
+            r.files,
+            r.bytes >> 20,
+            t.elapsed().as_secs_f64()
+        );
+        crate::debug!("bulk read-ahead: {r:?}");
+    }
     let _ahead = ReadAhead::start(snap, paths);
     c.arg(format!("{}/", target.display())).run()?;
     Ok(())
+}
+
+/// The snapshot directory `snap`, or the absolute `paths` (as backed up) inside it.
+fn roots_of(snap: &Path, paths: &[PathBuf]) -> Vec<PathBuf> {
+    if paths.is_empty() {
+        vec![snap.to_path_buf()]
+    } else {
+        paths
+            .iter()
+            .map(|q| snap.join(q.strip_prefix("/").unwrap_or(q)))
+            .collect()
+    }
+}
+
+/// What reading a snapshot's file data in bulk needs, below the encryption: the container
+/// file, opened read-only through sshfs (a read-only loop device is buffered and reads
+/// through that file's page cache: [`crate::stack::loopdev`]), where the filesystem's bytes
+/// start in it (the LUKS data offset), the filesystem's device (for its metadata), and the
+/// snapshot's creation time (its directories are no older).
+pub struct Warm {
+    pub container: std::fs::File,
+    pub offset: u64,
+    pub device: PathBuf,
+    pub since: u64,
+}
+
+/// What [`warm_snapshot`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Warmed {
+    /// Files whose data was read (wholly within the budget).
+    pub files: usize,
+    /// Bytes of their extents.
+    pub bytes: u64,
+    /// Read requests issued on the container file (at most [`WARM_CHUNK`] each).
+    pub reads: usize,
+}
+
+/// The largest single read of the bulk read-ahead.
+const WARM_CHUNK: u64 = 1 << 20;
+/// File extents closer than this are read as one (the gap is read through).
+const WARM_GAP: u64 = 16 << 10;
+
+/// Read the file data of the trees at `roots` (inside the filesystem on `w.device`) straight
+/// from the container file, in a few large parallel reads, so that restore's rsync, reading
+/// one small file after another, finds them in the page cache instead of paying a round trip
+/// each. First the snapshot's metadata ([`crate::stack::ext4::read_metadata`]), then every
+/// regular file's extents (FS_IOC_FIEMAP, in rsync's order, until `budget` bytes), sorted by
+/// their place in the container and merged across small gaps. Best effort: errors are
+/// skipped, a pending signal stops it; extents that point outside the container are left out.
+pub fn warm_snapshot(roots: &[PathBuf], w: &Warm, budget: u64) -> Warmed {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let halt = || crate::signals::pending().is_some();
+    let meta_budget = mem_available().map_or(0, |m| m / 4).min(1 << 30);
+    if let Err(e) =
+        crate::stack::ext4::read_metadata(&w.device, w.since, meta_budget, METADATA_THREADS, halt)
+    {
+        crate::debug!("metadata read-ahead skipped: {e:#}");
+    }
+    let end = w.container.metadata().map(|m| m.len()).unwrap_or(0);
+    let files = AtomicUsize::new(0);
+    let reserved = AtomicU64::new(0);
+    let ranges = Mutex::new(Vec::new());
+    let take = |p: &Path, len: u64| {
+        let fits = |r: u64| r.checked_add(len).filter(|&t| t <= budget);
+        if len == 0
+            || reserved
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, fits)
+                .is_err()
+        {
+            return;
+        }
+        let Ok(f) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(p)
+        else {
+            return;
+        };
+        let Ok(extents) = crate::stack::ext4::file_extents(&f, len) else {
+            return;
+        };
+        let mut v = ranges.lock().unwrap_or_else(|e| e.into_inner());
+        v.extend(extents.into_iter().filter_map(|(phys, n)| {
+            let at = phys.checked_add(w.offset)?;
+            (at.checked_add(n)? <= end).then_some((at, n))
+        }));
+        files.fetch_add(1, Ordering::Relaxed);
+    };
+    let mut dirs = Vec::new();
+    for r in roots {
+        match std::fs::symlink_metadata(r) {
+            Ok(m) if m.is_dir() => dirs.push(r.clone()),
+            Ok(m) if m.is_file() => take(r, m.len()),
+            _ => {}
+        }
+    }
+    walk_parallel(dirs, READAHEAD_THREADS, halt, |e, t| {
+        if t.is_some_and(|t| t.is_file()) {
+            if let Ok(md) = e.metadata() {
+                take(&e.path(), md.len());
+            }
+        }
+    });
+    let reads = crate::fsutil::plan_reads(
+        ranges.into_inner().unwrap_or_else(|e| e.into_inner()),
+        WARM_GAP,
+        WARM_CHUNK,
+    );
+    crate::fsutil::read_ranges(
+        &w.container,
+        &reads,
+        READAHEAD_THREADS,
+        WARM_CHUNK,
+        &halt,
+        &|_: &[u8]| {},
+    );
+    Warmed {
+        files: files.into_inner(),
+        bytes: reserved.into_inner(),
+        reads: reads.len(),
+    }
 }
 
 /// Threads that read a snapshot's files ahead of restore's rsync.
@@ -433,14 +570,7 @@ impl ReadAhead {
     /// Start reading, in the background, snapshot directory `snap`, or only the absolute
     /// `paths` (as backed up) inside it when some are given.
     pub fn start(snap: &Path, paths: &[PathBuf]) -> ReadAhead {
-        let roots = if paths.is_empty() {
-            vec![snap.to_path_buf()]
-        } else {
-            paths
-                .iter()
-                .map(|q| snap.join(q.strip_prefix("/").unwrap_or(q)))
-                .collect()
-        };
+        let roots = roots_of(snap, paths);
         let budget = mem_available().unwrap_or(0) / 2;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();

@@ -1,6 +1,7 @@
 //! Host-level tests of the real stack minus LUKS (this host's kernel has no device-mapper):
 //! a private sshd on 127.0.0.1, ssh2 host-key pinning, sshfs, the server lock over sshfs, a
-//! direct-I/O loop device over the FUSE file, ext4, rsync --link-dest snapshots, and the
+//! direct-I/O loop device over the FUSE file (buffered when read-only, with restore's bulk
+//! read-ahead), ext4, rsync --link-dest snapshots, and the
 //! undo journal, including the recovery of a process killed with SIGKILL.
 //!
 //! Privileged (root): the names start with `host_`; run with `--test-threads=1`. Every test
@@ -207,6 +208,21 @@ fn no_daemon(records: &[Undo]) -> Vec<Undo> {
             u => u.clone(),
         })
         .collect()
+}
+
+/// Regular files under `dir` (each name: hard links count once per name).
+fn regular_files(dir: &Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let t = e.file_type().unwrap();
+        if t.is_dir() {
+            n += regular_files(&e.path());
+        } else if t.is_file() {
+            n += 1;
+        }
+    }
+    n
 }
 
 /// Attach a loop device over `file` (opened beneath its directory, as the session does) and
@@ -713,6 +729,52 @@ fn host_sshfs_loop_ext4_snapshots() {
         .collect();
     assert_eq!(again, ids);
     assert_same_tree(&s, &in_snap(&t2.id));
+
+    // Restore's bulk read-ahead. A read-only loop device is buffered: it reads through the
+    // container file's page cache on sshfs, which reading the file ahead fills.
+    assert!(
+        !loopdev::direct_io(&dev),
+        "a read-only loop device is buffered"
+    );
+    let container = std::fs::File::open(&file).unwrap();
+    // FIEMAP says where each file's bytes lie on the device: read there from the container
+    // file (no LUKS here: offset 0), they are the file's bytes.
+    for rel in ["big.bin", "a/change.txt", "a/keep.txt", "owned"] {
+        let p = in_snap(&t2.id).join(rel);
+        let data = std::fs::read(&p).unwrap();
+        let extents = ext4::file_extents(&std::fs::File::open(&p).unwrap(), data.len() as u64)
+            .unwrap_or_else(|e| panic!("FIEMAP {rel}: {e:#}"));
+        let mut got = Vec::new();
+        for (at, n) in extents {
+            let mut b = vec![0u8; n as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&container, &mut b, at).unwrap();
+            got.extend(b);
+        }
+        assert!(
+            got == data,
+            "{rel}: the bytes at its extents differ from the file"
+        );
+    }
+    let snap2 = fs.join(snapshots::SNAPSHOTS).join(&t2.id);
+    let warm = snapshots::Warm {
+        container,
+        offset: 0,
+        device: dev.clone(),
+        since: 0,
+    };
+    let r = snapshots::warm_snapshot(std::slice::from_ref(&snap2), &warm, u64::MAX);
+    assert_eq!(r.files, regular_files(&s), "{r:?}");
+    assert!(r.bytes >= 3 << 20 && r.reads >= 1, "{r:?}");
+    assert_eq!(
+        snapshots::warm_snapshot(std::slice::from_ref(&snap2), &warm, 0).files,
+        0,
+        "nothing within a zero budget"
+    );
+    let target = tempfile::tempdir().unwrap();
+    snapshots::copy_out(&snap2, &[], target.path(), Some(&warm))
+        .unwrap_or_else(|e| panic!("copy_out: {e:#}"));
+    assert_same_tree(&s, &target.path().join(s.strip_prefix("/").unwrap()));
+    drop(warm);
     drop(l);
     let report = stack.unwind(&mut stack::Real);
     assert!(report.complete(), "{:?}", report.failed);

@@ -74,11 +74,11 @@ fn measure(dir: &Path) -> Result<SnapshotInfo> {
     })
 }
 
-/// Open read-only, run `f` on the mounted root, tear down.
+/// Open read-only, run `f` on the session and the mounted root, tear down.
 fn with_readonly<T>(
     p: &Profile,
     command: &str,
-    f: impl FnOnce(&Path) -> Result<T>,
+    f: impl FnOnce(&Session, &Path) -> Result<T>,
 ) -> (Exit, Option<T>) {
     let mut s = match Session::begin(p, command) {
         Ok(s) => s,
@@ -86,14 +86,14 @@ fn with_readonly<T>(
     };
     let mut out = None;
     let r = s.open_all(command, true).and_then(|root| {
-        out = Some(f(&root)?);
+        out = Some(f(&s, &root)?);
         Ok(Exit::Ok)
     });
     (finish(s, &r).0, out)
 }
 
 pub fn list(p: &Profile, json: bool) -> Exit {
-    let (code, infos) = with_readonly(p, "snapshots", |root| {
+    let (code, infos) = with_readonly(p, "snapshots", |_, root| {
         snapshots::list(root)?
             .into_iter()
             .map(|id| measure(&snapshots::path_of(root, id)))
@@ -171,7 +171,7 @@ pub fn restore(p: &Profile, which: &str, target: &Path, paths: &[PathBuf], force
             target.display()
         )));
     }
-    let (code, _) = with_readonly(p, "restore", |root| {
+    let (code, _) = with_readonly(p, "restore", |s, root| {
         let id = resolve(root, which)?;
         let snap = snapshots::path_of(root, id);
         std::fs::create_dir_all(target)?;
@@ -182,7 +182,12 @@ pub fn restore(p: &Profile, which: &str, target: &Path, paths: &[PathBuf], force
             }
         }
         info!("restoring snapshot {id} into {}", target.display());
-        snapshots::copy_out(&snap, paths, target)?;
+        // The bulk read-ahead is an optimisation: without it the restore is slower, not wrong.
+        let warm = s.warm_view(id.unix().max(0) as u64).unwrap_or_else(|e| {
+            crate::debug!("bulk read-ahead not available: {e:#}");
+            None
+        });
+        snapshots::copy_out(&snap, paths, target, warm.as_ref())?;
         info!("restore of {id} complete");
         Ok(())
     });

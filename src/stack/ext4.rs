@@ -13,6 +13,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use crate::cmd::Cmd;
+use crate::fsutil::{plan_reads, read_ranges};
 
 pub fn mkfs(device: &Path, label: &str, inodes: u64, journal: u64) -> Result<()> {
     Cmd::new("mkfs.ext4")?
@@ -292,63 +293,6 @@ impl Geometry {
     }
 }
 
-/// Sorted byte ranges with near neighbours merged (gaps up to `gap` read through), then cut
-/// into reads of at most [`READ_CHUNK`].
-fn plan_reads(mut ranges: Vec<(u64, u64)>, gap: u64) -> Vec<(u64, u64)> {
-    ranges.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::new();
-    for (off, len) in ranges {
-        match merged.last_mut() {
-            Some((o, l)) if off <= *o + *l + gap => *l = (*l).max(off + len - *o),
-            _ => merged.push((off, len)),
-        }
-    }
-    let mut out = Vec::new();
-    for (off, len) in merged {
-        let mut o = off;
-        while o < off + len {
-            let n = READ_CHUNK.min(off + len - o);
-            out.push((o, n));
-            o += n;
-        }
-    }
-    out
-}
-
-/// Read `reads` from `f` with `threads` threads, handing each read's bytes to `visit`.
-/// Stops early when `halt` says so; a failed read is skipped (this is read-ahead).
-fn read_parallel(
-    f: &std::fs::File,
-    reads: &[(u64, u64)],
-    threads: usize,
-    halt: &(impl Fn() -> bool + Sync),
-    visit: &(impl Fn(&[u8]) + Sync),
-) {
-    use std::os::unix::fs::FileExt;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let next = AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| {
-                let mut buf = vec![0u8; READ_CHUNK as usize];
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(off, len)) = reads.get(i) else {
-                        return;
-                    };
-                    if halt() {
-                        return;
-                    }
-                    let b = &mut buf[..len as usize];
-                    if f.read_exact_at(b, off).is_ok() {
-                        visit(b);
-                    }
-                }
-            });
-        }
-    });
-}
-
 /// Read the metadata of the ext4 on `device` into the device's page cache, which is the
 /// cache ext4 itself reads its metadata through: the used part of every inode table, the
 /// bitmaps, then the blocks of every directory those inodes describe. Large reads, several
@@ -392,14 +336,14 @@ pub fn read_metadata(
             })
             .collect()
     };
-    let tables = within(plan_reads(g.table_ranges(&gdt), 0));
+    let tables = within(plan_reads(g.table_ranges(&gdt), 0, READ_CHUNK));
     let found = std::sync::Mutex::new((Vec::new(), Vec::new()));
     let collect = |extents: Vec<(u64, u64)>, nodes: Vec<u64>| {
         let mut f = found.lock().unwrap_or_else(|e| e.into_inner());
         f.0.extend(extents);
         f.1.extend(nodes);
     };
-    read_parallel(&f, &tables, threads, &halt, &|b: &[u8]| {
+    read_ranges(&f, &tables, threads, READ_CHUNK, &halt, &|b: &[u8]| {
         let (mut extents, mut nodes) = (Vec::new(), Vec::new());
         g.directory_extents(b, since, &mut extents, &mut nodes);
         collect(extents, nodes);
@@ -415,9 +359,10 @@ pub fn read_metadata(
         let reads = within(plan_reads(
             nodes.into_iter().map(|b| (b * g.block, g.block)).collect(),
             0,
+            READ_CHUNK,
         ));
         tree_reads += reads.len();
-        read_parallel(&f, &reads, threads, &halt, &|b: &[u8]| {
+        read_ranges(&f, &reads, threads, READ_CHUNK, &halt, &|b: &[u8]| {
             let (mut extents, mut nodes) = (Vec::new(), Vec::new());
             for node in b.chunks_exact(g.block as usize) {
                 g.extent_node(node, &mut extents, &mut nodes);
@@ -432,13 +377,92 @@ pub fn read_metadata(
         .into_iter()
         .map(|(b, n)| (b * g.block, n * g.block))
         .collect();
-    let dir_reads = within(plan_reads(dir_ranges, GAP_READ_THROUGH));
-    read_parallel(&f, &dir_reads, threads, &halt, &|_: &[u8]| {});
+    let dir_reads = within(plan_reads(dir_ranges, GAP_READ_THROUGH, READ_CHUNK));
+    read_ranges(&f, &dir_reads, threads, READ_CHUNK, &halt, &|_: &[u8]| {});
     Ok(MetadataRead {
         table_bytes: tables.iter().map(|r| r.1).sum(),
         directory_bytes: dir_reads.iter().map(|r| r.1).sum(),
         reads: 1 + tables.len() + tree_reads + dir_reads.len(),
     })
+}
+
+// ---------------------------------------------------------------- file extents
+
+const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+const FIEMAP_EXTENT_LAST: u32 = 0x1;
+/// Extents whose bytes on the device are not the file's data as stored, or not there yet:
+/// UNKNOWN, DELALLOC, ENCODED, DATA_ENCRYPTED, NOT_ALIGNED, DATA_INLINE, DATA_TAIL,
+/// UNWRITTEN (reads as zeros, nothing to fetch).
+const FIEMAP_EXTENT_SKIP: u32 = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800;
+/// Extents asked for per call.
+const FIEMAP_BATCH: usize = 64;
+/// At most this many extents per file: a file more fragmented than that is read the usual
+/// way for the rest (this is read-ahead).
+const FIEMAP_MAX_EXTENTS: usize = 4096;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct FiemapExtent {
+    logical: u64,
+    physical: u64,
+    length: u64,
+    reserved64: [u64; 2],
+    flags: u32,
+    reserved: [u32; 3],
+}
+
+#[repr(C)]
+struct Fiemap {
+    start: u64,
+    length: u64,
+    flags: u32,
+    mapped_extents: u32,
+    extent_count: u32,
+    reserved: u32,
+    extents: [FiemapExtent; FIEMAP_BATCH],
+}
+
+/// Where the data of the open file `f` lies on its filesystem's device: (byte offset on the
+/// device, length), in file order, up to `len` bytes of the file (its size). Only extents
+/// that hold the file's bytes as stored (see [`FIEMAP_EXTENT_SKIP`]). The FS_IOC_FIEMAP
+/// ioctl reads the extent tree the kernel has already cached; nothing of the data is read.
+pub fn file_extents(f: &std::fs::File, len: u64) -> Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let mut out = Vec::new();
+    let mut start = 0u64;
+    while start < len && out.len() < FIEMAP_MAX_EXTENTS {
+        let mut m = Fiemap {
+            start,
+            length: len - start,
+            flags: 0,
+            mapped_extents: 0,
+            extent_count: FIEMAP_BATCH as u32,
+            reserved: 0,
+            extents: [FiemapExtent::default(); FIEMAP_BATCH],
+        };
+        // SAFETY: FS_IOC_FIEMAP reads and fills a struct fiemap followed by extent_count
+        // extents, which `m` holds and which outlives the call.
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FIEMAP, &mut m as *mut Fiemap) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error()).context("FS_IOC_FIEMAP");
+        }
+        let n = (m.mapped_extents as usize).min(FIEMAP_BATCH);
+        if n == 0 {
+            break;
+        }
+        let mut last = false;
+        for e in &m.extents[..n] {
+            if e.flags & FIEMAP_EXTENT_SKIP == 0 && e.length > 0 && e.logical < len {
+                out.push((e.physical, e.length.min(len - e.logical)));
+            }
+            last |= e.flags & FIEMAP_EXTENT_LAST != 0;
+            start = start.max(e.logical.saturating_add(e.length));
+        }
+        if last {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -506,28 +530,6 @@ mod recovery_tests {
 mod metadata_tests {
     use super::*;
     use std::os::unix::fs::FileExt;
-
-    #[test]
-    fn reads_are_merged_across_small_gaps_and_cut_into_chunks() {
-        let r = plan_reads(vec![(8192, 4096), (0, 4096), (4096, 100)], 0);
-        assert_eq!(r, vec![(0, 4196), (8192, 4096)]);
-        let r = plan_reads(vec![(8192, 4096), (0, 4096)], 4096);
-        assert_eq!(r, vec![(0, 12288)]);
-        let r = plan_reads(vec![(0, 2 * READ_CHUNK + 5)], 0);
-        assert_eq!(
-            r,
-            vec![
-                (0, READ_CHUNK),
-                (READ_CHUNK, READ_CHUNK),
-                (2 * READ_CHUNK, 5)
-            ]
-        );
-        // Overlapping and contained ranges read once.
-        assert_eq!(
-            plan_reads(vec![(0, 100), (10, 20), (50, 100)], 0),
-            vec![(0, 150)]
-        );
-    }
 
     #[test]
     fn a_garbled_superblock_is_refused_and_garbled_tables_point_nowhere_outside() {

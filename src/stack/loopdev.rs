@@ -1,10 +1,18 @@
-//! Loop devices, attached by ioctl with direct I/O.
+//! Loop devices, attached by ioctl: read-write with direct I/O, read-only buffered.
 //!
 //! Why not let cryptsetup attach the file itself: its automatic loop device is buffered, and
 //! a buffered loop over a FUSE (sshfs) file degenerates into one 4 KiB FUSE write per page:
 //! mkfs of 2 GiB took 280 s, against 15 s with LO_FLAGS_DIRECT_IO (FACTS.md, measured under
-//! TCG). So we attach with `LOOP_CONFIGURE` (Linux 5.8+) and `LO_FLAGS_DIRECT_IO`, and check
-//! in sysfs that the kernel kept direct I/O on (it silently drops it when unsupported).
+//! TCG). So a read-write device is attached with `LOOP_CONFIGURE` (Linux 5.8+) and
+//! `LO_FLAGS_DIRECT_IO`, and sysfs is checked for the kernel having kept direct I/O on (it
+//! silently drops it when unsupported).
+//!
+//! A read-only device (restore, mount, verify, snapshots) writes nothing, so the write
+//! problem does not arise, and it is attached buffered: its reads go through the page cache
+//! of the container file on sshfs. That is what lets a restore read the snapshot's file data
+//! ahead in a few large parallel requests ([`crate::snapshots::Warm`]) instead of one round
+//! trip per small file (docs/benchmarks.md, run 6). The cache belongs to this session's sshfs
+//! mount and goes with it; what it holds is what the server sent during this session.
 //!
 //! `LO_FLAGS_AUTOCLEAR` is set as a backstop: if this process dies, the loop device detaches
 //! itself as soon as its last user (the dm-crypt mapping, closed by `cleanup`) lets go. We
@@ -61,6 +69,8 @@ struct LoopConfig {
 #[derive(Debug)]
 pub struct Loop {
     pub device: PathBuf,
+    /// Attached read-only, and so buffered (see the module documentation).
+    pub read_only: bool,
     _fd: File,
 }
 
@@ -127,10 +137,12 @@ fn configure(file: &File, backing: &Path, read_only: bool) -> Result<Loop> {
         let b = backing.as_os_str().as_encoded_bytes();
         let l = b.len().min(63);
         name[..l].copy_from_slice(&b[..l]);
-        let mut flags = LO_FLAGS_DIRECT_IO | LO_FLAGS_AUTOCLEAR;
-        if read_only {
-            flags |= LO_FLAGS_READ_ONLY;
-        }
+        let flags = LO_FLAGS_AUTOCLEAR
+            | if read_only {
+                LO_FLAGS_READ_ONLY
+            } else {
+                LO_FLAGS_DIRECT_IO
+            };
         let cfg = LoopConfig {
             fd: file.as_raw_fd() as u32,
             block_size: 0,
@@ -167,14 +179,18 @@ fn configure(file: &File, backing: &Path, read_only: bool) -> Result<Loop> {
                 )
             });
         }
-        if !direct_io(&device) {
+        if !read_only && !direct_io(&device) {
             warn!(
                 "{}: the kernel refused direct I/O on {}; expect slow, buffered writes",
                 device.display(),
                 backing.display()
             );
         }
-        return Ok(Loop { device, _fd: dev });
+        return Ok(Loop {
+            device,
+            read_only,
+            _fd: dev,
+        });
     }
     bail!("no free loop device after 20 attempts (all busy)")
 }

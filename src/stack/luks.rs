@@ -393,6 +393,16 @@ pub fn resize_to_fill(name: &str, header: Option<&Path>, key: &Key) -> Result<()
     Ok(())
 }
 
+/// Where the encrypted data of the active mapping `name` starts in its underlying device, in
+/// bytes (the LUKS2 data segment's offset; the mapping is linear from there: byte `x` of the
+/// mapping is stored at byte `x + offset` of the device).
+pub fn data_offset(name: &str, header: Option<&Path>) -> Result<u64> {
+    install_logging();
+    let mut dev = CryptInit::init_by_name_and_header(name, header)
+        .map_err(lerr(format!("finding the active mapping {name}")))?;
+    Ok(dev.status_handle().get_data_offset() * 512)
+}
+
 /// Whether the mapping `name` exists.
 pub fn is_active(name: &str) -> bool {
     install_logging();
