@@ -456,7 +456,7 @@ pub struct Warm {
 pub struct Warmed {
     /// Files whose data was read (wholly within the budget).
     pub files: usize,
-    /// Bytes of their extents.
+    /// Bytes of those files.
     pub bytes: u64,
     /// Read requests issued on the container file (at most [`WARM_CHUNK`] each).
     pub reads: usize,
@@ -479,10 +479,13 @@ pub fn warm_snapshot(roots: &[PathBuf], w: &Warm, budget: u64) -> Warmed {
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     use std::sync::Mutex;
     let halt = || crate::signals::pending().is_some();
-    let meta_budget = mem_available().map_or(0, |m| m / 4).min(1 << 30);
-    if let Err(e) =
-        crate::stack::ext4::read_metadata(&w.device, w.since, meta_budget, METADATA_THREADS, halt)
-    {
+    if let Err(e) = crate::stack::ext4::read_metadata(
+        &w.device,
+        w.since,
+        metadata_budget(),
+        METADATA_THREADS,
+        halt,
+    ) {
         crate::debug!("metadata read-ahead skipped: {e:#}");
     }
     let end = w.container.metadata().map(|m| m.len()).unwrap_or(0);
@@ -535,6 +538,7 @@ pub fn warm_snapshot(roots: &[PathBuf], w: &Warm, budget: u64) -> Warmed {
         WARM_GAP,
         WARM_CHUNK,
     );
+    let t = std::time::Instant::now();
     crate::fsutil::read_ranges(
         &w.container,
         &reads,
@@ -542,6 +546,11 @@ pub fn warm_snapshot(roots: &[PathBuf], w: &Warm, budget: u64) -> Warmed {
         WARM_CHUNK,
         &halt,
         &|_: &[u8]| {},
+    );
+    crate::debug!(
+        "bulk read-ahead: {} reads of the container in {:.1} s",
+        reads.len(),
+        t.elapsed().as_secs_f64()
     );
     Warmed {
         files: files.into_inner(),
@@ -675,8 +684,13 @@ pub fn new_id(existing: &[SnapshotId], now: SnapshotId) -> (SnapshotId, Option<S
     (id, prev)
 }
 
-/// Threads that read the container's metadata ahead of rsync ([`crate::stack::ext4::read_metadata`]).
+/// Threads that read the container's metadata ahead ([`crate::stack::ext4::read_metadata`]).
 const METADATA_THREADS: usize = 8;
+
+/// The most a metadata read-ahead reads: a quarter of the free memory, at most 1 GiB.
+fn metadata_budget() -> u64 {
+    mem_available().map_or(0, |m| m / 4).min(1 << 30)
+}
 
 /// Take a snapshot of the profile's sources into the mounted container at `root`, whose
 /// filesystem is on `device` (for the metadata read-ahead; `None` goes without it).
@@ -717,12 +731,11 @@ pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Tak
     if let (Some(dev), Some(l)) = (device, prev) {
         // The previous snapshot's directories and every inode, in large reads first; the
         // walk below then finds most of what it reads in memory.
-        let budget = mem_available().map_or(0, |m| m / 4).min(1 << 30);
         let t = std::time::Instant::now();
         match crate::stack::ext4::read_metadata(
             dev,
             l.unix().max(0) as u64,
-            budget,
+            metadata_budget(),
             METADATA_THREADS,
             || crate::signals::pending().is_some(),
         ) {
