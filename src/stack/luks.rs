@@ -418,7 +418,21 @@ pub fn ensure_closed(name: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if !is_active(name) {
-            return Ok(());
+            // A process killed while libcryptsetup activated the mapping can leave the
+            // device-mapper device created but without its crypt table: libcryptsetup does
+            // not call that active and cannot deactivate it. Removed directly.
+            if !dm_device_exists(name) {
+                return Ok(());
+            }
+            match dm_remove(name) {
+                Ok(()) => continue,
+                Err(e) if Instant::now() < deadline => {
+                    debug!("removing the incomplete mapping {name}: {e:#}; retrying");
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
         }
         let r = CryptInit::init_by_name_and_header(name, None).and_then(|mut d| {
             d.activate_handle()
@@ -435,9 +449,95 @@ pub fn ensure_closed(name: &str) -> Result<()> {
     }
 }
 
+/// Whether a device-mapper device called `name` exists, whatever its table (sysfs).
+fn dm_device_exists(name: &str) -> bool {
+    std::fs::read_dir("/sys/block")
+        .map(|rd| {
+            rd.flatten().any(|e| {
+                std::fs::read_to_string(e.path().join("dm/name"))
+                    .is_ok_and(|n| n.trim_end_matches('\n') == name)
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// struct dm_ioctl of linux/dm-ioctl.h (interface version 4).
+#[repr(C)]
+struct DmIoctl {
+    version: [u32; 3],
+    data_size: u32,
+    data_start: u32,
+    target_count: u32,
+    open_count: i32,
+    flags: u32,
+    event_nr: u32,
+    padding: u32,
+    dev: u64,
+    name: [u8; 128],
+    uuid: [u8; 129],
+    data: [u8; 7],
+}
+
+/// DM_DEV_REMOVE: _IOWR(0xfd, 4, struct dm_ioctl).
+const DM_DEV_REMOVE: libc::c_ulong = 0xC138_FD04;
+
+/// Remove the device-mapper device `name` (DM_DEV_REMOVE on /dev/mapper/control): what
+/// `dmsetup remove` does, for a device libcryptsetup will not touch.
+fn dm_remove(name: &str) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let b = name.as_bytes();
+    anyhow::ensure!(
+        !b.is_empty() && b.len() < 128,
+        "mapping name {name:?} out of range"
+    );
+    let ctl = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/mapper/control")
+        .context("opening /dev/mapper/control")?;
+    let mut io = DmIoctl {
+        version: [4, 0, 0],
+        data_size: std::mem::size_of::<DmIoctl>() as u32,
+        data_start: std::mem::size_of::<DmIoctl>() as u32,
+        target_count: 0,
+        open_count: 0,
+        flags: 0,
+        event_nr: 0,
+        padding: 0,
+        dev: 0,
+        name: [0; 128],
+        uuid: [0; 129],
+        data: [0; 7],
+    };
+    io.name[..b.len()].copy_from_slice(b);
+    // SAFETY: DM_DEV_REMOVE reads and writes a struct dm_ioctl of data_size bytes, which
+    // `io` is and which outlives the call.
+    let r = unsafe { libc::ioctl(ctl.as_raw_fd(), DM_DEV_REMOVE, &mut io as *mut DmIoctl) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(()); // gone meanwhile
+        }
+        return Err(e).with_context(|| format!("removing the device-mapper device {name}"));
+    }
+    debug!("removed the incomplete device-mapper device {name}");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dm_ioctl_matches_the_kernel_header() {
+        // sizeof(struct dm_ioctl) is 312 on every Linux ABI; the ioctl number encodes it.
+        assert_eq!(std::mem::size_of::<DmIoctl>(), 312);
+        assert_eq!(DM_DEV_REMOVE, (3 << 30) | (312 << 16) | (0xfd << 8) | 4);
+        assert!(!dm_device_exists("e2ebackup-no-such-mapping-at-all"));
+        // Names the kernel cannot hold are refused before /dev/mapper/control is opened.
+        assert!(format!("{:#}", dm_remove("").unwrap_err()).contains("out of range"));
+        assert!(format!("{:#}", dm_remove(&"x".repeat(128)).unwrap_err()).contains("out of range"));
+    }
 
     #[test]
     fn read_ahead_needs_a_block_device() {
