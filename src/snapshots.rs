@@ -394,6 +394,51 @@ fn walk_parallel(
     });
 }
 
+/// The regular files of the trees at `roots` (a root may be a file itself), walked by
+/// `threads` walkers in name order ([`walk_parallel`]): each is handed to `file` with its size
+/// while the sizes handed out stay within `budget` (a file that does not fit is skipped; a
+/// smaller one after it may still fit), and every other entry that is not a directory to
+/// `other`. What [`read_ahead`] and [`warm_snapshot`] walk with; stops on `halt`. Returns
+/// the sizes handed out, in all.
+fn files_within(
+    roots: &[PathBuf],
+    threads: usize,
+    budget: u64,
+    halt: impl Fn() -> bool + Sync,
+    file: impl Fn(&Path, u64) + Sync,
+    other: impl Fn(&std::fs::DirEntry) + Sync,
+) -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let reserved = AtomicU64::new(0);
+    let within = |p: &Path, len: u64| {
+        let fits = |r: u64| r.checked_add(len).filter(|&t| t <= budget);
+        if reserved
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, fits)
+            .is_ok()
+        {
+            file(p, len);
+        }
+    };
+    let mut dirs = Vec::new();
+    for r in roots {
+        match std::fs::symlink_metadata(r) {
+            Ok(m) if m.is_dir() => dirs.push(r.clone()),
+            Ok(m) if m.is_file() => within(r, m.len()),
+            _ => {}
+        }
+    }
+    walk_parallel(dirs, threads, halt, |e, t| match t {
+        Some(t) if t.is_dir() => {}
+        Some(t) if t.is_file() => {
+            if let Ok(md) = e.metadata() {
+                within(&e.path(), md.len());
+            }
+        }
+        _ => other(e),
+    });
+    reserved.into_inner()
+}
+
 /// Copy a snapshot (or only `paths` in it, absolute as backed up) into `target` with rsync:
 /// what `restore` does once the snapshot is mounted and chosen. With `warm` the snapshot's
 /// file data is first read from the server in bulk ([`warm_snapshot`]); either way the files
@@ -476,7 +521,7 @@ const WARM_GAP: u64 = 16 << 10;
 /// skipped, a pending signal stops it; extents that point outside the container are left out.
 pub fn warm_snapshot(roots: &[PathBuf], w: &Warm, budget: u64) -> Warmed {
     use std::os::unix::fs::OpenOptionsExt;
-    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
     let halt = || crate::signals::pending().is_some();
     if let Err(e) = crate::stack::ext4::read_metadata(
@@ -490,15 +535,9 @@ pub fn warm_snapshot(roots: &[PathBuf], w: &Warm, budget: u64) -> Warmed {
     }
     let end = w.container.metadata().map(|m| m.len()).unwrap_or(0);
     let files = AtomicUsize::new(0);
-    let reserved = AtomicU64::new(0);
     let ranges = Mutex::new(Vec::new());
     let take = |p: &Path, len: u64| {
-        let fits = |r: u64| r.checked_add(len).filter(|&t| t <= budget);
-        if len == 0
-            || reserved
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, fits)
-                .is_err()
-        {
+        if len == 0 {
             return;
         }
         let Ok(f) = std::fs::OpenOptions::new()
@@ -518,21 +557,7 @@ pub fn warm_snapshot(roots: &[PathBuf], w: &Warm, budget: u64) -> Warmed {
         }));
         files.fetch_add(1, Ordering::Relaxed);
     };
-    let mut dirs = Vec::new();
-    for r in roots {
-        match std::fs::symlink_metadata(r) {
-            Ok(m) if m.is_dir() => dirs.push(r.clone()),
-            Ok(m) if m.is_file() => take(r, m.len()),
-            _ => {}
-        }
-    }
-    walk_parallel(dirs, READAHEAD_THREADS, halt, |e, t| {
-        if t.is_some_and(|t| t.is_file()) {
-            if let Ok(md) = e.metadata() {
-                take(&e.path(), md.len());
-            }
-        }
-    });
+    let bytes = files_within(roots, READAHEAD_THREADS, budget, halt, take, |_| {});
     let reads = crate::fsutil::plan_reads(
         ranges.into_inner().unwrap_or_else(|e| e.into_inner()),
         WARM_GAP,
@@ -554,7 +579,7 @@ pub fn warm_snapshot(roots: &[PathBuf], w: &Warm, budget: u64) -> Warmed {
     );
     Warmed {
         files: files.into_inner(),
-        bytes: reserved.into_inner(),
+        bytes,
         reads: reads.len(),
     }
 }
@@ -616,16 +641,8 @@ fn read_ahead(
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     let files = AtomicUsize::new(0);
     let bytes = AtomicU64::new(0);
-    let reserved = AtomicU64::new(0);
     let halt = || stop.load(Ordering::Relaxed) || crate::signals::pending().is_some();
-    let read_file = |p: &Path, len: u64| {
-        let fits = |r: u64| r.checked_add(len).filter(|&t| t <= budget);
-        if reserved
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, fits)
-            .is_err()
-        {
-            return;
-        }
+    let read_file = |p: &Path, _len: u64| {
         let Ok(mut f) = std::fs::File::open(p) else {
             return;
         };
@@ -640,22 +657,8 @@ fn read_ahead(
         files.fetch_add(1, Ordering::Relaxed);
         bytes.fetch_add(n, Ordering::Relaxed);
     };
-    let mut dirs = Vec::new();
-    for r in roots {
-        match std::fs::symlink_metadata(&r) {
-            Ok(m) if m.is_dir() => dirs.push(r),
-            Ok(m) if m.is_file() => read_file(&r, m.len()),
-            _ => {}
-        }
-    }
-    walk_parallel(dirs, threads, halt, |e, t| match t {
-        Some(t) if t.is_dir() => {}
-        Some(t) if t.is_file() => {
-            if let Ok(md) = e.metadata() {
-                read_file(&e.path(), md.len());
-            }
-        }
-        _ => drop(e.metadata()),
+    files_within(&roots, threads, budget, halt, read_file, |e| {
+        drop(e.metadata())
     });
     (files.into_inner(), bytes.into_inner())
 }
