@@ -97,6 +97,14 @@ pub fn recover_all(p: &Profile) -> Result<Option<Report>> {
     recover(p, true)
 }
 
+/// The preflight's SSH session and what it found: pinned host key, authentication, the
+/// server directory, the container's size, the server's free space.
+fn preflight(p: &Profile) -> Result<(ssh::Remote, ssh::Facts)> {
+    let remote = ssh::Remote::connect(&p.server)?;
+    let facts = remote.facts(&p.server.path, &p.remote_container())?;
+    Ok((remote, facts))
+}
+
 impl<'p> Session<'p> {
     /// Take the local lock and finish any earlier teardown; nothing remote is touched yet.
     pub fn begin(profile: &'p Profile, command: &str) -> Result<Session<'p>> {
@@ -141,23 +149,52 @@ impl<'p> Session<'p> {
     /// SSH preflight: pinned host key, authentication, server directory, facts.
     pub fn connect(&mut self) -> Result<&ssh::Facts> {
         signals::check()?;
+        self.announce_connect();
+        let (remote, facts) = preflight(self.profile)?;
+        Ok(self.connected(remote, facts))
+    }
+
+    /// The preflight ([`Session::connect`]) and the sshfs mount ([`Session::mount_sshfs`])
+    /// at the same time: each is an SSH handshake of its own (libssh2's, OpenSSH's), a
+    /// dozen round trips, and neither needs the other's result. Nothing is written or
+    /// trusted before both are done: sshfs's OpenSSH pins the same host key, and the server
+    /// lock and every later step come after the preflight has passed. When both fail, the
+    /// preflight's error is the one reported (it names the cause: host key, refused,
+    /// unreachable); a mount made meanwhile is undone with the session.
+    pub fn connect_and_mount_sshfs(&mut self) -> Result<&ssh::Facts> {
+        signals::check()?;
+        self.announce_connect();
+        let p = self.profile;
+        let (pre, mounted) = std::thread::scope(|scope| {
+            let pre = scope.spawn(|| preflight(p));
+            let mounted = self.mount_sshfs();
+            (pre.join(), mounted)
+        });
+        let (remote, facts) =
+            pre.map_err(|_| anyhow::anyhow!("the SSH preflight stopped with a panic"))??;
+        mounted?;
+        Ok(self.connected(remote, facts))
+    }
+
+    fn announce_connect(&self) {
         let p = self.profile;
         info!(
             "connecting to {}@{}:{}",
             p.server.user, p.server.host, p.server.port
         );
-        let remote = ssh::Remote::connect(&p.server)?;
-        let facts = remote.facts(&p.server.path, &p.remote_container())?;
+    }
+
+    fn connected(&mut self, remote: ssh::Remote, facts: ssh::Facts) -> &ssh::Facts {
         if !facts.fsync_supported {
             warn!(
                 "the SFTP server on {} does not support fsync@openssh.com: sshfs cannot flush to the \
                  server's disk, so a finished backup is NOT guaranteed durable there until the server \
                  flushes on its own (use OpenSSH's sftp-server or internal-sftp)",
-                p.server.host
+                self.profile.server.host
             );
         }
         self.remote = Some(remote);
-        Ok(self.facts.insert(facts))
+        self.facts.insert(facts)
     }
 
     /// The facts the preflight found (after [`Session::connect`]).
@@ -190,6 +227,12 @@ impl<'p> Session<'p> {
 
     /// Mount the server directory and take the server lock.
     pub fn mount_server(&mut self, command: &str) -> Result<()> {
+        self.mount_sshfs()?;
+        self.take_server(command)
+    }
+
+    /// Mount the server directory with sshfs (and watch it); nothing there is touched yet.
+    fn mount_sshfs(&mut self) -> Result<()> {
         signals::check()?;
         let p = self.profile;
         let target = p.sshfs_dir();
@@ -203,7 +246,19 @@ impl<'p> Session<'p> {
             &self.container_path(),
             p.server.stall_limit(),
         ));
+        self.server = Some(dir);
+        Ok(())
+    }
+
+    /// Check the names the tool uses on the mounted server directory and take the server
+    /// lock.
+    fn take_server(&mut self, command: &str) -> Result<()> {
         signals::check()?;
+        let p = self.profile;
+        let dir = self
+            .server
+            .as_ref()
+            .context("the server directory is not mounted")?;
         // Before anything is written: every name the tool uses there is absent or a regular
         // file. A planted link, FIFO or device is exit 6, naming it.
         for name in p.server_names() {
@@ -211,9 +266,7 @@ impl<'p> Session<'p> {
         }
         let lock_name = p.server_lock_name();
         let me = lock::ServerLock::mine(command);
-        let r = lock::take_server_lock(&mut self.stack, &dir, &lock_name, &me);
-        self.server = Some(dir);
-        r
+        lock::take_server_lock(&mut self.stack, dir, &lock_name, &me)
     }
 
     /// The mounted server directory (after [`Session::mount_server`]).
@@ -444,7 +497,7 @@ impl<'p> Session<'p> {
     pub fn unlock_container(&mut self, command: &str, read_only: bool) -> Result<PathBuf> {
         let p = self.profile;
         self.read_key()?;
-        let facts = self.connect()?;
+        let facts = self.connect_and_mount_sshfs()?;
         if facts.container_size.is_none() {
             return Err(crate::error::usage(format!(
                 "no container {} on {}; create it with `e2ebackup init {}`",
@@ -453,7 +506,7 @@ impl<'p> Session<'p> {
                 p.name
             )));
         }
-        self.mount_server(command)?;
+        self.take_server(command)?;
         self.attach(&p.container.file.0, read_only)?;
         info!("unlocking {}", p.remote_container());
         self.unlock(read_only, false)

@@ -2,7 +2,8 @@
 //! a private sshd on 127.0.0.1, ssh2 host-key pinning, sshfs, the server lock over sshfs, a
 //! direct-I/O loop device over the FUSE file (buffered when read-only, with restore's bulk
 //! read-ahead), ext4, rsync --link-dest snapshots, and the
-//! undo journal, including the recovery of a process killed with SIGKILL.
+//! undo journal, including the recovery of a process killed with SIGKILL; `run` through the
+//! binary up to its LUKS step (the preflight and the sshfs mount made at once).
 //!
 //! Privileged (root): the names start with `host_`; run with `--test-threads=1`. Every test
 //! records what it acquires in an undo journal guarded by [`common::Recover`], so a failed
@@ -1182,4 +1183,70 @@ fn host_killed_run_journal_recovered() {
     let report = stack.unwind(&mut stack::Real);
     assert!(report.complete(), "{:?}", report.failed);
     assert_all_gone(&mnt, &fs, &dev2, &journal);
+}
+
+/// `run` through the binary up to the first step after the SSH preflight and the sshfs
+/// mount, which the session does at the same time (two handshakes at once): with no
+/// container the preflight's usage error comes after the mount was made, and with a
+/// container that is not LUKS the error is the LUKS layer's, so both had succeeded. Either
+/// way nothing stays mounted, the undo journal is gone and the server directory holds what
+/// it held (the server lock is removed again).
+#[test]
+#[ignore = "needs root (sshd on 127.0.0.1, sshfs, loop devices); run as root with --include-ignored, as CI does"]
+fn host_run_preflight_and_sshfs_together_leave_nothing() {
+    let sshd = Sshd::start();
+    let name = common::unique_name("together");
+    let _state = common::real_state_paths(&name);
+    let profile_path = sshd.profile(&name, &[Path::new("/etc")]);
+    let p = Profile::load(&profile_path).unwrap();
+    let kf = &p.container.keyfile.0;
+    std::fs::write(kf, noise(4096, 11)).unwrap();
+    std::fs::set_permissions(kf, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let server_names = || -> BTreeSet<String> {
+        std::fs::read_dir(sshd.server_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let run = || {
+        let out = common::bin()
+            .args(["-v", "run"])
+            .arg(&profile_path)
+            .output()
+            .unwrap();
+        assert_eq!(
+            mount::mounted_at(&p.sshfs_dir()).unwrap(),
+            None,
+            "sshfs left mounted\n{}",
+            common::show(&out)
+        );
+        assert!(!p.journal_path().exists(), "{}", common::show(&out));
+        out
+    };
+
+    let out = run();
+    assert_eq!(out.status.code(), Some(2), "{}", common::show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no container"), "{}", common::show(&out));
+    assert!(
+        err.contains("with sshfs"),
+        "the mount ran beside the preflight\n{}",
+        common::show(&out)
+    );
+    assert!(server_names().is_empty(), "{:?}", server_names());
+
+    sparse(&sshd.server_dir().join("test.luks"), 8 << 20);
+    let out = run();
+    assert_ne!(out.status.code(), Some(0), "{}", common::show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unlocking") && err.contains("LUKS"),
+        "the run got past the preflight and the mount to the LUKS step\n{}",
+        common::show(&out)
+    );
+    assert_eq!(
+        server_names(),
+        BTreeSet::from(["test.luks".to_string()]),
+        "the server lock is removed"
+    );
 }
