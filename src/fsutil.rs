@@ -500,6 +500,47 @@ pub fn read_ranges(
     });
 }
 
+/// The largest single read of a bulk read from the container file.
+pub const BULK_CHUNK: u64 = 1 << 20;
+/// Ranges of the container file closer than this are read as one (the gap is read through).
+const BULK_GAP: u64 = 16 << 10;
+
+/// The file a buffered loop device reads from (restore's read-only stack: the container on
+/// sshfs), and where the device's bytes begin in it (`offset`, the LUKS data offset). A
+/// buffered loop reads its file through that file's page cache, and a buffered read on
+/// FUSE goes out as small read-ahead requests, one after another; [`Beneath::prime`] reads
+/// the same ranges from the file first in a few large parallel requests, so the device's
+/// own reads find them in memory.
+pub struct Beneath<'a> {
+    pub file: &'a File,
+    pub offset: u64,
+}
+
+impl Beneath<'_> {
+    /// Read the device's byte ranges `ranges` from the file beneath (shifted by the offset,
+    /// merged across small gaps, [`BULK_CHUNK`] at a time, `threads` at once); ranges that
+    /// do not lie within the file are left out. Best effort, like every read-ahead. Returns
+    /// the reads issued.
+    pub fn prime(
+        &self,
+        ranges: impl IntoIterator<Item = (u64, u64)>,
+        threads: usize,
+        halt: &(impl Fn() -> bool + Sync),
+    ) -> usize {
+        let end = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        let shifted = ranges
+            .into_iter()
+            .filter_map(|(at, n)| {
+                let at = at.checked_add(self.offset)?;
+                (at.checked_add(n)? <= end).then_some((at, n))
+            })
+            .collect();
+        let reads = plan_reads(shifted, BULK_GAP, BULK_CHUNK);
+        read_ranges(self.file, &reads, threads, BULK_CHUNK, halt, &|_: &[u8]| {});
+        reads.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

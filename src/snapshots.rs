@@ -503,14 +503,9 @@ pub struct Warmed {
     pub files: usize,
     /// Bytes of those files.
     pub bytes: u64,
-    /// Read requests issued on the container file (at most [`WARM_CHUNK`] each).
+    /// Read requests issued on the container file (at most [`crate::fsutil::BULK_CHUNK`] each).
     pub reads: usize,
 }
-
-/// The largest single read of the bulk read-ahead.
-const WARM_CHUNK: u64 = 1 << 20;
-/// File extents closer than this are read as one (the gap is read through).
-const WARM_GAP: u64 = 16 << 10;
 
 /// Read the file data of the trees at `roots` (inside the filesystem on `w.device`) straight
 /// from the container file, in a few large parallel reads, so that restore's rsync, reading
@@ -524,16 +519,29 @@ pub fn warm_snapshot(roots: &[PathBuf], w: &Warm, budget: u64) -> Warmed {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
     let halt = || crate::signals::pending().is_some();
-    if let Err(e) = crate::stack::ext4::read_metadata(
+    let beneath = crate::fsutil::Beneath {
+        file: &w.container,
+        offset: w.offset,
+    };
+    let t = std::time::Instant::now();
+    match crate::stack::ext4::read_metadata(
         &w.device,
         w.since,
         metadata_budget(),
         METADATA_THREADS,
+        Some(&beneath),
         halt,
     ) {
-        crate::debug!("metadata read-ahead skipped: {e:#}");
+        Ok(r) => crate::debug!(
+            "metadata read ahead: {} KiB of tables, {} KiB of directories, {} reads, {:.1} s",
+            r.table_bytes >> 10,
+            r.directory_bytes >> 10,
+            r.reads,
+            t.elapsed().as_secs_f64()
+        ),
+        Err(e) => crate::debug!("metadata read-ahead skipped: {e:#}"),
     }
-    let end = w.container.metadata().map(|m| m.len()).unwrap_or(0);
+    let t = std::time::Instant::now();
     let files = AtomicUsize::new(0);
     let ranges = Mutex::new(Vec::new());
     let take = |p: &Path, len: u64| {
@@ -550,37 +558,32 @@ pub fn warm_snapshot(roots: &[PathBuf], w: &Warm, budget: u64) -> Warmed {
         let Ok(extents) = crate::stack::ext4::file_extents(&f, len) else {
             return;
         };
-        let mut v = ranges.lock().unwrap_or_else(|e| e.into_inner());
-        v.extend(extents.into_iter().filter_map(|(phys, n)| {
-            let at = phys.checked_add(w.offset)?;
-            (at.checked_add(n)? <= end).then_some((at, n))
-        }));
+        ranges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(extents);
         files.fetch_add(1, Ordering::Relaxed);
     };
     let bytes = files_within(roots, READAHEAD_THREADS, budget, halt, take, |_| {});
-    let reads = crate::fsutil::plan_reads(
-        ranges.into_inner().unwrap_or_else(|e| e.into_inner()),
-        WARM_GAP,
-        WARM_CHUNK,
+    crate::debug!(
+        "extents of {} files found in {:.1} s",
+        files.load(Ordering::Relaxed),
+        t.elapsed().as_secs_f64()
     );
     let t = std::time::Instant::now();
-    crate::fsutil::read_ranges(
-        &w.container,
-        &reads,
+    let reads = beneath.prime(
+        ranges.into_inner().unwrap_or_else(|e| e.into_inner()),
         READAHEAD_THREADS,
-        WARM_CHUNK,
         &halt,
-        &|_: &[u8]| {},
     );
     crate::debug!(
-        "bulk read-ahead: {} reads of the container in {:.1} s",
-        reads.len(),
+        "bulk read-ahead: {reads} reads of the container in {:.1} s",
         t.elapsed().as_secs_f64()
     );
     Warmed {
         files: files.into_inner(),
         bytes,
-        reads: reads.len(),
+        reads,
     }
 }
 
@@ -740,6 +743,7 @@ pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Tak
             l.unix().max(0) as u64,
             metadata_budget(),
             METADATA_THREADS,
+            None,
             || crate::signals::pending().is_some(),
         ) {
             Ok(r) => crate::debug!(

@@ -195,6 +195,10 @@ fn mount_server(stack: &mut Stack, p: &Profile, mnt: &Path) {
     );
     let m = mount::mounted_at(mnt).unwrap().expect("sshfs mounted");
     assert_eq!(m.fstype, "fuse.sshfs");
+    // Restore's buffered reads through the mount get a 1 MiB read-ahead window.
+    let (major, minor) = mount::device_of(mnt).unwrap().expect("a device number");
+    let ra = std::fs::read_to_string(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"));
+    assert_eq!(ra.unwrap().trim(), sshfs::READ_AHEAD_KIB.to_string());
 }
 
 /// The records with the sshfs daemon's identity (pid, start) left out, to compare.
@@ -615,7 +619,7 @@ fn host_sshfs_loop_ext4_snapshots() {
     assert_same_tree(&s, &s1);
     // The metadata read-ahead on the mounted filesystem's device (over sshfs): it finds the
     // inode tables and the snapshot's directories, and leaves the filesystem as it was.
-    let ra = e2ebackup::stack::ext4::read_metadata(&dev, 0, 1 << 30, 4, || false)
+    let ra = e2ebackup::stack::ext4::read_metadata(&dev, 0, 1 << 30, 4, None, || false)
         .unwrap_or_else(|e| panic!("read_metadata: {e:#}"));
     assert!(ra.table_bytes > 0 && ra.directory_bytes > 0, "{ra:?}");
     assert_same_tree(&s, &s1);
