@@ -163,8 +163,11 @@ impl<'p> Session<'p> {
     /// unreachable); a mount made meanwhile is undone with the session.
     pub fn connect_and_mount_sshfs(&mut self) -> Result<&ssh::Facts> {
         signals::check()?;
-        self.announce_connect();
         let p = self.profile;
+        // Bad local input (no pinned keys, no identity) is a usage error before anything
+        // is started, as it is for the preflight alone.
+        ssh::local_files(&p.server)?;
+        self.announce_connect();
         let (pre, mounted) = std::thread::scope(|scope| {
             let pre = scope.spawn(|| preflight(p));
             let mounted = self.mount_sshfs();

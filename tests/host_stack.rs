@@ -1191,7 +1191,8 @@ fn host_killed_run_journal_recovered() {
 
 /// `run` through the binary up to the first step after the SSH preflight and the sshfs
 /// mount, which the session does at the same time (two handshakes at once): with no
-/// container the preflight's usage error comes after the mount was made, and with a
+/// container the preflight's usage error comes after the mount was made (a client without
+/// its pinned keys is refused before either starts), and with a
 /// container that is not LUKS the error is the LUKS layer's, so both had succeeded. Either
 /// way nothing stays mounted, the undo journal is gone and the server directory holds what
 /// it held (the server lock is removed again).
@@ -1227,6 +1228,20 @@ fn host_run_preflight_and_sshfs_together_leave_nothing() {
         assert!(!p.journal_path().exists(), "{}", common::show(&out));
         out
     };
+
+    // No pinned keys on the client: a usage error before either handshake starts.
+    let kh = sshd.known_hosts();
+    let away = kh.with_extension("away");
+    std::fs::rename(&kh, &away).unwrap();
+    let out = run();
+    std::fs::rename(&away, &kh).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", common::show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("server.known_hosts") && !err.contains("with sshfs"),
+        "{}",
+        common::show(&out)
+    );
 
     let out = run();
     assert_eq!(out.status.code(), Some(2), "{}", common::show(&out));

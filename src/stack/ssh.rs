@@ -87,22 +87,30 @@ pub fn pinned_key_types(known_hosts: &str, host: &str, port: u16) -> Vec<String>
     types
 }
 
+/// The client's side of a connection, checked before any: the pinned host keys
+/// (`server.known_hosts`, returned) and the identity file. Missing either is a usage error.
+pub fn local_files(server: &Server) -> Result<String> {
+    let kh_path = &server.known_hosts.0;
+    let kh_text = std::fs::read_to_string(kh_path).map_err(|e| {
+        crate::error::usage(format!(
+            "server.known_hosts {}: {e} (pin the server's key, see docs/quickstart.md)",
+            kh_path.display()
+        ))
+    })?;
+    if !server.identity_file.0.is_file() {
+        return Err(crate::error::usage(format!(
+            "server.identity_file {} does not exist",
+            server.identity_file.0.display()
+        )));
+    }
+    Ok(kh_text)
+}
+
 impl Remote {
     pub fn connect(server: &Server) -> Result<Remote> {
         let label = format!("{}@{}:{}", server.user, server.host, server.port);
+        let kh_text = local_files(server)?;
         let kh_path = &server.known_hosts.0;
-        let kh_text = std::fs::read_to_string(kh_path).map_err(|e| {
-            crate::error::usage(format!(
-                "server.known_hosts {}: {e} (pin the server's key, see docs/quickstart.md)",
-                kh_path.display()
-            ))
-        })?;
-        if !server.identity_file.0.is_file() {
-            return Err(crate::error::usage(format!(
-                "server.identity_file {} does not exist",
-                server.identity_file.0.display()
-            )));
-        }
         let timeout = Duration::from_secs(server.timeout as u64);
         let addrs: Vec<_> = (server.host.as_str(), server.port)
             .to_socket_addrs()
