@@ -73,20 +73,23 @@ check rollback-refusal-wrote-nothing bash -c "[ '$SHA_BEFORE' = \$(sha256sum $C 
 check no-leftovers-after-rollback assert_no_leftovers
 check swap-back bash -c "mv /srv/faults-new.luks $C && rm -f /srv/faults-old.luks"
 
-# Crash image: freeze the server (its sftp, internal to sshd) while a run writes, image the
-# container, let the run go on.
+# Crash image: hold a run while it writes (its rsync stopped), freeze the server (its sftp,
+# internal to sshd), image the container, let both go on. The image is of a filesystem
+# mounted read-write, so its journal needs recovery. (It used to sleep 4 s after rsync
+# started instead of stopping it: on a quiet machine the run had finished by then.)
 head -c $((12 << 20)) /dev/urandom > "$SRC/crash.bin"
 crash_image() {
   "$E2E_BIN" run $P > "$LOG.crashrun" 2>&1 &
-  local pid=$! i
-  for i in $(seq 1 600); do pgrep -x rsync >/dev/null && break; sleep 0.2; done
-  sleep 4
+  local pid=$! i rs
+  for i in $(seq 1 600); do rs=$(pgrep -x rsync | tr '\n' ' '); [ -n "$rs" ] && break; sleep 0.1; done
+  [ -n "$rs" ] || { echo "rsync never started"; wait $pid; return 1; }
+  kill -STOP $rs; sleep 1
   local sv; sv=$(pgrep -u backupuser -x sshd | tr '\n' ' ')
-  [ -n "$sv" ] || { echo "no sshd of backupuser"; kill -CONT $sv 2>/dev/null; wait $pid; return 1; }
+  [ -n "$sv" ] || { echo "no sshd of backupuser"; kill -CONT $rs; wait $pid; return 1; }
   kill -STOP $sv; sleep 1
   cp --sparse=always "$C" "$SERVER_DIR/faults2.luks"; local rc=$?
-  kill -CONT $sv
-  wait $pid; echo "the frozen run exited $?"
+  kill -CONT $sv; kill -CONT $rs
+  wait $pid; echo "the held run exited $?"
   chown backupuser: "$SERVER_DIR/faults2.luks"
   return $rc
 }
