@@ -445,16 +445,17 @@ impl<'p> Session<'p> {
                 ))
                 .into());
             }
-            // Trust on first use, said out loud: pinned now, every later open is checked.
-            warn!(
-                "no pinned LUKS header at {} and no record of this container on this client \
-                 (a rebuilt client?): trusting the server's header this once and pinning it there",
-                h.display()
-            );
+            // Trust on first use, said out loud once it is done (a header that cannot be
+            // read pins nothing): pinned now, every later open is checked.
             if let Some(dir) = h.parent() {
                 crate::fsutil::secret_dir(dir)?;
             }
             luks::backup_header(device, &h)?;
+            warn!(
+                "no pinned LUKS header at {} and no record of this container on this client \
+                 (a rebuilt client?): trusted the server's header this once and pinned it there",
+                h.display()
+            );
         }
         luks::verify_pinned_header(device, &h)?;
         Ok(Some(h))

@@ -1263,6 +1263,9 @@ fn host_run_preflight_and_sshfs_together_leave_nothing() {
         "the run got past the preflight and the mount to the LUKS step\n{}",
         common::show(&out)
     );
+    // A header that cannot be read pins nothing, and says nothing of pinning.
+    assert!(!p.header_backup().exists(), "{}", common::show(&out));
+    assert!(!err.contains("pinned it"), "{}", common::show(&out));
     assert_eq!(
         server_names(),
         BTreeSet::from(["test.luks".to_string()]),
