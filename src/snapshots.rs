@@ -523,24 +523,7 @@ pub fn warm_snapshot(roots: &[PathBuf], w: &Warm, budget: u64) -> Warmed {
         file: &w.container,
         offset: w.offset,
     };
-    let t = std::time::Instant::now();
-    match crate::stack::ext4::read_metadata(
-        &w.device,
-        w.since,
-        metadata_budget(),
-        METADATA_THREADS,
-        Some(&beneath),
-        halt,
-    ) {
-        Ok(r) => crate::debug!(
-            "metadata read ahead: {} KiB of tables, {} KiB of directories, {} reads, {:.1} s",
-            r.table_bytes >> 10,
-            r.directory_bytes >> 10,
-            r.reads,
-            t.elapsed().as_secs_f64()
-        ),
-        Err(e) => crate::debug!("metadata read-ahead skipped: {e:#}"),
-    }
+    read_metadata_ahead(&w.device, w.since, Some(&beneath));
     let t = std::time::Instant::now();
     let files = AtomicUsize::new(0);
     let ranges = Mutex::new(Vec::new());
@@ -698,6 +681,30 @@ fn metadata_budget() -> u64 {
     mem_available().map_or(0, |m| m / 4).min(1 << 30)
 }
 
+/// The container's metadata read ahead ([`crate::stack::ext4::read_metadata`]) within
+/// [`metadata_budget`], stopped by a pending signal; best effort, what it did in a debug line.
+fn read_metadata_ahead(device: &Path, since: u64, beneath: Option<&crate::fsutil::Beneath>) {
+    let t = std::time::Instant::now();
+    match crate::stack::ext4::read_metadata(
+        device,
+        since,
+        metadata_budget(),
+        METADATA_THREADS,
+        beneath,
+        || crate::signals::pending().is_some(),
+    ) {
+        Ok(r) => crate::debug!(
+            "metadata read ahead from {}: {} KiB of inode tables and bitmaps, {} KiB of directories, {} reads, {:.1} s",
+            device.display(),
+            r.table_bytes >> 10,
+            r.directory_bytes >> 10,
+            r.reads,
+            t.elapsed().as_secs_f64()
+        ),
+        Err(e) => crate::debug!("metadata read-ahead skipped: {e:#}"),
+    }
+}
+
 /// Take a snapshot of the profile's sources into the mounted container at `root`, whose
 /// filesystem is on `device` (for the metadata read-ahead; `None` goes without it).
 pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Taken> {
@@ -737,25 +744,7 @@ pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Tak
     if let (Some(dev), Some(l)) = (device, prev) {
         // The previous snapshot's directories and every inode, in large reads first; the
         // walk below then finds most of what it reads in memory.
-        let t = std::time::Instant::now();
-        match crate::stack::ext4::read_metadata(
-            dev,
-            l.unix().max(0) as u64,
-            metadata_budget(),
-            METADATA_THREADS,
-            None,
-            || crate::signals::pending().is_some(),
-        ) {
-            Ok(r) => crate::debug!(
-                "metadata read ahead from {}: {} KiB of inode tables and bitmaps, {} KiB of directories, {} reads, {:.1} s",
-                dev.display(),
-                r.table_bytes >> 10,
-                r.directory_bytes >> 10,
-                r.reads,
-                t.elapsed().as_secs_f64()
-            ),
-            Err(e) => crate::debug!("metadata read-ahead skipped: {e:#}"),
-        }
+        read_metadata_ahead(dev, l.unix().max(0) as u64, None);
     }
     if let (Some(dir), Some(files)) = (&link, prev_files) {
         match mem_available() {
