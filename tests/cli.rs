@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use clap::CommandFactory;
@@ -249,33 +247,6 @@ fn validate_json_lists_every_problem() {
 // Privileged: against a private sshd
 // ---------------------------------------------------------------------------------------
 
-/// A profile for the fixture with its keyfile in place (mode 0400), and the guard that
-/// removes its real /run, /var/lib and lock paths.
-fn host_profile(sshd: &Sshd, prefix: &str) -> (String, PathBuf, Profile, common::RemoveOnDrop) {
-    let name = common::unique_name(prefix);
-    let state = common::real_state_paths(&name);
-    let path = sshd.profile(&name, &[Path::new("/etc")]);
-    let p = Profile::load(&path).unwrap();
-    let kf = &p.container.keyfile.0;
-    let mut key = vec![0u8; 4096];
-    std::fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut key)
-        .unwrap();
-    std::fs::write(kf, key).unwrap();
-    std::fs::set_permissions(kf, std::fs::Permissions::from_mode(0o400)).unwrap();
-    (name, path, p, state)
-}
-
-fn server_entries(sshd: &Sshd) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(sshd.server_dir())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 /// Nothing of the profile's stack is left on this host.
 fn assert_nothing_left(p: &Profile) {
     let (srv, fs) = (p.sshfs_dir(), p.fs_dir());
@@ -300,7 +271,7 @@ fn status_json(path: &Path) -> serde_json::Value {
 #[ignore = "needs root (sshd on 127.0.0.1, sshfs, loop devices); run as root with --include-ignored, as CI does"]
 fn host_concurrent_run_exits_4_and_touches_nothing() {
     let sshd = Sshd::start();
-    let (name, path, p, _state) = host_profile(&sshd, "locktest");
+    let (name, path, p, _state) = sshd.keyed_profile("locktest");
     let held = lock::lock_local(&name).unwrap();
 
     // status sees the holder (from /proc/locks, without probing the lock itself).
@@ -313,7 +284,7 @@ fn host_concurrent_run_exits_4_and_touches_nothing() {
     assert!(err.contains("in use"), "{err}");
     assert!(err.contains(&name), "{err}");
     assert_eq!(
-        server_entries(&sshd),
+        sshd.server_entries(),
         Vec::<String>::new(),
         "server touched"
     );
@@ -337,7 +308,7 @@ fn host_concurrent_run_exits_4_and_touches_nothing() {
     assert!(stderr(&out).contains("no container"), "{}", show(&out));
     assert!(stderr(&out).contains("e2ebackup init"), "{}", show(&out));
     assert_eq!(
-        server_entries(&sshd),
+        sshd.server_entries(),
         Vec::<String>::new(),
         "server touched"
     );
@@ -350,7 +321,7 @@ fn host_concurrent_run_exits_4_and_touches_nothing() {
 #[ignore = "needs root (sshd on 127.0.0.1, sshfs, loop devices); run as root with --include-ignored, as CI does"]
 fn host_run_failing_unlock_tears_everything_down() {
     let sshd = Sshd::start();
-    let (_name, path, p, _state) = host_profile(&sshd, "badcontainer");
+    let (_name, path, p, _state) = sshd.keyed_profile("badcontainer");
     let _guard = Recover::new(&p.journal_path());
     // A container file that is not LUKS: the run gets through ssh, sshfs, the server lock
     // and the loop device, then fails to unlock and must undo all of it.
@@ -371,7 +342,7 @@ fn host_run_failing_unlock_tears_everything_down() {
     assert!(!err.contains("INCOMPLETE"), "{err}");
     assert_nothing_left(&p);
     assert_eq!(
-        server_entries(&sshd),
+        sshd.server_entries(),
         vec![p.container.file.0.clone()],
         "the server lock must be released, nothing else created"
     );
@@ -392,7 +363,7 @@ fn host_run_failing_unlock_tears_everything_down() {
 #[ignore = "needs root (sshd on 127.0.0.1, sshfs, loop devices); run as root with --include-ignored, as CI does"]
 fn host_cleanup_and_run_finish_an_earlier_teardown() {
     let sshd = Sshd::start();
-    let (name, path, p, _state) = host_profile(&sshd, "recover");
+    let (name, path, p, _state) = sshd.keyed_profile("recover");
     let journal = p.journal_path();
     let _guard = Recover::new(&journal);
     let srv = p.sshfs_dir();
@@ -440,7 +411,7 @@ fn host_cleanup_and_run_finish_an_earlier_teardown() {
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert_nothing_left(&p);
     assert_eq!(
-        server_entries(&sshd),
+        sshd.server_entries(),
         Vec::<String>::new(),
         "lock not released"
     );
@@ -463,7 +434,7 @@ fn host_cleanup_and_run_finish_an_earlier_teardown() {
     );
     assert_nothing_left(&p);
     assert_eq!(
-        server_entries(&sshd),
+        sshd.server_entries(),
         Vec::<String>::new(),
         "lock not released"
     );

@@ -330,14 +330,8 @@ fn host_ssh_preflight() {
 #[ignore = "needs root (sshd on 127.0.0.1, sshfs, loop devices); run as root with --include-ignored, as CI does"]
 fn host_changed_host_key_refused() {
     let sshd = Sshd::start();
-    let name = common::unique_name("hostkey");
-    let _state = common::real_state_paths(&name);
-    let profile_path = sshd.profile(&name, &[Path::new("/etc")]);
-    let p = Profile::load(&profile_path).unwrap();
-    // A keyfile, so that `run` gets as far as the SSH preflight.
-    let kf = &p.container.keyfile.0;
-    std::fs::write(kf, noise(4096, 7)).unwrap();
-    std::fs::set_permissions(kf, std::fs::Permissions::from_mode(0o400)).unwrap();
+    // With a keyfile, so that `run` gets as far as the SSH preflight.
+    let (_name, profile_path, p, _state) = sshd.keyed_profile("hostkey");
 
     // Sanity: the pinned key is accepted.
     ssh::Remote::connect(&p.server)
@@ -1200,19 +1194,7 @@ fn host_killed_run_journal_recovered() {
 #[ignore = "needs root (sshd on 127.0.0.1, sshfs, loop devices); run as root with --include-ignored, as CI does"]
 fn host_run_preflight_and_sshfs_together_leave_nothing() {
     let sshd = Sshd::start();
-    let name = common::unique_name("together");
-    let _state = common::real_state_paths(&name);
-    let profile_path = sshd.profile(&name, &[Path::new("/etc")]);
-    let p = Profile::load(&profile_path).unwrap();
-    let kf = &p.container.keyfile.0;
-    std::fs::write(kf, noise(4096, 11)).unwrap();
-    std::fs::set_permissions(kf, std::fs::Permissions::from_mode(0o400)).unwrap();
-    let server_names = || -> BTreeSet<String> {
-        std::fs::read_dir(sshd.server_dir())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect()
-    };
+    let (_name, profile_path, p, _state) = sshd.keyed_profile("together");
     let run = || {
         let out = common::bin()
             .args(["-v", "run"])
@@ -1252,7 +1234,11 @@ fn host_run_preflight_and_sshfs_together_leave_nothing() {
         "the mount ran beside the preflight\n{}",
         common::show(&out)
     );
-    assert!(server_names().is_empty(), "{:?}", server_names());
+    assert!(
+        sshd.server_entries().is_empty(),
+        "{:?}",
+        sshd.server_entries()
+    );
 
     sparse(&sshd.server_dir().join("test.luks"), 8 << 20);
     let out = run();
@@ -1267,8 +1253,8 @@ fn host_run_preflight_and_sshfs_together_leave_nothing() {
     assert!(!p.header_backup().exists(), "{}", common::show(&out));
     assert!(!err.contains("pinned it"), "{}", common::show(&out));
     assert_eq!(
-        server_names(),
-        BTreeSet::from(["test.luks".to_string()]),
+        sshd.server_entries(),
+        ["test.luks"],
         "the server lock is removed"
     );
 }

@@ -242,6 +242,37 @@ impl Sshd {
         let p = self.profile(name, sources);
         Profile::load(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()))
     }
+
+    /// A profile named after `prefix` (made unique) backing up /etc, with its keyfile in
+    /// place (4096 random bytes, mode 0400), so that a command gets past reading the key;
+    /// with the guard that removes its real /run, /var/lib and lock paths.
+    pub fn keyed_profile(&self, prefix: &str) -> (String, PathBuf, Profile, RemoveOnDrop) {
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let name = unique_name(prefix);
+        let state = real_state_paths(&name);
+        let path = self.profile(&name, &[Path::new("/etc")]);
+        let p = Profile::load(&path).unwrap();
+        let kf = &p.container.keyfile.0;
+        let mut key = vec![0u8; 4096];
+        std::fs::File::open("/dev/urandom")
+            .unwrap()
+            .read_exact(&mut key)
+            .unwrap();
+        std::fs::write(kf, key).unwrap();
+        std::fs::set_permissions(kf, std::fs::Permissions::from_mode(0o400)).unwrap();
+        (name, path, p, state)
+    }
+
+    /// The names in the server directory, sorted.
+    pub fn server_entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.server_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
 }
 
 impl Drop for Sshd {
