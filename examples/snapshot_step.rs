@@ -14,6 +14,12 @@
 //! it is attached to, on sshfs) the snapshot's data is first read from CONTAINER in bulk, as
 //! `restore` does (`snapshots::Warm`; offset 0: no LUKS here).
 //!
+//!   cargo run --release --example snapshot_step -- --mkfs IMAGE
+//!
+//! The third form makes the ext4 on IMAGE (a file or device of the container's size) as
+//! `init` does: the same mkfs options, inode count and journal (`ext4::chosen_journal_bytes`),
+//! so that the benchmark measures the filesystem users get.
+//!
 //! SNAPSHOT_STEP_DEBUG=1 shows the debug lines (what the read-ahead and the walk took).
 //! ROOT is a directory (made a container root on first use); for the read-ahead it is
 //! where the ext4 on DEVICE is mounted. scripts/bench-host.sh drives it over a link with
@@ -32,6 +38,29 @@ fn peak_rss_kib() -> i64 {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
+    if args.first().is_some_and(|a| a.as_os_str() == "--mkfs") {
+        let Some(image) = args.get(1) else {
+            anyhow::bail!("usage: snapshot_step --mkfs IMAGE");
+        };
+        let size = std::fs::metadata(image)?.len();
+        let profile = e2ebackup::profile::Profile::parse(
+            Path::new("snapshot-step.yaml"),
+            &format!(
+                "server: {{host: h, user: u, identity_file: /k, known_hosts: /kh, path: /srv}}\n\
+                 container: {{file: c.luks, size: {size}, keyfile: /key}}\n\
+                 backup: {{sources: [/]}}\n"
+            ),
+        )?;
+        let journal = e2ebackup::stack::ext4::chosen_journal_bytes(size);
+        e2ebackup::stack::ext4::mkfs(image, "bench", profile.inode_count(), journal)?;
+        println!(
+            "ext4 on {}: {} inodes, {} MiB journal",
+            image.display(),
+            profile.inode_count(),
+            journal >> 20
+        );
+        return Ok(());
+    }
     if args.first().is_some_and(|a| a.as_os_str() == "--restore") {
         let (Some(root), Some(target)) = (args.get(1), args.get(2)) else {
             anyhow::bail!("usage: snapshot_step --restore ROOT TARGET [DEVICE CONTAINER]");

@@ -71,15 +71,18 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     }
     let inodes = p.inode_count();
     let need = ext4::estimate_init_bytes(p.container.size.0, inodes);
+    let journal = ext4::chosen_journal_bytes(p.container.size.0 - luks::HEADER_BYTES);
     match facts.free_bytes {
-        Some(free) if free < need + (64 << 20) => {
+        Some(free) if free < need + journal + (64 << 20) => {
             return Err(anyhow::anyhow!(
-                "{}:{} has {} free; init writes about {} (LUKS header, inode tables, journal) and \
-                 wants 64M more to spare: free space there, or pick another server.path",
+                "{}:{} has {} free; init writes about {} (LUKS header, inode tables), the first \
+                 runs {} more (the ext4 journal), and it wants 64M more to spare: free space \
+                 there, or pick another server.path",
                 p.server.host,
                 p.server.path,
                 Size(free),
-                Size(need)
+                Size(need),
+                Size(journal)
             ))
         }
         Some(free) if free < p.container.size.0 => warn!(
@@ -138,9 +141,8 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     luks::backup_header(&dev, &header_tmp)?;
     s.pin_header_at(header_tmp.clone());
     let mapper = s.unlock(false, false)?;
-    let journal = ext4::chosen_journal_bytes(p.container.size.0 - luks::HEADER_BYTES);
     info!(
-        "creating ext4 ({inodes} inodes, {} journal, no lazy init)",
+        "creating ext4 ({inodes} inodes written now; a {} journal, allocated as runs write it)",
         Size(journal)
     );
     ext4::mkfs(

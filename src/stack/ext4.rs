@@ -1,12 +1,22 @@
 //! The ext4 filesystem inside the container: mkfs, fsck, resize.
 //!
-//! mkfs runs without lazy initialisation (`lazy_itable_init=0,lazy_journal_init=0`):
-//! otherwise the kernel's ext4lazyinit thread zeroes inode tables in the background after
-//! the first mount, across the network, long after `init` said it was done. The cost of
-//! that is paid once and is proportional to the inode tables, so the inode count is sized
-//! for backups (`Profile::inode_count`, default one inode per 64 KiB, a quarter of mke2fs's
-//! default) instead of mke2fs's 1.56 % of the size: 16 GiB with defaults wrote 340 MiB
-//! to the server at init (FACTS.md). `-m 0`: no blocks reserved for root on a data volume.
+//! mkfs writes the inode tables at once (`lazy_itable_init=0`): otherwise the kernel's
+//! ext4lazyinit thread zeroes them in the background after the first mount, across the
+//! network, long after `init` said it was done. The cost of that is paid once and is
+//! proportional to the inode tables, so the inode count is sized for backups
+//! (`Profile::inode_count`, default one inode per 64 KiB, a quarter of mke2fs's default)
+//! instead of mke2fs's 1.56 % of the size: 16 GiB with defaults wrote 340 MiB to the server
+//! at init (FACTS.md). `-m 0`: no blocks reserved for root on a data volume.
+//!
+//! The journal is not written at init (`lazy_journal_init=1`): only its superblock is, and
+//! the rest is allocated on the server as runs first write it (see [`chosen_journal_bytes`]
+//! for its size). Its never-written blocks decrypt to random bytes, which recovery cannot
+//! take for a transaction: jbd2 replays from the journal superblock's start block and stops
+//! at the first block without the journal magic and the next expected sequence number (64
+//! bits to match by chance), and ext4 with metadata_csum checksums every journal block on
+//! top. What e2fsprogs warns about with lazy journal init is a stale journal of an earlier
+//! filesystem on reused disk, whose blocks do carry the magic; a new sparse container holds
+//! none.
 
 use std::path::Path;
 
@@ -21,7 +31,7 @@ pub fn mkfs(device: &Path, label: &str, inodes: u64, journal: u64) -> Result<()>
         .arg(inodes.to_string())
         .arg("-J")
         .arg(format!("size={}", journal >> 20))
-        .args(["-E", "lazy_itable_init=0,lazy_journal_init=0"])
+        .args(["-E", "lazy_itable_init=0,lazy_journal_init=1"])
         .arg(device)
         .run()?;
     Ok(())
@@ -73,20 +83,29 @@ pub fn journal_bytes(blocks: u64) -> u64 {
     jblocks * 4096
 }
 
+/// The smallest journal `init` gives a filesystem that mke2fs would give as much: what a run
+/// of 20000 small files needs so that its metadata fits the journal without a forced
+/// checkpoint in between (a transaction holds a quarter of the journal). Measured on the
+/// host tier, 20000 files, 25 ms each way (docs/benchmarks.md, run 8): a full backup took
+/// 13.5 s with a 5 MiB journal, 11.3 s with 8, 9.5 s with 16 and 8.4-8.5 s with 32 or 64;
+/// a no-change run 5.1, 4.3, 3.4 and 3.4-3.5 s.
+pub const MIN_JOURNAL: u64 = 32 << 20;
+
 /// The journal `init` creates for a filesystem of `fs_bytes`: a thousandth of it in whole
-/// MiB, at least 4 MiB (ext4's minimum of 1024 blocks), at most mke2fs's default. Every
-/// journal byte is written at init (lazy_journal_init=0) and stays allocated on the server;
-/// mke2fs's default is 0.4-1.6 % of the size, and a backup target, which writes file data
-/// in large sequential runs, does not need that much (docs/benchmarks.md).
+/// MiB, at least [`MIN_JOURNAL`], at most mke2fs's default (which is 4 MiB below 128 MiB and
+/// 32 MiB at 1 GiB). It is not written at init (`lazy_journal_init=1`): it is allocated on
+/// the server as the first runs cycle through it, and then stays allocated.
 pub fn chosen_journal_bytes(fs_bytes: u64) -> u64 {
-    ((fs_bytes >> 10) >> 20 << 20).clamp(4 << 20, journal_bytes(fs_bytes / 4096).max(4 << 20))
+    ((fs_bytes >> 10) >> 20 << 20)
+        .max(MIN_JOURNAL)
+        .min(journal_bytes(fs_bytes / 4096))
 }
 
 /// Bytes `init` writes to the server: LUKS2 header (metadata and keyslot area,
-/// [`crate::stack::luks::HEADER_BYTES`]), inode tables, journal, and ~0.3 % of bitmaps and
-/// group descriptors.
+/// [`crate::stack::luks::HEADER_BYTES`]), inode tables, and ~0.3 % of bitmaps and group
+/// descriptors. The journal is not among them (see [`chosen_journal_bytes`]).
 pub fn estimate_init_bytes(size: u64, inodes: u64) -> u64 {
-    crate::stack::luks::HEADER_BYTES + inodes * 256 + chosen_journal_bytes(size) + size / 300
+    crate::stack::luks::HEADER_BYTES + inodes * 256 + size / 300
 }
 
 /// Size of the ext4 filesystem on `device` in bytes (block count x block size).
@@ -486,8 +505,10 @@ mod tests {
         assert_eq!(journal_bytes((1u64 << 30) / 4096), 32 << 20);
         assert_eq!(journal_bytes((1u64 << 40) / 4096), 1 << 30);
         assert_eq!(chosen_journal_bytes(64 << 20), 4 << 20);
-        assert_eq!(chosen_journal_bytes(1 << 30), 4 << 20);
-        assert_eq!(chosen_journal_bytes(16 << 30), 16 << 20);
+        assert_eq!(chosen_journal_bytes(512 << 20), 16 << 20);
+        assert_eq!(chosen_journal_bytes(1 << 30), 32 << 20);
+        assert_eq!(chosen_journal_bytes(5 << 30), 32 << 20);
+        assert_eq!(chosen_journal_bytes(100 << 30), 100 << 20);
         assert_eq!(chosen_journal_bytes(1 << 40), 1 << 30);
         let small = estimate_init_bytes(16 << 30, (16u64 << 30) / 65536);
         let dflt = estimate_init_bytes(16 << 30, (16u64 << 30) / 16384);
