@@ -104,14 +104,21 @@ stack_up() {  # stack_up VARIANT [ro]: read-only is buffered, as `restore` attac
     "$SERVER:$W/server/$1" "$W/sshfs" &
   SSHFS=$!
   for _ in $(seq 100); do mountpoint -q "$W/sshfs" && [ -e "$W/sshfs/c.img" ] && break; sleep 0.1; done
-  # The read-ahead window e2ebackup's sshfs::mount sets (READ_AHEAD_KIB).
+  # The read-ahead windows e2ebackup sets: sshfs::mount's on the FUSE mount, and
+  # luks::READ_AHEAD_KIB on the mapping, which the loop device stands in for here (ext4
+  # reads its files, the manifests among them, ahead by the window of its device).
   echo "$(sed -n 's/^pub const READ_AHEAD_KIB: u32 = \([0-9]*\);/\1/p' src/stack/sshfs.rs)" \
     > "/sys/class/bdi/$(mountpoint -d "$W/sshfs")/read_ahead_kb"
   if [ "${2:-}" = ro ]; then
     LOOP=$(losetup -f --show -r -b 4096 "$W/sshfs/c.img")
-    mount -t ext4 -o ro "$LOOP" "$W/mnt"
   else
     LOOP=$(losetup -f --show --direct-io=on -b 4096 "$W/sshfs/c.img")
+  fi
+  sed -n 's/^pub const READ_AHEAD_KIB: u32 = \([0-9]*\);/\1/p' src/stack/luks.rs \
+    > "/sys/block/${LOOP#/dev/}/queue/read_ahead_kb"
+  if [ "${2:-}" = ro ]; then
+    mount -t ext4 -o ro "$LOOP" "$W/mnt"
+  else
     mount -t ext4 "$LOOP" "$W/mnt"
   fi
 }

@@ -155,24 +155,19 @@ pub fn open(root: &Path, id: &str) -> Result<Option<FileRecords>> {
     }
 }
 
-/// The number of records in snapshot `id`'s manifest, counted without holding them.
-pub fn count(root: &Path, id: &str) -> Result<Option<u64>> {
+/// The fewest bytes a record takes: a 64-digit hash, a space, a one-digit size, a space, a
+/// one-byte path and the NUL.
+const MIN_RECORD: u64 = 64 + 1 + 1 + 1 + 1 + 1;
+
+/// At most how many files snapshot `id`'s manifest lists: its size over the shortest record,
+/// from one stat, nothing read. (Counting its records read the whole manifest through the
+/// cold stack before every run: 2.4 MiB, 0.15-0.2 s at 20000 files and 25 ms each way.)
+pub fn most_files(root: &Path, id: &str) -> Result<Option<u64>> {
     let p = path_of(root, id);
-    let mut f = match File::open(&p) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("opening {}", p.display())),
-    };
-    let mut buf = vec![0u8; 1 << 16];
-    let mut n = 0;
-    loop {
-        let k = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", p.display()))?;
-        if k == 0 {
-            return Ok(Some(n));
-        }
-        n += buf[..k].iter().filter(|b| **b == 0).count() as u64;
+    match std::fs::metadata(&p) {
+        Ok(m) => Ok(Some(m.len() / MIN_RECORD)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading the size of {}", p.display())),
     }
 }
 
@@ -395,6 +390,13 @@ mod tests {
         ];
         let back: Vec<Entry> = records(&encode(&es)).map(Result::unwrap).collect();
         assert_eq!(back, es);
+        // The shortest record there can be is MIN_RECORD bytes.
+        let shortest = Entry {
+            sha256: "ef".repeat(32),
+            size: 7,
+            path: b"x".to_vec(),
+        };
+        assert_eq!(encode(&[shortest]).len() as u64, MIN_RECORD);
         let bad: Vec<Result<Entry>> = records(b"garbage\0").collect();
         assert_eq!(bad.len(), 1);
         assert!(bad[0].is_err());

@@ -771,10 +771,10 @@ pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Tak
             None => "(first snapshot: full copy)".into(),
         }
     );
-    // The previous manifest's file count says how much metadata the prefetch would pull
-    // into memory; its hashes are reused below, read alongside, never held whole.
+    // The previous manifest's size bounds how much metadata the prefetch would pull into
+    // memory; its hashes are reused below, read alongside, never held whole.
     let prev_files = match prev {
-        Some(l) => crate::manifest::count(root, &l.to_string())?,
+        Some(l) => crate::manifest::most_files(root, &l.to_string())?,
         None => None,
     };
     if let (Some(dev), Some(l)) = (device, prev) {
@@ -799,6 +799,7 @@ pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Tak
     }
     let mut meter = crate::progress::Meter::new(std::time::Duration::from_secs(60));
     let rsync = rsync_command(profile, &partial, link.as_deref())?;
+    let t = std::time::Instant::now();
     let done = std::thread::scope(|scope| {
         let (copied, progress) = std::sync::mpsc::channel();
         scope.spawn(|| write_behind(progress, || mount::syncfs(root)));
@@ -815,6 +816,7 @@ pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Tak
     });
     meter.finish();
     let done = done?;
+    crate::debug!("rsync took {:.1} s", t.elapsed().as_secs_f64());
     let taken = Taken {
         id: id.to_string(),
         vanished_files: done.code == 24,
