@@ -801,11 +801,13 @@ pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Tak
     let rsync = rsync_command(profile, &partial, link.as_deref())?;
     let t = std::time::Instant::now();
     let done = std::thread::scope(|scope| {
-        let (copied, progress) = std::sync::mpsc::channel();
+        // Bounded: while a syncfs waits on a slow server, rsync's reports (one per file) are
+        // dropped rather than queued; the next one that fits carries the newer count.
+        let (copied, progress) = std::sync::mpsc::sync_channel(64);
         scope.spawn(|| write_behind(progress, || mount::syncfs(root)));
         let done = rsync.run_streaming(|line| match crate::progress::parse(line) {
             Some(r) => {
-                let _ = copied.send(r.bytes);
+                let _ = copied.try_send(r.bytes);
                 meter.update(r);
                 false
             }
