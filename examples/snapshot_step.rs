@@ -36,6 +36,20 @@ fn peak_rss_kib() -> i64 {
     u.ru_maxrss
 }
 
+/// A profile with a container of `size` backing up `source`; nothing but the container's
+/// size and the sources is used here.
+fn profile(size: &str, source: &Path) -> anyhow::Result<e2ebackup::profile::Profile> {
+    e2ebackup::profile::Profile::parse(
+        Path::new("snapshot-step.yaml"),
+        &format!(
+            "server: {{host: h, user: u, identity_file: /k, known_hosts: /kh, path: /srv}}\n\
+             container: {{file: c.luks, size: {size}, keyfile: /key}}\n\
+             backup: {{sources: [{}]}}\n",
+            source.display()
+        ),
+    )
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
     if args.first().is_some_and(|a| a.as_os_str() == "--mkfs") {
@@ -43,20 +57,12 @@ fn main() -> anyhow::Result<()> {
             anyhow::bail!("usage: snapshot_step --mkfs IMAGE");
         };
         let size = std::fs::metadata(image)?.len();
-        let profile = e2ebackup::profile::Profile::parse(
-            Path::new("snapshot-step.yaml"),
-            &format!(
-                "server: {{host: h, user: u, identity_file: /k, known_hosts: /kh, path: /srv}}\n\
-                 container: {{file: c.luks, size: {size}, keyfile: /key}}\n\
-                 backup: {{sources: [/]}}\n"
-            ),
-        )?;
+        let inodes = profile(&size.to_string(), Path::new("/"))?.inode_count();
         let journal = e2ebackup::stack::ext4::chosen_journal_bytes(size);
-        e2ebackup::stack::ext4::mkfs(image, "bench", profile.inode_count(), journal)?;
+        e2ebackup::stack::ext4::mkfs(image, "bench", inodes, journal)?;
         println!(
-            "ext4 on {}: {} inodes, {} MiB journal",
+            "ext4 on {}: {inodes} inodes, {} MiB journal",
             image.display(),
-            profile.inode_count(),
             journal >> 20
         );
         return Ok(());
@@ -97,15 +103,7 @@ fn main() -> anyhow::Result<()> {
     // Absolute, as the real mount point is: rsync reads a relative --link-dest against the
     // destination.
     let (src, root) = (std::fs::canonicalize(src)?, std::fs::canonicalize(root)?);
-    let profile = e2ebackup::profile::Profile::parse(
-        Path::new("snapshot-step.yaml"),
-        &format!(
-            "server: {{host: h, user: u, identity_file: /k, known_hosts: /kh, path: /srv}}\n\
-             container: {{file: c.luks, size: 1G, keyfile: /key}}\n\
-             backup: {{sources: [{}]}}\n",
-            src.display()
-        ),
-    )?;
+    let profile = profile("1G", &src)?;
     if !root.join("FORMAT").exists() {
         e2ebackup::snapshots::create_layout(&root)?;
     }

@@ -107,21 +107,19 @@ stack_up() {  # stack_up VARIANT [ro]: read-only is buffered, as `restore` attac
   # The read-ahead windows e2ebackup sets: sshfs::mount's on the FUSE mount, and
   # luks::READ_AHEAD_KIB on the mapping, which the loop device stands in for here (ext4
   # reads its files, the manifests among them, ahead by the window of its device).
-  echo "$(sed -n 's/^pub const READ_AHEAD_KIB: u32 = \([0-9]*\);/\1/p' src/stack/sshfs.rs)" \
-    > "/sys/class/bdi/$(mountpoint -d "$W/sshfs")/read_ahead_kb"
+  read_ahead_kib src/stack/sshfs.rs > "/sys/class/bdi/$(mountpoint -d "$W/sshfs")/read_ahead_kb"
+  local ro=()
   if [ "${2:-}" = ro ]; then
     LOOP=$(losetup -f --show -r -b 4096 "$W/sshfs/c.img")
+    ro=(-o ro)
   else
     LOOP=$(losetup -f --show --direct-io=on -b 4096 "$W/sshfs/c.img")
   fi
-  sed -n 's/^pub const READ_AHEAD_KIB: u32 = \([0-9]*\);/\1/p' src/stack/luks.rs \
-    > "/sys/block/${LOOP#/dev/}/queue/read_ahead_kb"
-  if [ "${2:-}" = ro ]; then
-    mount -t ext4 -o ro "$LOOP" "$W/mnt"
-  else
-    mount -t ext4 "$LOOP" "$W/mnt"
-  fi
+  read_ahead_kib src/stack/luks.rs > "/sys/block/${LOOP#/dev/}/queue/read_ahead_kb"
+  mount -t ext4 "${ro[@]}" "$LOOP" "$W/mnt"
 }
+# The product's READ_AHEAD_KIB in the given source file, so the harness follows its value.
+read_ahead_kib() { sed -n 's/^pub const READ_AHEAD_KIB: u32 = \([0-9]*\);/\1/p' "$1"; }
 stack_down() { umount "$W/mnt"; losetup -d "$LOOP"; fusermount3 -u "$W/sshfs"; wait "$SSHFS"; }
 e2e_variant() {
   local v=$1 dev
