@@ -345,39 +345,15 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     write_atomic_with(path, |f| f.write_all(data).map_err(Into::into))
 }
 
-/// [`write_atomic`] for contents produced as they are written (a manifest of 10^5 files is
-/// streamed, not held in memory): `fill` writes into a buffered temporary file, which is then
-/// flushed, synced and renamed; on any error the temporary file is removed.
+/// [`write_atomic`] for contents produced as they are written: `fill` writes into a
+/// buffered temporary file ([`write_temp_with`]), which is then synced and renamed.
 pub fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut std::io::BufWriter<File>) -> Result<()>,
 ) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} has no file name", path.display()))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let _ = std::fs::remove_file(&tmp);
+    let (tmp, f) = write_temp_with(path, fill)?;
+    let dir = parent_of(path);
     let r = (|| -> Result<()> {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 16, f);
-        fill(&mut w).with_context(|| format!("writing {}", tmp.display()))?;
-        let f = w
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .with_context(|| format!("writing {}", tmp.display()))?;
         f.sync_all()
             .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path)
@@ -390,6 +366,59 @@ pub fn write_atomic_with(
         let _ = std::fs::remove_file(&tmp);
     }
     r
+}
+
+fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// What temporary files for `path` start with: `.NAME.tmp-`, then the writer's PID.
+fn temp_prefix(name: &std::ffi::OsStr) -> std::ffi::OsString {
+    let mut t = std::ffi::OsString::from(".");
+    t.push(name);
+    t.push(".tmp-");
+    t
+}
+
+/// The first half of [`write_atomic_with`], for a caller that syncs more than this one file
+/// at once (a snapshot and its manifest): `fill` writes into a new buffered temporary file
+/// in `path`'s directory (O_EXCL, mode 0600), which is flushed but neither synced nor
+/// renamed. Returns its path and the open file; on any error it is removed. Contents are
+/// streamed, never held (a manifest of 10^5 files).
+pub fn write_temp_with(
+    path: &Path,
+    fill: impl FnOnce(&mut std::io::BufWriter<File>) -> Result<()>,
+) -> Result<(PathBuf, File)> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} has no file name", path.display()))?;
+    let mut tmp_name = temp_prefix(name);
+    tmp_name.push(std::process::id().to_string());
+    let tmp = parent_of(path).join(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let r = (|| -> Result<File> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 16, f);
+        fill(&mut w).with_context(|| format!("writing {}", tmp.display()))?;
+        w.into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(|| format!("writing {}", tmp.display()))
+    })();
+    match r {
+        Ok(f) => Ok((tmp, f)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
 }
 
 /// Open a regular local file for reading without waiting on a FIFO and with a size bound;

@@ -6,7 +6,8 @@
 //! `<sha256 hex> <size> <path>\0` with the path relative to the snapshot. Records end in NUL
 //! because file names may contain newlines and need not be UTF-8; they cannot contain NUL.
 //! Hashing is incremental: a file that rsync hard-linked to the previous snapshot (same
-//! inode) has the same content, so its hash is taken from the previous manifest.
+//! inode) has the same content, so its hash is taken from the previous manifest; a file
+//! rsync wrote was hashed as it wrote it ([`Fresh`]); only the rest is read here.
 
 use std::cmp::Ordering;
 use std::ffi::{OsStr, OsString};
@@ -40,18 +41,148 @@ pub fn path_of(root: &Path, id: &str) -> PathBuf {
 
 pub fn hash_file(p: &Path) -> Result<String> {
     let mut f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
+    let digest = digest_of(&mut f).with_context(|| format!("reading {}", p.display()))?;
+    Ok(hex(&digest))
+}
+
+/// SHA-256 of everything `r` reads, in 1 MiB reads; a signal ends it between two of them.
+fn digest_of(r: &mut impl Read) -> Result<[u8; 32]> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", p.display()))?;
+        let n = r.read(&mut buf)?;
         if n == 0 {
             break;
         }
         h.update(&buf[..n]);
+        crate::signals::check()?;
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(h.finalize().into())
+}
+
+fn hex(digest: &[u8; 32]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What a hash was taken of: a file keeps its device, inode, size and ctime only while
+/// its data stays the same (every write sets the ctime).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    /// Nanoseconds since the epoch.
+    ctime: i64,
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            ctime: m.ctime().saturating_mul(1_000_000_000) + m.ctime_nsec(),
+        }
+    }
+}
+
+/// What [`Fresh::hash`] made of a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hashed {
+    Now,
+    /// Nothing there yet: rsync names a file just before it renames it into place.
+    Missing,
+    /// Not a regular file, changed while read, unreadable, or no room left: `build` hashes
+    /// it if it is a file of the snapshot.
+    Passed,
+}
+
+/// The hashes of the files rsync writes in this run, each taken right after rsync wrote
+/// it, from the page cache. Without them `build` read every new file back after rsync was
+/// done, and by then a client that cannot cache all the new data (a first backup larger
+/// than its memory, or a machine that reclaims idle page cache, as this one does) had lost
+/// the pages: the file came back from the server, a second transfer of the new data at one
+/// small file per round trip (docs/benchmarks.md, run 9). 64 bytes a file, looked up by
+/// inode once [`Fresh::seal`]ed.
+#[derive(Debug, Default)]
+pub struct Fresh {
+    taken: Vec<(Stamp, [u8; 32])>,
+}
+
+impl Fresh {
+    /// At most this many hashes are held (8 MiB); the files after them are hashed by
+    /// `build`, as before. 100000 new files fit: `run`'s memory target is set there.
+    pub const MOST: usize = 1 << 17;
+
+    /// Hash the regular file at `p`: never through a link at its end, never opening
+    /// anything but a regular file.
+    pub fn hash(&mut self, p: &Path) -> Hashed {
+        let m = match std::fs::symlink_metadata(p) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Hashed::Missing,
+            Err(_) => return Hashed::Passed,
+        };
+        if !m.file_type().is_file() || self.taken.len() >= Self::MOST {
+            return Hashed::Passed;
+        }
+        let taken = (|| -> Result<Option<(Stamp, [u8; 32])>> {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+                .open(p)?;
+            let before = f.metadata()?;
+            if !before.file_type().is_file() || before.ino() != m.ino() {
+                return Ok(None);
+            }
+            let digest = digest_of(&mut f)?;
+            let stamp = Stamp::of(&before);
+            Ok((Stamp::of(&f.metadata()?) == stamp).then_some((stamp, digest)))
+        })();
+        match taken {
+            Ok(Some(t)) => {
+                if self.taken.capacity() == self.taken.len() {
+                    // Grow by doubling up to MOST, never past it.
+                    let more = self
+                        .taken
+                        .len()
+                        .max(1024)
+                        .min(Self::MOST - self.taken.len());
+                    self.taken.reserve_exact(more);
+                }
+                self.taken.push(t);
+                Hashed::Now
+            }
+            _ => Hashed::Passed,
+        }
+    }
+
+    /// Ready for lookups: sorted by inode, the newest hash of each kept.
+    pub fn seal(mut self) -> Fresh {
+        self.taken.reverse();
+        self.taken.sort_by_key(|(s, _)| (s.dev, s.ino));
+        self.taken.dedup_by_key(|(s, _)| (s.dev, s.ino));
+        self
+    }
+
+    /// The hash of the file `m` describes, if it was taken of the data it holds now.
+    fn get(&self, m: &std::fs::Metadata) -> Option<String> {
+        let now = Stamp::of(m);
+        let i = self
+            .taken
+            .binary_search_by_key(&(now.dev, now.ino), |(s, _)| (s.dev, s.ino))
+            .ok()?;
+        let (stamp, digest) = &self.taken[i];
+        (*stamp == now).then(|| hex(digest))
+    }
+
+    pub fn len(&self) -> usize {
+        self.taken.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.taken.is_empty()
+    }
 }
 
 fn encode_into(w: &mut impl Write, e: &Entry) -> std::io::Result<()> {
@@ -231,11 +362,13 @@ impl Iterator for Walk {
 
 /// Write the manifest of `snap` to `out`, one record per regular file, reusing the hash of
 /// every file that shares its inode with the same path in the previous snapshot `prev`
-/// (its directory and its manifest, followed alongside in the same order). A previous
-/// manifest that cannot be read only costs re-hashing. Returns the number of records.
+/// (its directory and its manifest, followed alongside in the same order), then those in
+/// `fresh`; the rest are read and hashed here. A previous manifest that cannot be read only
+/// costs re-hashing. Returns the number of records.
 pub fn build<R: BufRead>(
     snap: &Path,
     prev: Option<(&Path, Records<R>)>,
+    fresh: &Fresh,
     out: &mut impl Write,
 ) -> Result<u64> {
     let (pdir, mut prev_records) = match prev {
@@ -278,7 +411,7 @@ pub fn build<R: BufRead>(
             _ => None,
         };
         let entry = Entry {
-            sha256: match reused {
+            sha256: match reused.or_else(|| fresh.get(&m)) {
                 Some(h) => h,
                 None => hash_file(&abs)?,
             },
@@ -291,20 +424,67 @@ pub fn build<R: BufRead>(
     Ok(n)
 }
 
-/// Build and write the manifest of snapshot `id` (in the directory `snap`) atomically.
+/// A manifest written to a temporary file beside its place, not yet synced.
+#[derive(Debug)]
+pub struct Written {
+    pub files: u64,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl Written {
+    /// Put it in place: after a sync of the filesystem (its data), before the snapshot is.
+    pub fn publish(self) -> Result<()> {
+        std::fs::rename(&self.tmp, &self.path)
+            .with_context(|| format!("renaming {} to {}", self.tmp.display(), self.path.display()))
+    }
+}
+
+/// Build the manifest of snapshot `id` (in the directory `snap`) into a temporary file.
+/// Not synced here: the snapshot's commit syncs the filesystem once for its files and
+/// this, then renames both (each fsync of its own is a journal commit and cache flushes,
+/// serial round trips to the server).
 pub fn write<R: BufRead>(
     root: &Path,
     id: &str,
     snap: &Path,
     prev: Option<(&Path, Records<R>)>,
-) -> Result<u64> {
+    fresh: &Fresh,
+) -> Result<Written> {
     let dir = root.join(MANIFESTS);
     std::fs::create_dir_all(&dir)?;
-    let mut n = 0;
-    crate::fsutil::write_atomic_with(&path_of(root, id), |w| {
-        n = build(snap, prev, w)?;
+    let mut files = 0;
+    let path = path_of(root, id);
+    let (tmp, _) = crate::fsutil::write_temp_with(&path, |w| {
+        files = build(snap, prev, fresh, w)?;
         Ok(())
     })?;
+    Ok(Written { files, tmp, path })
+}
+
+/// Remove the temporary manifests of runs that ended before their commit.
+pub fn remove_temporaries(root: &Path) -> Result<usize> {
+    let dir = root.join(MANIFESTS);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(es) => es,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    let mut n = 0;
+    for e in entries {
+        let e = e?;
+        let name = e.file_name();
+        let temp = name.as_bytes().starts_with(b".")
+            && name
+                .as_bytes()
+                .windows(b".tmp-".len())
+                .any(|w| w == b".tmp-");
+        if temp && e.file_type()?.is_file() {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+            n += 1;
+        }
+    }
     Ok(n)
 }
 
@@ -368,10 +548,52 @@ mod tests {
     fn built(snap: &Path, prev: Option<(&Path, &[Entry])>) -> Vec<Entry> {
         let bytes = prev.map(|(_, es)| encode(es)).unwrap_or_default();
         let mut out = Vec::new();
-        let n = build(snap, prev.map(|(d, _)| (d, records(&bytes))), &mut out).unwrap();
+        let n = build(
+            snap,
+            prev.map(|(d, _)| (d, records(&bytes))),
+            &Fresh::default(),
+            &mut out,
+        )
+        .unwrap();
         let es: Vec<Entry> = records(&out).map(Result::unwrap).collect();
         assert_eq!(n as usize, es.len());
         es
+    }
+
+    #[test]
+    fn fresh_hashes_hold_only_while_the_data_is_unchanged() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        std::fs::write(&f, b"first").unwrap();
+        let mut fresh = Fresh::default();
+        assert_eq!(fresh.hash(&d.path().join("not yet")), Hashed::Missing);
+        assert_eq!(fresh.hash(&f), Hashed::Now);
+        std::os::unix::fs::symlink(&f, d.path().join("link")).unwrap();
+        assert_eq!(fresh.hash(&d.path().join("link")), Hashed::Passed);
+        assert_eq!(fresh.hash(d.path()), Hashed::Passed);
+        // A FIFO is neither opened (that would wait for a writer) nor hashed.
+        let fifo = d.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert_eq!(fresh.hash(&fifo), Hashed::Passed);
+        let fresh = fresh.seal();
+        assert_eq!(fresh.len(), 1);
+        let m = std::fs::symlink_metadata(&f).unwrap();
+        assert_eq!(fresh.get(&m), Some(hash_file(&f).unwrap()));
+        // Rewritten (same size): the ctime moved on, the hash is not used.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&f, b"FIRST").unwrap();
+        assert_eq!(fresh.get(&std::fs::symlink_metadata(&f).unwrap()), None);
+        // Hashed again later (a hard link made after it): the newest hash is the one kept.
+        let mut again = Fresh::default();
+        std::fs::write(&f, b"one").unwrap();
+        assert_eq!(again.hash(&f), Hashed::Now);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::hard_link(&f, d.path().join("f2")).unwrap();
+        assert_eq!(again.hash(&d.path().join("f2")), Hashed::Now);
+        let again = again.seal();
+        assert_eq!(again.len(), 1);
+        let m = std::fs::symlink_metadata(&f).unwrap();
+        assert_eq!(again.get(&m), Some(hash_file(&f).unwrap()));
     }
 
     #[test]
@@ -520,7 +742,13 @@ mod tests {
         damaged.extend_from_slice(b"no-size-field\0");
         damaged.extend_from_slice(&encode(&m1[3..]));
         let mut out = Vec::new();
-        build(&s2, Some((&s1, records(&damaged))), &mut out).unwrap();
+        build(
+            &s2,
+            Some((&s1, records(&damaged))),
+            &Fresh::default(),
+            &mut out,
+        )
+        .unwrap();
         let got: Vec<Entry> = records(&out).map(Result::unwrap).collect();
         assert_eq!(got, truth, "re-hashed, same result");
         // verify names a damaged manifest and checks what it could read.

@@ -14,6 +14,7 @@
 //! Unchanged files are hard links to the newest complete snapshot (`--link-dest`), so every
 //! snapshot is a full tree while only changed files take space.
 
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -73,8 +74,10 @@ pub fn path_of(root: &Path, id: SnapshotId) -> PathBuf {
     root.join(SNAPSHOTS).join(id.to_string())
 }
 
-/// Remove what killed or failed runs left under `.partial/`.
+/// Remove what killed or failed runs left under `.partial/`, and their manifests not yet
+/// put in place.
 pub fn remove_partials(root: &Path) -> Result<usize> {
+    crate::manifest::remove_temporaries(root)?;
     let dir = root.join(PARTIAL);
     let mut n = 0;
     for e in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
@@ -167,6 +170,9 @@ fn rsync_command_for(
             // One overall progress line, rewritten in place: parsed for the progress meter.
             "--info=progress2",
         ])
+        // A line for each item written, after its data (%b): the files are hashed as they
+        // arrive (`hash_behind`).
+        .arg(format!("--out-format={WROTE}%b:%n"))
         // rsync 24 = vanished source files: normal on a live system.
         .ok_codes(&[0, 24]);
     if profile.backup.one_file_system {
@@ -185,6 +191,46 @@ fn rsync_command_for(
         c = c.arg(&s.0);
     }
     Ok(c.arg(format!("{}/", dest.display())))
+}
+
+/// What rsync's line for each item it writes starts with (`--out-format`); then the bytes it
+/// sent for it, a colon and its name, as rsync prints names: relative to the destination
+/// (with a leading slash under --relative), a directory with a trailing slash, and every
+/// byte it does not print as itself (control characters, bytes the locale cannot show,
+/// and the backslash of a literal `\#`) escaped as `\#` and three octal digits.
+const WROTE: &str = "e2ebackup-wrote:";
+
+/// The path below the destination of the file one of rsync's `WROTE` lines names; `None`
+/// for any other line, a directory, or a name that would leave the destination.
+fn wrote(line: &str) -> Option<PathBuf> {
+    let (_, name) = line.strip_prefix(WROTE)?.split_once(':')?;
+    if name.ends_with('/') {
+        return None;
+    }
+    let b = name.as_bytes();
+    let mut raw = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i..i + 5)
+            .filter(|e| e.starts_with(b"\\#") && e[2..].iter().all(|d| (b'0'..=b'7').contains(d)));
+        match octal {
+            Some(e) => {
+                let v = e[2..].iter().fold(0u32, |v, d| v * 8 + u32::from(d - b'0'));
+                raw.push(u8::try_from(v).ok()?);
+                i += 5;
+            }
+            None => {
+                raw.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    let rel = raw.strip_prefix(b"/").unwrap_or(&raw);
+    let inside = rel
+        .split(|b| *b == b'/')
+        .all(|c| !matches!(c, b"" | b"." | b".."));
+    inside.then(|| PathBuf::from(std::ffi::OsString::from_vec(rel.to_vec())))
 }
 
 /// Directories whose contents are never worth a snapshot: kernel interfaces and runtime
@@ -741,6 +787,39 @@ fn write_behind(
     flushes
 }
 
+/// A file rsync named is retried this many times (once per later name) while it is not
+/// yet in place, and at most this many such names wait: the rest are hashed by
+/// `manifest::build`, as they were before.
+const HASH_RETRIES: u32 = 256;
+const HASH_WAITING: usize = 1024;
+
+/// The hash-behind thread of [`take`]: hashes each file rsync names (below `dest`) into
+/// `fresh` right after rsync wrote it, while its data is still in memory. rsync names a
+/// file just before it renames it into place, so a name not there yet is tried again after
+/// the next one, and once more when `names` closes.
+fn hash_behind(names: std::sync::mpsc::Receiver<PathBuf>, dest: &Path) -> crate::manifest::Fresh {
+    use crate::manifest::Hashed;
+    let mut fresh = crate::manifest::Fresh::default();
+    let mut waiting = std::collections::VecDeque::new();
+    while let Ok(p) = names.recv() {
+        for _ in 0..waiting.len() {
+            let Some((w, tries)) = waiting.pop_front() else {
+                break;
+            };
+            if fresh.hash(&dest.join(&w)) == Hashed::Missing && tries < HASH_RETRIES {
+                waiting.push_back((w, tries + 1));
+            }
+        }
+        if fresh.hash(&dest.join(&p)) == Hashed::Missing && waiting.len() < HASH_WAITING {
+            waiting.push_back((p, 0));
+        }
+    }
+    for (w, _) in waiting {
+        fresh.hash(&dest.join(w));
+    }
+    fresh.seal()
+}
+
 /// Take a snapshot of the profile's sources into the mounted container at `root`, whose
 /// filesystem is on `device` (for the metadata read-ahead; `None` goes without it).
 pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Taken> {
@@ -800,25 +879,43 @@ pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Tak
     let mut meter = crate::progress::Meter::new(std::time::Duration::from_secs(60));
     let rsync = rsync_command(profile, &partial, link.as_deref())?;
     let t = std::time::Instant::now();
-    let done = std::thread::scope(|scope| {
+    let (done, fresh) = std::thread::scope(|scope| {
         // Bounded: while a syncfs waits on a slow server, rsync's reports (one per file) are
         // dropped rather than queued; the next one that fits carries the newer count.
         let (copied, progress) = std::sync::mpsc::sync_channel(64);
         scope.spawn(|| write_behind(progress, || mount::syncfs(root)));
-        let done = rsync.run_streaming(|line| match crate::progress::parse(line) {
-            Some(r) => {
+        // Bounded too, and never waited on: a name dropped here is hashed by the manifest.
+        let (wrote_tx, names) = std::sync::mpsc::sync_channel(4096);
+        let hasher = scope.spawn(|| hash_behind(names, &partial));
+        let done = rsync.run_streaming(|line| {
+            if let Some(r) = crate::progress::parse(line) {
                 let _ = copied.try_send(r.bytes);
                 meter.update(r);
-                false
+                return false;
             }
-            None => true,
+            if line.starts_with(WROTE) {
+                if let Some(p) = wrote(line) {
+                    let _ = wrote_tx.try_send(p);
+                }
+                return false;
+            }
+            true
         });
-        drop(copied);
-        done
+        drop((copied, wrote_tx));
+        (done, hasher.join())
     });
     meter.finish();
     let done = done?;
-    crate::debug!("rsync took {:.1} s", t.elapsed().as_secs_f64());
+    let fresh = fresh.unwrap_or_else(|_| {
+        crate::debug!("the hash-behind thread panicked; every new file is hashed after rsync");
+        Default::default()
+    });
+    crate::debug!(
+        "rsync took {:.2} s; {} files hashed as it wrote them",
+        t.elapsed().as_secs_f64(),
+        fresh.len()
+    );
+    let t = std::time::Instant::now();
     let taken = Taken {
         id: id.to_string(),
         vanished_files: done.code == 24,
@@ -835,20 +932,32 @@ pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Tak
         Some(l) => crate::manifest::open(root, &l.to_string())?,
         None => None,
     };
-    let files = crate::manifest::write(
+    let manifest = crate::manifest::write(
         root,
         &id.to_string(),
         &partial,
         link.as_deref().zip(prev_manifest),
+        &fresh,
     )?;
-    crate::debug!("manifest of {files} files written");
-    // Data first, then the rename that makes the snapshot visible, then the rename itself.
+    drop(fresh);
+    crate::debug!(
+        "manifest of {} files written in {:.2} s",
+        manifest.files,
+        t.elapsed().as_secs_f64()
+    );
+    let t = std::time::Instant::now();
+    // Data first (the snapshot's files and its manifest, one sync), then the renames that
+    // make them visible (the manifest first: a snapshot never lacks one), then the renames
+    // themselves. Under data=ordered with delayed allocation a rename can reach the disk
+    // before the data it names is even allocated: hence the first sync.
     mount::syncfs(root)?;
     crate::signals::check()?;
+    manifest.publish()?;
     let fin = path_of(root, id);
     std::fs::rename(&partial, &fin)
         .with_context(|| format!("committing {} as {}", partial.display(), fin.display()))?;
     mount::syncfs(root)?;
+    crate::debug!("synced and committed in {:.2} s", t.elapsed().as_secs_f64());
     info!(
         "snapshot {id} committed ({} files, {} bytes transferred)",
         taken
@@ -913,6 +1022,101 @@ mod tests {
         assert!(
             tx.send(200 * M).is_err(),
             "the receiver is gone once it stopped"
+        );
+    }
+
+    #[test]
+    fn rsync_names_decode_exactly_and_stay_below_the_destination() {
+        let w = |l: &str| wrote(l).map(|p| p.into_os_string().into_vec());
+        assert_eq!(w("e2ebackup-wrote:3:/src/a/x"), Some(b"src/a/x".to_vec()));
+        assert_eq!(w("e2ebackup-wrote:3:a:b"), Some(b"a:b".to_vec()));
+        assert_eq!(
+            w("e2ebackup-wrote:1:new\\#012line"),
+            Some(b"new\nline".to_vec())
+        );
+        assert_eq!(w("e2ebackup-wrote:1:caf\\#351"), Some(b"caf\xe9".to_vec()));
+        // A literal backslash-hash is itself escaped; a bad escape is taken as it stands.
+        assert_eq!(
+            w("e2ebackup-wrote:0:b\\#134#056c"),
+            Some(b"b\\#056c".to_vec())
+        );
+        assert_eq!(w("e2ebackup-wrote:0:b\\#9x"), Some(b"b\\#9x".to_vec()));
+        for other in [
+            "e2ebackup-wrote:0:/src/a/",
+            "e2ebackup-wrote:0:/",
+            "e2ebackup-wrote:0:/src/../../etc/shadow",
+            "e2ebackup-wrote:0:\\#056\\#056/etc/shadow",
+            "e2ebackup-wrote:0:a/\\#056/b",
+            "e2ebackup-wrote:0:x\\#777",
+            "e2ebackup-wrote:nocolon",
+            "      1,234  45%   12.34MB/s    0:00:12 (xfr#12, to-chk=100/2000)",
+        ] {
+            assert_eq!(w(other), None, "{other}");
+        }
+    }
+
+    /// rsync's own names, with the argv `take` gives it, for files whose names need
+    /// escaping: each one decodes to the file rsync wrote, and `hash_behind` hashes it.
+    #[test]
+    fn every_file_rsync_names_is_hashed_as_written() {
+        use std::os::unix::ffi::OsStrExt;
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        let dest = d.path().join("dest");
+        std::fs::create_dir_all(src.join("sub dir")).unwrap();
+        std::fs::create_dir(&dest).unwrap();
+        let names: [&[u8]; 7] = [
+            b"plain",
+            b"new\nline",
+            b"latin1-\xe9t\xe9",
+            b"back\\#056slash",
+            b"tab\tand:colon",
+            b"sub dir/inner",
+            b"sub dir/\\",
+        ];
+        for (i, n) in names.iter().enumerate() {
+            let p = src.join(std::ffi::OsStr::from_bytes(n));
+            std::fs::write(&p, format!("content {i}").repeat(i + 1)).unwrap();
+        }
+        std::os::unix::fs::symlink("plain", src.join("link")).unwrap();
+        nix::unistd::mkfifo(&src.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let profile = crate::profile::Profile::parse(
+            Path::new("t.yaml"),
+            &format!(
+                "server: {{host: h, user: u, identity_file: /k, known_hosts: /kh, path: /srv}}\n\
+                 container: {{file: c.luks, size: 1G, keyfile: /key}}\n\
+                 backup: {{sources: ['{}']}}\n",
+                src.display()
+            ),
+        )
+        .unwrap();
+        let rsync = rsync_command_for(&profile, &dest, None, &[]).unwrap();
+        let (tx, names_rx) = std::sync::mpsc::channel();
+        let fresh = std::thread::scope(|scope| {
+            let hasher = scope.spawn(|| hash_behind(names_rx, &dest));
+            let mut seen = 0;
+            rsync
+                .run_streaming(|line| {
+                    if let Some(p) = wrote(line) {
+                        seen += 1;
+                        tx.send(p).unwrap();
+                    }
+                    true
+                })
+                .unwrap();
+            drop(tx);
+            assert!(seen >= names.len(), "rsync named {seen} items");
+            hasher.join().unwrap()
+        });
+        assert_eq!(fresh.len(), names.len(), "every regular file, nothing else");
+        let copy = dest.join(src.strip_prefix("/").unwrap());
+        let mut out = Vec::new();
+        crate::manifest::build::<&[u8]>(&copy, None, &fresh, &mut out).unwrap();
+        let mut none = Vec::new();
+        crate::manifest::build::<&[u8]>(&copy, None, &Default::default(), &mut none).unwrap();
+        assert_eq!(
+            out, none,
+            "the hashes taken as rsync wrote equal those read afterwards"
         );
     }
 
@@ -1154,6 +1358,7 @@ mod tests {
                 "--relative",
                 "--stats",
                 "--info=progress2",
+                "--out-format=e2ebackup-wrote:%b:%n",
                 "--one-file-system",
                 "--link-dest=/m/snapshots/W",
                 "--exclude=/home/me/browse/*",
@@ -1184,8 +1389,17 @@ mod tests {
             ["20251231T235959Z", "20260101T000000Z"]
         );
         std::fs::create_dir_all(r.join(PARTIAL).join("20260102T000000Z/etc")).unwrap();
+        // The manifest that run wrote but never put in place goes with it; the others stay.
+        let manifests = r.join(crate::manifest::MANIFESTS);
+        std::fs::write(manifests.join(".20260102T000000Z.tmp-4242"), b"x").unwrap();
+        std::fs::write(manifests.join("20260101T000000Z"), b"kept").unwrap();
         assert_eq!(remove_partials(r).unwrap(), 1);
         assert_eq!(std::fs::read_dir(r.join(PARTIAL)).unwrap().count(), 0);
+        let left: Vec<_> = std::fs::read_dir(&manifests)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["20260101T000000Z"]);
         std::fs::remove_file(r.join("FORMAT")).unwrap();
         assert!(check_layout(r).is_err());
     }
