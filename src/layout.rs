@@ -100,6 +100,19 @@ impl Profile {
         )
     }
 
+    /// Where `trim`'s nbdkit listens on the server: a Unix socket beside the container, in
+    /// the server account's own directory. `login_dir` is where a relative `server.path`
+    /// starts (the account's login directory, as SFTP resolves it).
+    pub fn remote_nbd_socket(&self, login_dir: &str) -> String {
+        let dir = self.server.path.trim_end_matches('/');
+        let dir = if dir.starts_with('/') {
+            dir.to_string()
+        } else {
+            format!("{}/{dir}", login_dir.trim_end_matches('/'))
+        };
+        format!("{dir}/.{}.nbd", self.container.file.0)
+    }
+
     /// The undo journal of this profile's commands.
     pub fn journal_path(&self) -> PathBuf {
         self.run_dir().join("undo.json")
@@ -128,5 +141,40 @@ impl Profile {
     /// Name of the server lock next to the container.
     pub fn server_lock_name(&self) -> String {
         format!("{}.lock", self.container.file.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile(server_path: &str) -> Profile {
+        Profile::parse(
+            Path::new("/etc/e2ebackup/profiles/p.yaml"),
+            &format!(
+                "server: {{host: h, user: u, identity_file: /k, known_hosts: /kh, path: '{server_path}'}}\n\
+                 container: {{file: c.luks, size: 1G, keyfile: /key}}\n\
+                 backup: {{sources: [/etc]}}\n"
+            ),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_nbd_socket_lies_beside_the_container() {
+        assert_eq!(
+            profile("/srv/b/").remote_nbd_socket("/home/u"),
+            "/srv/b/.c.luks.nbd"
+        );
+        // A relative server.path starts at the login directory, as SFTP resolves it.
+        assert_eq!(
+            profile("backups").remote_nbd_socket("/home/u/"),
+            "/home/u/backups/.c.luks.nbd"
+        );
+        assert_eq!(
+            profile("/srv/b").remote_container(),
+            "/srv/b/c.luks",
+            "its container, in the same directory"
+        );
     }
 }

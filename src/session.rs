@@ -325,39 +325,25 @@ impl<'p> Session<'p> {
     }
 
     /// Serve the container from the server over NBD instead of a loop device (`trim`):
-    /// an ssh tunnel runs nbdkit on the server's loopback, its local end a socket in a
-    /// root-only directory (no TCP port for local users), and nbd-client attaches to it.
-    pub fn open_nbd(&mut self) -> Result<PathBuf> {
+    /// an ssh tunnel runs nbdkit on the server, listening on the Unix socket `remote`
+    /// (`Profile::remote_nbd_socket`), its local end a socket in a root-only directory: no
+    /// TCP port on either side for local users to reach. nbd-client attaches to it.
+    pub fn open_nbd(&mut self, remote: &str) -> Result<PathBuf> {
         let p = self.profile;
-        let mark = self.mark();
         let sock = stack::nbd::socket_in(&p.run_dir().join("nbd"))?;
-        // The server-side port is a guess (nothing tells us which are free there): if nbdkit
-        // cannot bind it, the tunnel exits at once, and another port is tried.
-        let mut attempt = 0u32;
-        loop {
-            let rport = 20000 + ((std::process::id() + attempt * 7919) % 40000) as u16;
-            signals::check()?;
-            let tunnel = stack::nbd::start_tunnel(
-                &mut self.stack,
-                &p.server,
-                &p.remote_container(),
-                &sock,
-                rport,
-            )?;
-            info!(
-                "NBD server starting on the server (127.0.0.1:{rport}), tunnelled to {}",
-                sock.display()
-            );
-            match stack::nbd::wait_ready(&sock, &tunnel, std::time::Duration::from_secs(60)) {
-                Ok(()) => break,
-                Err(e) if attempt < 2 && !tunnel.is_running() => {
-                    warn!("{e:#}; trying another server port");
-                    self.close_to(mark)?;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        signals::check()?;
+        let tunnel = stack::nbd::start_tunnel(
+            &mut self.stack,
+            &p.server,
+            &p.remote_container(),
+            &sock,
+            remote,
+        )?;
+        info!(
+            "NBD server starting on the server (Unix socket {remote}), tunnelled to {}",
+            sock.display()
+        );
+        stack::nbd::wait_ready(&sock, &tunnel, std::time::Duration::from_secs(60))?;
         let dev = stack::nbd::connect(&mut self.stack, &sock)?;
         self.backing = Some(Backing::Nbd(dev.clone()));
         Ok(dev)

@@ -1,7 +1,7 @@
 //! `e2ebackup trim PROFILE`: give the space of deleted data back to the server.
 //!
 //! ```text
-//!   server lock (via sshfs, as every command) -> ssh tunnel + remote nbdkit on 127.0.0.1
+//!   server lock (via sshfs, as every command) -> ssh tunnel + remote nbdkit on a Unix socket
 //!   -> nbd-client -> LUKS with discards allowed (this command only) -> ext4 -> fstrim
 //! ```
 //! Discards are allowed only here: on a normal run they would tell the server which blocks
@@ -39,9 +39,15 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     let remote = s.remote()?;
     // The marker tells "no shell at all" (an SFTP-only account: ForceCommand internal-sftp
     // answers every command with an SFTP server) from "a shell without nbdkit".
-    let probe = remote.exec("echo e2ebackup-shell; command -v nbdkit");
-    match probe {
-        Ok((0, ref out, _)) if out.contains("e2ebackup-shell") => {}
+    // It also reports the login directory, where a relative server.path starts: nbdkit's
+    // socket lies beside the container, and sshd needs its absolute path.
+    let probe = remote.exec("echo e2ebackup-shell; echo \"login-dir=$(pwd)\"; command -v nbdkit");
+    let login_dir = match probe {
+        Ok((0, ref out, _)) if out.contains("e2ebackup-shell") => out
+            .lines()
+            .find_map(|l| l.strip_prefix("login-dir="))
+            .unwrap_or_default()
+            .to_string(),
         Ok((_, ref out, _)) if out.contains("e2ebackup-shell") => anyhow::bail!(
             "the server {} has no nbdkit: install it there (Debian/Ubuntu: apt install nbdkit). \
              nbd-server is not used: version 3.24 silently ignores half of the trim requests",
@@ -53,14 +59,16 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
             p.server.user,
             p.server.host
         ),
-    }
+    };
+    let socket = p.remote_nbd_socket(&login_dir);
+    crate::stack::nbd::check_remote_socket(&socket)?;
     let before = remote.allocated_bytes(&p.remote_container());
     // The server lock, through sshfs like every other command.
     s.mount_server("trim")?;
 
     let mark = s.mark();
     // The NBD device takes the loop device's place under LUKS; discards allowed.
-    s.open_nbd()?;
+    s.open_nbd(&socket)?;
     s.unlock(false, true)?;
     // Layout and the authenticated generation, as every command that opens the container
     // read-write checks them: a rolled-back container is refused here too.

@@ -1,10 +1,14 @@
 //! NBD, for giving freed space back to the server (`trim`).
 //!
 //! sshfs has no way to punch holes, so discards cannot reach the server through it. For
-//! `trim` the container is served by an NBD server started ON the server, bound to
-//! 127.0.0.1 only, and reached through an SSH local forward (never plain NBD across a
-//! network): one OpenSSH process carries both the forward and the remote server process, so
-//! stopping it ends both (`nbdkit --exit-with-parent` dies with its sshd session).
+//! `trim` the container is served by an NBD server started ON the server, listening on a
+//! Unix socket beside the container (never a TCP port: on the server too, any local user
+//! can reach 127.0.0.1, and NBD has no authentication), and reached through an SSH local
+//! forward from socket to socket (never plain NBD across a network): one OpenSSH process
+//! carries both the forward and the remote server process, so stopping it ends both
+//! (`nbdkit --exit-with-parent` dies with its sshd session). nbdkit makes its socket 0755:
+//! connecting needs write permission, so only the server account can; the socket stays
+//! behind after the trim (nbdkit does not remove it) and the next trim replaces it.
 //!
 //! nbdkit, not nbd-server: Debian's nbd-server 3.24 silently ignores TRIM requests in the
 //! upper half of an export (a length bug in its exptrim; reproduced in docs/design.md), so
@@ -46,16 +50,43 @@ pub fn socket_in(dir: &Path) -> Result<PathBuf> {
     Ok(sock)
 }
 
-/// The ssh argv (after `ssh`) for the tunnel: `-L SOCK:127.0.0.1:RPORT -- user@host 'exec
-/// nbdkit ...'`.
+/// The longest path a Unix socket address holds (sun_path, less its NUL).
+const SUN_PATH_MAX: usize = 107;
+
+/// Check the server-side socket path before it goes into a command line: absolute (sshd
+/// connects to it from no particular directory), printable, short enough for a socket
+/// address, and without the `:` that separates the two ends of `-L`.
+pub fn check_remote_socket(remote: &str) -> Result<()> {
+    if !remote.starts_with('/') || remote.chars().any(|c| c.is_control() || c == ':') {
+        bail!(
+            "cannot put trim's NBD socket at {}: it must be an absolute path without `:` \
+             (server.path, or the login directory the server reported)",
+            crate::fsutil::printable(remote, 200)
+        );
+    }
+    if remote.len() > SUN_PATH_MAX {
+        bail!(
+            "cannot put trim's NBD socket at {remote}: {} bytes, and a Unix socket's path holds \
+             at most {SUN_PATH_MAX} (a shorter server.path fixes it)",
+            remote.len()
+        );
+    }
+    Ok(())
+}
+
+/// The ssh argv (after `ssh`) for the tunnel: `-L SOCK:REMOTE -- user@host 'rm -f -- REMOTE
+/// && exec nbdkit -U REMOTE ...'`. The old socket goes first: nbdkit refuses a path that
+/// exists ("Address already in use").
 pub fn tunnel_args(
     server: &Server,
     remote_file: &str,
     sock: &Path,
-    rport: u16,
+    remote: &str,
 ) -> Result<Vec<String>> {
-    let remote = format!(
-        "exec nbdkit --foreground --exit-with-parent -i 127.0.0.1 -p {rport} file file={}",
+    check_remote_socket(remote)?;
+    let q = shell_quote(remote);
+    let command = format!(
+        "rm -f -- {q} && exec nbdkit --foreground --exit-with-parent -U {q} file file={}",
         shell_quote(remote_file)
     );
     // No -N: the session's command is the NBD server, which lives exactly as long as it.
@@ -71,24 +102,24 @@ pub fn tunnel_args(
     ]
     .iter()
     .map(|s| s.to_string())
-    .chain([format!("{}:127.0.0.1:{rport}", sock.display())])
+    .chain([format!("{}:{remote}", sock.display())])
     .collect();
     let mut v = openssh::ssh_args(server, &extra)?;
-    v.push(remote);
+    v.push(command);
     Ok(v)
 }
 
-/// Start `ssh -L SOCK:127.0.0.1:RPORT host 'exec nbdkit ...'` detached, recorded in
+/// Start `ssh -L SOCK:REMOTE host 'exec nbdkit -U REMOTE ...'` detached, recorded in
 /// `stack` (`StopProcess`) as soon as it runs.
 pub fn start_tunnel(
     stack: &mut Stack,
     server: &Server,
     remote_file: &str,
     sock: &Path,
-    rport: u16,
+    remote: &str,
 ) -> Result<Proc> {
     let p = Cmd::new("ssh")?
-        .args(tunnel_args(server, remote_file, sock, rport)?)
+        .args(tunnel_args(server, remote_file, sock, remote)?)
         .spawn_detached(Stdio::null(), Stdio::null())
         .context("starting the ssh tunnel")?;
     stack.push(Undo::StopProcess {
@@ -112,7 +143,7 @@ pub fn wait_ready(sock: &Path, tunnel: &Proc, timeout: Duration) -> Result<()> {
             }
         }
         if !tunnel.is_running() {
-            bail!("the ssh tunnel exited: nbdkit could not start on the server (check `ssh SERVER nbdkit --version`, and that sshd allows TCP forwarding and Unix-socket local forwards)");
+            bail!("the ssh tunnel exited: nbdkit could not start on the server (check `ssh SERVER nbdkit --version`, and that sshd allows Unix-socket forwarding: AllowStreamLocalForwarding)");
         }
         if Instant::now() > deadline {
             bail!(
@@ -204,24 +235,36 @@ mod tests {
             run_timeout: crate::profile::Duration(86400),
         };
         let sock = Path::new("/run/e2ebackup/p/nbd/nbd.sock");
-        let a = tunnel_args(&server, "/srv/b/c img", sock, 20001).unwrap();
+        let a = tunnel_args(&server, "/srv/b/c img", sock, "/srv/b/.c img.nbd").unwrap();
         let base = openssh::ssh_args(&server, &[]).unwrap();
         // Every shared option, in the same order, before the tunnel's own.
         assert_eq!(&a[..base.len() - 2], &base[..base.len() - 2]);
         let l = a.iter().position(|x| x == "-L").unwrap();
-        assert_eq!(a[l + 1], "/run/e2ebackup/p/nbd/nbd.sock:127.0.0.1:20001");
+        assert_eq!(a[l + 1], "/run/e2ebackup/p/nbd/nbd.sock:/srv/b/.c img.nbd");
         assert!(a.contains(&"StreamLocalBindMask=0177".to_string()), "{a:?}");
         let dd = a.iter().position(|x| x == "--").unwrap();
         assert!(dd > l);
         assert_eq!(a[dd + 1], "b@srv");
         assert_eq!(
             a[dd + 2],
-            "exec nbdkit --foreground --exit-with-parent -i 127.0.0.1 -p 20001 file file='/srv/b/c img'"
+            "rm -f -- '/srv/b/.c img.nbd' && exec nbdkit --foreground --exit-with-parent \
+             -U '/srv/b/.c img.nbd' file file='/srv/b/c img'"
         );
         assert_eq!(a.len(), dd + 3);
-        assert!(!a
-            .iter()
-            .any(|x| x.starts_with("127.0.0.1:") && x.matches(':').count() == 3));
+        // No TCP anywhere: neither a port on either end nor nbdkit's -i/-p.
+        assert!(!a.iter().any(|x| x.contains("127.0.0.1")), "{a:?}");
+        // The server-side path is checked before it reaches a command line.
+        for bad in [
+            "relative/.c.nbd",
+            "/srv/with:colon/.c.nbd",
+            "/srv/new\nline/.c.nbd",
+            &format!("/{}/.c.nbd", "d".repeat(120)),
+        ] {
+            assert!(
+                tunnel_args(&server, "/srv/b/c", sock, bad).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

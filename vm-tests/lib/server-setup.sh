@@ -43,7 +43,10 @@ PermitRootLogin no
 AllowUsers backupuser
 UsePAM no
 StrictModes yes
+# trim forwards a Unix socket, no TCP; OpenSSH's sshd still grants local forwards of both
+# kinds only under AllowTcpForwarding (with `no`, it denies the socket too: measured).
 AllowTcpForwarding local
+AllowStreamLocalForwarding local
 X11Forwarding no
 Subsystem sftp internal-sftp
 LogLevel VERBOSE
