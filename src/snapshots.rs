@@ -569,7 +569,8 @@ pub fn warm_snapshot(roots: &[PathBuf], w: &Warm, budget: u64) -> Warmed {
         file: &w.container,
         offset: w.offset,
     };
-    read_metadata_ahead(&w.device, w.since, Some(&beneath));
+    let unstopped = std::sync::atomic::AtomicBool::new(false);
+    read_metadata_ahead(&w.device, || Some(w.since), Some(&beneath), &unstopped);
     let t = std::time::Instant::now();
     let files = AtomicUsize::new(0);
     let ranges = Mutex::new(Vec::new());
@@ -728,8 +729,14 @@ fn metadata_budget() -> u64 {
 }
 
 /// The container's metadata read ahead ([`crate::stack::ext4::read_metadata`]) within
-/// [`metadata_budget`], stopped by a pending signal; best effort, what it did in a debug line.
-fn read_metadata_ahead(device: &Path, since: u64, beneath: Option<&crate::fsutil::Beneath>) {
+/// [`metadata_budget`], the directories of those created since what `since` returns;
+/// stopped by a pending signal or `stop`; best effort, what it did in a debug line.
+fn read_metadata_ahead(
+    device: &Path,
+    since: impl FnOnce() -> Option<u64>,
+    beneath: Option<&crate::fsutil::Beneath>,
+    stop: &std::sync::atomic::AtomicBool,
+) {
     let t = std::time::Instant::now();
     match crate::stack::ext4::read_metadata(
         device,
@@ -737,10 +744,10 @@ fn read_metadata_ahead(device: &Path, since: u64, beneath: Option<&crate::fsutil
         metadata_budget(),
         METADATA_THREADS,
         beneath,
-        || crate::signals::pending().is_some(),
+        || stop.load(std::sync::atomic::Ordering::Relaxed) || crate::signals::pending().is_some(),
     ) {
         Ok(r) => crate::debug!(
-            "metadata read ahead from {}: {} KiB of inode tables and bitmaps, {} KiB of directories, {} reads, {:.1} s",
+            "metadata read ahead from {}: {} KiB of inode tables and bitmaps, {} KiB of directories, {} reads, {:.2} s",
             device.display(),
             r.table_bytes >> 10,
             r.directory_bytes >> 10,
@@ -748,6 +755,57 @@ fn read_metadata_ahead(device: &Path, since: u64, beneath: Option<&crate::fsutil
             t.elapsed().as_secs_f64()
         ),
         Err(e) => crate::debug!("metadata read-ahead skipped: {e:#}"),
+    }
+}
+
+/// [`take`]'s metadata read-ahead, on a thread of its own from `take`'s first step: the
+/// inode tables and bitmaps are read while `take` lists the snapshots and makes its
+/// directory (cold reads of their own, one round trip each), and the previous snapshot's
+/// directories once [`MetadataAhead::finish`] names its time. Dropped unfinished (an error
+/// on the way) it stops and is joined: its open device would keep the teardown from
+/// closing the mapping.
+struct MetadataAhead {
+    since: Option<std::sync::mpsc::Sender<Option<u64>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MetadataAhead {
+    fn start(device: &Path) -> MetadataAhead {
+        let (tx, rx) = std::sync::mpsc::channel::<Option<u64>>();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let device = device.to_path_buf();
+        let handle = std::thread::Builder::new()
+            .name("metadata-ahead".into())
+            .spawn(move || read_metadata_ahead(&device, || rx.recv().ok().flatten(), None, &flag))
+            .ok();
+        MetadataAhead {
+            since: Some(tx),
+            stop,
+            handle,
+        }
+    }
+
+    /// Read the directories of those created at or after `since` (none for `None`), and
+    /// wait for the read-ahead to end.
+    fn finish(mut self, since: Option<u64>) {
+        if let Some(tx) = self.since.take() {
+            let _ = tx.send(since);
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for MetadataAhead {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.since.take();
+            let _ = h.join();
+        }
     }
 }
 
@@ -823,6 +881,7 @@ fn hash_behind(names: std::sync::mpsc::Receiver<PathBuf>, dest: &Path) -> crate:
 /// Take a snapshot of the profile's sources into the mounted container at `root`, whose
 /// filesystem is on `device` (for the metadata read-ahead; `None` goes without it).
 pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Taken> {
+    let ahead = device.map(MetadataAhead::start);
     for s in &profile.backup.sources {
         if !s.0.exists() {
             bail!("backup source {} does not exist", s.0.display());
@@ -856,10 +915,10 @@ pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Tak
         Some(l) => crate::manifest::most_files(root, &l.to_string())?,
         None => None,
     };
-    if let (Some(dev), Some(l)) = (device, prev) {
-        // The previous snapshot's directories and every inode, in large reads first; the
-        // walk below then finds most of what it reads in memory.
-        read_metadata_ahead(dev, l.unix().max(0) as u64, None);
+    if let Some(ahead) = ahead {
+        // Every inode (read meanwhile) and the previous snapshot's directories, in large
+        // reads first; the walk below then finds most of what it reads in memory.
+        ahead.finish(prev.map(|l| l.unix().max(0) as u64));
     }
     if let (Some(dir), Some(files)) = (&link, prev_files) {
         match mem_available() {

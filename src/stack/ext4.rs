@@ -157,6 +157,9 @@ pub struct MetadataRead {
     pub reads: usize,
 }
 
+/// A run of blocks (first, count) and the creation time of the directory it belongs to.
+type Dated = (u64, (u64, u64));
+
 /// The largest single read: large enough to keep several SFTP requests in flight behind
 /// one read, small enough to spread over the threads.
 pub const READ_CHUNK: u64 = 256 << 10;
@@ -255,18 +258,13 @@ impl Geometry {
         out
     }
 
-    /// The extents (first block, length) of every directory among the inodes in `table`
-    /// created at or after `since` (unix seconds; inodes without a creation time count as
-    /// new), as far as the inode itself lists them; `nodes` gets the blocks of the extent-tree
-    /// nodes below a directory with more than four runs of blocks ([`Self::extent_node`]
-    /// reads them). Inline and non-extent directories are left to the walk that follows.
-    fn directory_extents(
-        &self,
-        table: &[u8],
-        since: u64,
-        out: &mut Vec<(u64, u64)>,
-        nodes: &mut Vec<u64>,
-    ) {
+    /// The extents (first block, length) of every directory among the inodes in `table`,
+    /// each with the directory's creation time (unix seconds; `u64::MAX` for an inode
+    /// without one: it counts as new), as far as the inode itself lists them; `nodes` gets
+    /// the blocks of the extent-tree nodes below a directory with more than four runs of
+    /// blocks ([`Self::extent_node`] reads them), with the same time. Inline and non-extent
+    /// directories are left to the walk that follows.
+    fn directory_extents(&self, table: &[u8], out: &mut Vec<Dated>, nodes: &mut Vec<Dated>) {
         for ino in table.chunks_exact(self.inode_size as usize) {
             let mode = le16(ino, 0x00);
             let links = le16(ino, 0x1A);
@@ -275,10 +273,15 @@ impl Geometry {
                 continue;
             }
             // i_crtime, where the inode has room for it (i_extra_isize covers it).
-            if ino.len() >= 0x94 && le16(ino, 0x80) >= 0x18 && le32(ino, 0x90) < since {
-                continue;
-            }
-            self.extent_node(&ino[0x28..0x28 + 60], out, nodes);
+            let born = if ino.len() >= 0x94 && le16(ino, 0x80) >= 0x18 {
+                le32(ino, 0x90)
+            } else {
+                u64::MAX
+            };
+            let (mut found, mut below) = (Vec::new(), Vec::new());
+            self.extent_node(&ino[0x28..0x28 + 60], &mut found, &mut below);
+            out.extend(found.into_iter().map(|e| (born, e)));
+            nodes.extend(below.into_iter().map(|b| (born, (b, 1))));
         }
     }
 
@@ -317,16 +320,18 @@ impl Geometry {
 /// bitmaps, then the blocks of every directory those inodes describe. Large reads, several
 /// at a time: in a container mounted over the network that is a few dozen round trips
 /// instead of one per cold block when rsync's `--link-dest` walk asks for them one after
-/// another (docs/benchmarks.md). Only directories created at or after `since` (unix
-/// seconds) are read: the previous snapshot's, not every older one's. Reading a mounted
-/// filesystem's device is coherent with the filesystem (one page cache), and only reads.
-/// At most `budget` bytes; stops on `halt`. With `beneath` (a buffered loop device's file),
-/// each batch is first read from that file in bulk ([`Beneath::prime`]): through a buffered
-/// loop on sshfs the device's own large reads would go out as small FUSE read-ahead
-/// requests, one after another (3.3 s for 10 MiB at 25 ms each way, docs/benchmarks.md).
+/// another (docs/benchmarks.md). Only directories created at or after the time `since`
+/// returns (unix seconds) are read: the previous snapshot's, not every older one's; none if
+/// it returns `None`. It is asked once the tables are read, so a caller can start this
+/// before it knows which snapshot that is. Reading a mounted filesystem's device is
+/// coherent with the filesystem (one page cache), and only reads. At most `budget` bytes;
+/// stops on `halt`. With `beneath` (a buffered loop device's file), each batch is first
+/// read from that file in bulk ([`Beneath::prime`]): through a buffered loop on sshfs the
+/// device's own large reads would go out as small FUSE read-ahead requests, one after
+/// another (3.3 s for 10 MiB at 25 ms each way, docs/benchmarks.md).
 pub fn read_metadata(
     device: &Path,
-    since: u64,
+    since: impl FnOnce() -> Option<u64>,
     budget: u64,
     threads: usize,
     beneath: Option<&Beneath>,
@@ -367,16 +372,29 @@ pub fn read_metadata(
     let tables = within(plan_reads(g.table_ranges(&gdt), 0, READ_CHUNK));
     prime(&tables);
     let found = std::sync::Mutex::new((Vec::new(), Vec::new()));
-    let collect = |extents: Vec<(u64, u64)>, nodes: Vec<u64>| {
+    let collect = |extents: Vec<Dated>, nodes: Vec<Dated>| {
         let mut f = found.lock().unwrap_or_else(|e| e.into_inner());
         f.0.extend(extents);
         f.1.extend(nodes);
     };
     read_ranges(&f, &tables, threads, READ_CHUNK, &halt, &|b: &[u8]| {
         let (mut extents, mut nodes) = (Vec::new(), Vec::new());
-        g.directory_extents(b, since, &mut extents, &mut nodes);
+        g.directory_extents(b, &mut extents, &mut nodes);
         collect(extents, nodes);
     });
+    let table_bytes = tables.iter().map(|r| r.1).sum();
+    let Some(since) = since() else {
+        return Ok(MetadataRead {
+            table_bytes,
+            directory_bytes: 0,
+            reads: 1 + tables.len(),
+        });
+    };
+    {
+        let mut f = found.lock().unwrap_or_else(|e| e.into_inner());
+        f.0.retain(|(born, _)| *born >= since);
+        f.1.retain(|(born, _)| *born >= since);
+    }
     let mut tree_reads = 0;
     // The tree blocks of fragmented directories, one level at a time (ext4 trees are at
     // most 5 deep).
@@ -386,7 +404,10 @@ pub fn read_metadata(
             break;
         }
         let reads = within(plan_reads(
-            nodes.into_iter().map(|b| (b * g.block, g.block)).collect(),
+            nodes
+                .into_iter()
+                .map(|(_, (b, _))| (b * g.block, g.block))
+                .collect(),
             0,
             READ_CHUNK,
         ));
@@ -397,7 +418,11 @@ pub fn read_metadata(
             for node in b.chunks_exact(g.block as usize) {
                 g.extent_node(node, &mut extents, &mut nodes);
             }
-            collect(extents, nodes);
+            // Below a directory kept above: kept.
+            collect(
+                extents.into_iter().map(|e| (u64::MAX, e)).collect(),
+                nodes.into_iter().map(|n| (u64::MAX, (n, 1))).collect(),
+            );
         });
     }
     let dir_ranges = found
@@ -405,13 +430,13 @@ pub fn read_metadata(
         .unwrap_or_else(|e| e.into_inner())
         .0
         .into_iter()
-        .map(|(b, n)| (b * g.block, n * g.block))
+        .map(|(_, (b, n))| (b * g.block, n * g.block))
         .collect();
     let dir_reads = within(plan_reads(dir_ranges, GAP_READ_THROUGH, READ_CHUNK));
     prime(&dir_reads);
     read_ranges(&f, &dir_reads, threads, READ_CHUNK, &halt, &|_: &[u8]| {});
     Ok(MetadataRead {
-        table_bytes: tables.iter().map(|r| r.1).sum(),
+        table_bytes,
         directory_bytes: dir_reads.iter().map(|r| r.1).sum(),
         reads: 1 + tables.len() + tree_reads + dir_reads.len(),
     })
@@ -590,8 +615,10 @@ mod metadata_tests {
             let end = g.blocks * g.block;
             assert!(g.table_ranges(&gdt).iter().all(|(o, l)| o + l <= end));
             let table: Vec<u8> = (0..g.inode_size * 16).map(|_| rnd() as u8).collect();
-            let (mut ext, mut nodes) = (Vec::new(), Vec::new());
-            g.directory_extents(&table, 0, &mut ext, &mut nodes);
+            let (mut dated, mut dated_nodes) = (Vec::new(), Vec::new());
+            g.directory_extents(&table, &mut dated, &mut dated_nodes);
+            let mut ext: Vec<(u64, u64)> = dated.into_iter().map(|(_, e)| e).collect();
+            let mut nodes: Vec<u64> = dated_nodes.into_iter().map(|(_, (b, _))| b).collect();
             for node in table.chunks_exact(g.block.min(table.len() as u64) as usize) {
                 g.extent_node(node, &mut ext, &mut nodes);
             }
@@ -641,12 +668,14 @@ mod metadata_tests {
         let g = Geometry::parse(&sb).unwrap();
         let mut gdt = vec![0u8; (g.groups * g.desc_size) as usize];
         f.read_exact_at(&mut gdt, g.gdt_block * g.block).unwrap();
-        let (mut ext, mut nodes) = (Vec::new(), Vec::new());
+        let (mut dated, mut dated_nodes) = (Vec::new(), Vec::new());
         for (off, len) in g.table_ranges(&gdt) {
             let mut t = vec![0u8; len as usize];
             f.read_exact_at(&mut t, off).unwrap();
-            g.directory_extents(&t, 0, &mut ext, &mut nodes);
+            g.directory_extents(&t, &mut dated, &mut dated_nodes);
         }
+        let mut ext: Vec<(u64, u64)> = dated.into_iter().map(|(_, e)| e).collect();
+        let mut nodes: Vec<u64> = dated_nodes.into_iter().map(|(_, (b, _))| b).collect();
         let mut found = std::collections::BTreeSet::new();
         let mut tree_blocks = 0;
         while let Some(b) = nodes.pop() {
@@ -694,19 +723,19 @@ mod metadata_tests {
             "some directories span several blocks"
         );
 
-        let r = read_metadata(&img, 0, 1 << 30, 4, None, || false).unwrap();
+        let r = read_metadata(&img, || Some(0), 1 << 30, 4, None, || false).unwrap();
         assert!(r.directory_bytes >= want * g.block, "{r:?}");
         assert!(r.table_bytes > 0 && r.reads >= 2, "{r:?}");
         // A budget smaller than the tables: reads less, still no error; smaller than the
         // group descriptors: refused.
-        let small = read_metadata(&img, 0, 64 << 10, 4, None, || false).unwrap();
+        let small = read_metadata(&img, || Some(0), 64 << 10, 4, None, || false).unwrap();
         assert!(
             small.table_bytes + small.directory_bytes <= 64 << 10,
             "{small:?}"
         );
-        assert!(read_metadata(&img, 0, 16, 4, None, || false).is_err());
+        assert!(read_metadata(&img, || Some(0), 16, 4, None, || false).is_err());
         // Halted before it starts: nothing but the descriptors.
-        let none = read_metadata(&img, 0, 1 << 30, 4, None, || true).unwrap();
+        let none = read_metadata(&img, || Some(0), 1 << 30, 4, None, || true).unwrap();
         assert_eq!((none.table_bytes > 0, none.directory_bytes), (true, 0));
         // Only directories created since a time: none of these (made just now) are
         // newer than an hour from now; all are newer than an hour ago.
@@ -714,9 +743,15 @@ mod metadata_tests {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs();
-        let later = read_metadata(&img, now + 3600, 1 << 30, 4, None, || false).unwrap();
+        let later = read_metadata(&img, || Some(now + 3600), 1 << 30, 4, None, || false).unwrap();
         assert_eq!(later.directory_bytes, 0, "{later:?}");
-        let earlier = read_metadata(&img, now - 3600, 1 << 30, 4, None, || false).unwrap();
+        let earlier = read_metadata(&img, || Some(now - 3600), 1 << 30, 4, None, || false).unwrap();
         assert_eq!(earlier.directory_bytes, r.directory_bytes, "{earlier:?}");
+        // No previous snapshot: the tables, no directory.
+        let tables_only = read_metadata(&img, || None, 1 << 30, 4, None, || false).unwrap();
+        assert_eq!(
+            (tables_only.table_bytes, tables_only.directory_bytes),
+            (r.table_bytes, 0)
+        );
     }
 }
