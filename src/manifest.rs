@@ -370,16 +370,20 @@ pub fn build<R: BufRead>(
     prev: Option<(&Path, Records<R>)>,
     fresh: &Fresh,
     out: &mut impl Write,
-) -> Result<u64> {
+) -> Result<Built> {
     let (pdir, mut prev_records) = match prev {
         Some((d, r)) => (Some(d), Some(r)),
         None => (None, None),
     };
+    // The same records as the previous manifest, so far: every file reused in order, no
+    // previous record passed over, nothing unreadable.
+    let same = std::cell::Cell::new(pdir.is_some());
     let mut next_prev = || -> Option<Entry> {
         match prev_records.as_mut()?.next()? {
             Ok(e) => Some(e),
             Err(e) => {
                 crate::warn!("{e:#}: the files it lists are hashed again");
+                same.set(false);
                 prev_records = None;
                 None
             }
@@ -396,6 +400,7 @@ pub fn build<R: BufRead>(
         // Skip the previous records that sort before this path (files since deleted).
         while let Some(p) = &pending {
             if Path::new(OsStr::from_bytes(&p.path)).cmp(&rel) == Ordering::Less {
+                same.set(false);
                 pending = next_prev();
             } else {
                 break;
@@ -410,6 +415,11 @@ pub fn build<R: BufRead>(
             }
             _ => None,
         };
+        if reused.is_some() {
+            pending = None;
+        } else {
+            same.set(false);
+        }
         let entry = Entry {
             sha256: match reused.or_else(|| fresh.get(&m)) {
                 Some(h) => h,
@@ -420,46 +430,109 @@ pub fn build<R: BufRead>(
         };
         encode_into(out, &entry)?;
         n += 1;
+        if pending.is_none() {
+            pending = next_prev();
+        }
     }
-    Ok(n)
+    if pending.is_some() || next_prev().is_some() {
+        same.set(false);
+    }
+    Ok(Built {
+        files: n,
+        same_as_previous: same.get(),
+    })
 }
 
-/// A manifest written to a temporary file beside its place, not yet synced.
+/// What [`build`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Built {
+    pub files: u64,
+    /// Record for record what the previous manifest holds (a run that changed nothing).
+    pub same_as_previous: bool,
+}
+
+/// A manifest ready to be put in place, not yet synced: written to a temporary file
+/// beside its place, or, when it came out byte for byte the previous one, that one.
 #[derive(Debug)]
 pub struct Written {
     pub files: u64,
-    tmp: PathBuf,
+    from: From,
     path: PathBuf,
 }
 
+#[derive(Debug)]
+enum From {
+    Temporary(PathBuf),
+    /// The previous manifest, to be linked: manifests never change once in place.
+    Previous(PathBuf),
+}
+
 impl Written {
+    /// Whether it is the previous manifest again (a run that changed nothing).
+    pub fn is_previous(&self) -> bool {
+        matches!(self.from, From::Previous(_))
+    }
+
     /// Put it in place: after a sync of the filesystem (its data), before the snapshot is.
     pub fn publish(self) -> Result<()> {
-        std::fs::rename(&self.tmp, &self.path)
-            .with_context(|| format!("renaming {} to {}", self.tmp.display(), self.path.display()))
+        let (r, from) = match &self.from {
+            From::Temporary(t) => (std::fs::rename(t, &self.path), t),
+            From::Previous(p) => (std::fs::hard_link(p, &self.path), p),
+        };
+        r.with_context(|| {
+            format!(
+                "putting {} in place as {}",
+                from.display(),
+                self.path.display()
+            )
+        })
     }
 }
 
 /// Build the manifest of snapshot `id` (in the directory `snap`) into a temporary file.
 /// Not synced here: the snapshot's commit syncs the filesystem once for its files and
 /// this, then renames both (each fsync of its own is a journal commit and cache flushes,
-/// serial round trips to the server).
+/// serial round trips to the server). `prev` is the previous snapshot's directory, the id
+/// of its manifest and that manifest's records. When the result is the previous manifest
+/// byte for byte (same records, same length), the temporary file is removed before
+/// anything of it was written out (delayed allocation: an unlinked file's dirty pages are
+/// dropped), and the previous manifest is linked in its place instead: a run that changed
+/// nothing does not send its manifest (2.4 MiB at 20000 files) to the server again.
 pub fn write<R: BufRead>(
     root: &Path,
     id: &str,
     snap: &Path,
-    prev: Option<(&Path, Records<R>)>,
+    prev: Option<(&Path, &str, Records<R>)>,
     fresh: &Fresh,
 ) -> Result<Written> {
     let dir = root.join(MANIFESTS);
     std::fs::create_dir_all(&dir)?;
-    let mut files = 0;
+    let mut built = None;
     let path = path_of(root, id);
-    let (tmp, _) = crate::fsutil::write_temp_with(&path, |w| {
-        files = build(snap, prev, fresh, w)?;
+    let previous = prev.as_ref().map(|(_, pid, _)| path_of(root, pid));
+    let (tmp, f) = crate::fsutil::write_temp_with(&path, |w| {
+        built = Some(build(snap, prev.map(|(d, _, r)| (d, r)), fresh, w)?);
         Ok(())
     })?;
-    Ok(Written { files, tmp, path })
+    let built = built.context("the manifest was not built")?;
+    let written_len = f.metadata().map(|m| m.len()).ok();
+    drop(f);
+    let from = match previous {
+        Some(p)
+            if built.same_as_previous
+                && written_len.is_some()
+                && std::fs::symlink_metadata(&p).ok().map(|m| m.len()) == written_len =>
+        {
+            std::fs::remove_file(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+            From::Previous(p)
+        }
+        _ => From::Temporary(tmp),
+    };
+    Ok(Written {
+        files: built.files,
+        from,
+        path,
+    })
 }
 
 /// Remove the temporary manifests of runs that ended before their commit.
@@ -554,10 +627,85 @@ mod tests {
             &Fresh::default(),
             &mut out,
         )
-        .unwrap();
+        .unwrap()
+        .files;
         let es: Vec<Entry> = records(&out).map(Result::unwrap).collect();
         assert_eq!(n as usize, es.len());
         es
+    }
+
+    /// A run that changed nothing builds the previous manifest again: `write` then links
+    /// that one in place of writing its own; any difference writes a new one.
+    #[test]
+    fn an_unchanged_snapshot_links_the_previous_manifest() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::create_dir(root.join(MANIFESTS)).unwrap();
+        let snap = |n: &str| root.join(n);
+        std::fs::create_dir_all(snap("s1/a/b")).unwrap();
+        for f in ["a/x", "a/b/y", "z"] {
+            std::fs::write(snap("s1").join(f), f.as_bytes()).unwrap();
+        }
+        let none = Fresh::default();
+        let w1 = write::<&[u8]>(root, "s1", &snap("s1"), None, &none).unwrap();
+        assert!(!w1.is_previous(), "nothing to compare with");
+        w1.publish().unwrap();
+        // s2: every file a hard link of s1's, as rsync --link-dest makes it.
+        let link_tree = |to: &str, skip: &[&str]| {
+            std::fs::create_dir_all(snap(to).join("a/b")).unwrap();
+            for f in ["a/x", "a/b/y", "z"] {
+                if !skip.contains(&f) {
+                    std::fs::hard_link(snap("s1").join(f), snap(to).join(f)).unwrap();
+                }
+            }
+        };
+        link_tree("s2", &[]);
+        let prev = open(root, "s1").unwrap().unwrap();
+        let w2 = write(
+            root,
+            "s2",
+            &snap("s2"),
+            Some((&snap("s1"), "s1", prev)),
+            &none,
+        )
+        .unwrap();
+        assert!(w2.is_previous());
+        assert_eq!(w2.files, 3);
+        w2.publish().unwrap();
+        let (m1, m2) = (path_of(root, "s1"), path_of(root, "s2"));
+        assert_eq!(
+            std::fs::metadata(&m1).unwrap().ino(),
+            std::fs::metadata(&m2).unwrap().ino()
+        );
+        let left: Vec<_> = std::fs::read_dir(root.join(MANIFESTS)).unwrap().collect();
+        assert_eq!(left.len(), 2, "no temporary file left");
+        // One file fewer (the last one in order), one changed, one added: written anew.
+        link_tree("s3", &["z"]);
+        link_tree("s4", &["a/x"]);
+        std::fs::write(snap("s4/a/x"), b"other").unwrap();
+        link_tree("s5", &[]);
+        std::fs::write(snap("s5/zz"), b"new").unwrap();
+        for s in ["s3", "s4", "s5"] {
+            let prev = open(root, "s1").unwrap().unwrap();
+            let w = write(root, s, &snap(s), Some((&snap("s1"), "s1", prev)), &none).unwrap();
+            assert!(!w.is_previous(), "{s}");
+            w.publish().unwrap();
+            let m: Vec<Entry> = open(root, s)
+                .unwrap()
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            assert_eq!(
+                m.len(),
+                if s == "s3" {
+                    2
+                } else if s == "s4" {
+                    3
+                } else {
+                    4
+                }
+            );
+        }
     }
 
     #[test]

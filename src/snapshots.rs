@@ -991,17 +991,26 @@ pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Tak
         Some(l) => crate::manifest::open(root, &l.to_string())?,
         None => None,
     };
+    let prev_id = prev.map(|l| l.to_string());
     let manifest = crate::manifest::write(
         root,
         &id.to_string(),
         &partial,
-        link.as_deref().zip(prev_manifest),
+        match (link.as_deref(), prev_id.as_deref(), prev_manifest) {
+            (Some(l), Some(pid), Some(r)) => Some((l, pid, r)),
+            _ => None,
+        },
         &fresh,
     )?;
     drop(fresh);
     crate::debug!(
-        "manifest of {} files written in {:.2} s",
+        "manifest of {} files {} in {:.2} s",
         manifest.files,
+        if manifest.is_previous() {
+            "built: the previous one again, linked"
+        } else {
+            "written"
+        },
         t.elapsed().as_secs_f64()
     );
     let t = std::time::Instant::now();
