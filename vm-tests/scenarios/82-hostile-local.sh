@@ -10,8 +10,8 @@
 # (c) a victim file outside the tool's own is unchanged (sha256 and size).
 source "$(dirname "$0")/../lib/common.sh"
 
-P=hostile
-SRC=/srv/hostile-data
+P=localatk
+SRC=/srv/localatk-data
 RUN=/run/e2ebackup/$P
 SOCK=$RUN/nbd/nbd.sock
 SERVER_SOCK=/srv/backup/.$P.luks.nbd
