@@ -374,12 +374,17 @@ fn parent_of(path: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
-/// What temporary files for `path` start with: `.NAME.tmp-`, then the writer's PID.
-fn temp_prefix(name: &std::ffi::OsStr) -> std::ffi::OsString {
-    let mut t = std::ffi::OsString::from(".");
-    t.push(name);
-    t.push(".tmp-");
-    t
+/// The marker in the name of [`write_temp_with`]'s temporary files: `.NAME.tmp-PID`.
+const TEMP_MARK: &str = ".tmp-";
+
+/// Whether `name` is one of [`write_temp_with`]'s temporary files (left behind by a writer
+/// that ended before it renamed it).
+pub fn is_temp_name(name: &std::ffi::OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let b = name.as_bytes();
+    b.starts_with(b".")
+        && b.windows(TEMP_MARK.len())
+            .any(|w| w == TEMP_MARK.as_bytes())
 }
 
 /// The first half of [`write_atomic_with`], for a caller that syncs more than this one file
@@ -394,8 +399,9 @@ pub fn write_temp_with(
     let name = path
         .file_name()
         .with_context(|| format!("{} has no file name", path.display()))?;
-    let mut tmp_name = temp_prefix(name);
-    tmp_name.push(std::process::id().to_string());
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!("{TEMP_MARK}{}", std::process::id()));
     let tmp = parent_of(path).join(tmp_name);
     let _ = std::fs::remove_file(&tmp);
     let r = (|| -> Result<File> {
@@ -723,6 +729,12 @@ mod tests {
         assert_eq!(std::fs::read(&f).unwrap(), b"2\n");
         let names: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().collect();
         assert_eq!(names.len(), 1);
+        // The temporary file a writer leaves before its rename is known by its name; the
+        // file it replaces is not.
+        let (t, _) = write_temp_with(&f, |w| w.write_all(b"3\n").map_err(Into::into)).unwrap();
+        assert!(is_temp_name(t.file_name().unwrap()), "{t:?}");
+        assert!(!is_temp_name(f.file_name().unwrap()));
+        assert_eq!(std::fs::read(&f).unwrap(), b"2\n", "not renamed");
         let _ = std::fs::remove_dir_all(&root);
     }
 

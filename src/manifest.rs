@@ -415,8 +415,9 @@ pub fn build<R: BufRead>(
             }
             _ => None,
         };
+        // A reused record is consumed: the next one waits for the next path.
         if reused.is_some() {
-            pending = None;
+            pending = next_prev();
         } else {
             same.set(false);
         }
@@ -430,9 +431,6 @@ pub fn build<R: BufRead>(
         };
         encode_into(out, &entry)?;
         n += 1;
-        if pending.is_none() {
-            pending = next_prev();
-        }
     }
     if pending.is_some() || next_prev().is_some() {
         same.set(false);
@@ -517,12 +515,12 @@ pub fn write<R: BufRead>(
     let built = built.context("the manifest was not built")?;
     let written_len = f.metadata().map(|m| m.len()).ok();
     drop(f);
+    let same_length = |p: &Path| {
+        let previous_len = std::fs::symlink_metadata(p).ok().map(|m| m.len());
+        written_len.is_some() && previous_len == written_len
+    };
     let from = match previous {
-        Some(p)
-            if built.same_as_previous
-                && written_len.is_some()
-                && std::fs::symlink_metadata(&p).ok().map(|m| m.len()) == written_len =>
-        {
+        Some(p) if built.same_as_previous && same_length(&p) => {
             std::fs::remove_file(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
             From::Previous(p)
         }
@@ -546,13 +544,7 @@ pub fn remove_temporaries(root: &Path) -> Result<usize> {
     let mut n = 0;
     for e in entries {
         let e = e?;
-        let name = e.file_name();
-        let temp = name.as_bytes().starts_with(b".")
-            && name
-                .as_bytes()
-                .windows(b".tmp-".len())
-                .any(|w| w == b".tmp-");
-        if temp && e.file_type()?.is_file() {
+        if crate::fsutil::is_temp_name(&e.file_name()) && e.file_type()?.is_file() {
             std::fs::remove_file(e.path())
                 .with_context(|| format!("removing {}", e.path().display()))?;
             n += 1;

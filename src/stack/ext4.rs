@@ -265,6 +265,7 @@ impl Geometry {
     /// blocks ([`Self::extent_node`] reads them), with the same time. Inline and non-extent
     /// directories are left to the walk that follows.
     fn directory_extents(&self, table: &[u8], out: &mut Vec<Dated>, nodes: &mut Vec<Dated>) {
+        let (mut found, mut below) = (Vec::new(), Vec::new());
         for ino in table.chunks_exact(self.inode_size as usize) {
             let mode = le16(ino, 0x00);
             let links = le16(ino, 0x1A);
@@ -278,10 +279,9 @@ impl Geometry {
             } else {
                 u64::MAX
             };
-            let (mut found, mut below) = (Vec::new(), Vec::new());
             self.extent_node(&ino[0x28..0x28 + 60], &mut found, &mut below);
-            out.extend(found.into_iter().map(|e| (born, e)));
-            nodes.extend(below.into_iter().map(|b| (born, (b, 1))));
+            out.extend(found.drain(..).map(|e| (born, e)));
+            nodes.extend(below.drain(..).map(|b| (born, (b, 1))));
         }
     }
 

@@ -143,7 +143,7 @@ pub fn wait_ready(sock: &Path, tunnel: &Proc, timeout: Duration) -> Result<()> {
             }
         }
         if !tunnel.is_running() {
-            bail!("the ssh tunnel exited: nbdkit could not start on the server (check `ssh SERVER nbdkit --version`, and that sshd allows Unix-socket forwarding: AllowStreamLocalForwarding)");
+            bail!("the ssh tunnel exited: nbdkit could not start on the server (check `ssh SERVER nbdkit --version`, and that sshd allows local forwarding of a Unix socket: AllowTcpForwarding yes or local, which OpenSSH requires for it too, and AllowStreamLocalForwarding yes or local)");
         }
         if Instant::now() > deadline {
             bail!(
