@@ -562,7 +562,63 @@ impl Beneath<'_> {
         threads: usize,
         halt: &(impl Fn() -> bool + Sync),
     ) -> usize {
-        let end = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        let reads = self.plan(ranges, self.len());
+        read_ranges(self.file, &reads, threads, BULK_CHUNK, halt, &|_: &[u8]| {});
+        reads.len()
+    }
+
+    /// Like [`Beneath::prime`] for ranges that come in batches: `next` hands over one batch
+    /// after another (`None`: no more), each planned on its own, and `threads` readers take
+    /// its reads as they are queued. `next` is asked for a batch once the reads of the one
+    /// before are all queued, not done, so the readers never idle at a batch's end waiting
+    /// for its slowest read. Returns the reads issued.
+    pub fn prime_batches(
+        &self,
+        threads: usize,
+        halt: &(impl Fn() -> bool + Sync),
+        mut next: impl FnMut() -> Option<Vec<(u64, u64)>>,
+    ) -> usize {
+        use std::os::unix::fs::FileExt;
+        let end = self.len();
+        let threads = threads.max(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, u64)>(threads);
+        let rx = std::sync::Mutex::new(rx);
+        let mut issued = 0;
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| {
+                    let mut buf = vec![0u8; BULK_CHUNK as usize];
+                    loop {
+                        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok((off, len)) = next else {
+                            return;
+                        };
+                        if !halt() && len <= BULK_CHUNK {
+                            let _ = self.file.read_exact_at(&mut buf[..len as usize], off);
+                        }
+                    }
+                });
+            }
+            'batches: while let Some(batch) = next() {
+                for r in self.plan(batch, end) {
+                    if halt() || tx.send(r).is_err() {
+                        break 'batches;
+                    }
+                    issued += 1;
+                }
+            }
+            drop(tx);
+        });
+        issued
+    }
+
+    fn len(&self) -> u64 {
+        self.file.metadata().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// The device's `ranges` as reads of the file beneath: shifted by the offset, those not
+    /// within its `end` left out, merged and cut ([`plan_reads`]).
+    fn plan(&self, ranges: impl IntoIterator<Item = (u64, u64)>, end: u64) -> Vec<(u64, u64)> {
         let shifted = ranges
             .into_iter()
             .filter_map(|(at, n)| {
@@ -570,9 +626,7 @@ impl Beneath<'_> {
                 (at.checked_add(n)? <= end).then_some((at, n))
             })
             .collect();
-        let reads = plan_reads(shifted, BULK_GAP, BULK_CHUNK);
-        read_ranges(self.file, &reads, threads, BULK_CHUNK, halt, &|_: &[u8]| {});
-        reads.len()
+        plan_reads(shifted, BULK_GAP, BULK_CHUNK)
     }
 }
 
@@ -636,6 +690,35 @@ mod tests {
             *got.lock().unwrap() += b.len() as u64
         });
         assert_eq!(*got.lock().unwrap(), 0);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn batches_are_planned_each_and_read_until_none_or_halt() {
+        let d = tmp();
+        let p = d.join("container");
+        std::fs::write(&p, vec![1u8; (4 << 20) + 4096]).unwrap();
+        let f = File::open(&p).unwrap();
+        let b = Beneath {
+            file: &f,
+            offset: 4096,
+        };
+        let mut batches = vec![
+            vec![(0, 100), (200, 100)],        // merged: one read
+            vec![],                            // an empty batch does not end it
+            vec![(1 << 20, 3 << 20)],          // 3 MiB: cut into three reads
+            vec![(4 << 20, 10), (1 << 40, 1)], // both past the end: left out
+        ]
+        .into_iter();
+        let mut asked = 0;
+        let next = || {
+            asked += 1;
+            batches.next()
+        };
+        assert_eq!(b.prime_batches(3, &|| false, next), 4);
+        assert_eq!(asked, 5, "asked until None");
+        let mut once = Some(vec![(0u64, 100u64)]);
+        assert_eq!(b.prime_batches(2, &|| true, || once.take()), 0, "halted");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

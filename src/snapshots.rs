@@ -441,30 +441,21 @@ fn walk_parallel(
 }
 
 /// The regular files of the trees at `roots` (a root may be a file itself), walked by
-/// `threads` walkers in name order ([`walk_parallel`]): each is handed to `file` with its size
-/// while the sizes handed out stay within `budget` (a file that does not fit is skipped; a
-/// smaller one after it may still fit), and every other entry that is not a directory to
-/// `other`. What [`read_ahead`] and [`warm_snapshot`] walk with; stops on `halt`. Returns
-/// the sizes handed out, in all.
+/// `threads` walkers in name order ([`walk_parallel`]): each is handed to `file` with its
+/// position (the sizes of the files handed out before it, roughly in the order rsync copies
+/// them) and its size, and every other entry that is not a directory to `other`. What
+/// [`read_ahead`] and [`warm_snapshot`] walk with; stops on `halt`. Returns the sizes
+/// handed out, in all.
 fn files_within(
     roots: &[PathBuf],
     threads: usize,
-    budget: u64,
     halt: impl Fn() -> bool + Sync,
-    file: impl Fn(&Path, u64) + Sync,
+    file: impl Fn(&Path, u64, u64) + Sync,
     other: impl Fn(&std::fs::DirEntry) + Sync,
 ) -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
-    let reserved = AtomicU64::new(0);
-    let within = |p: &Path, len: u64| {
-        let fits = |r: u64| r.checked_add(len).filter(|&t| t <= budget);
-        if reserved
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, fits)
-            .is_ok()
-        {
-            file(p, len);
-        }
-    };
+    let handed = AtomicU64::new(0);
+    let within = |p: &Path, len: u64| file(p, handed.fetch_add(len, Ordering::Relaxed), len);
     let mut dirs = Vec::new();
     for r in roots {
         match std::fs::symlink_metadata(r) {
@@ -482,16 +473,107 @@ fn files_within(
         }
         _ => other(e),
     });
-    reserved.into_inner()
+    handed.into_inner()
+}
+
+/// How far restore's read-aheads may run ahead of its rsync. Everything read ahead waits in
+/// memory until rsync copies it; read too far ahead it is reclaimed first (memory pressure,
+/// or a proactive reclaim such as DAMON's, which pages out what has not been touched for a
+/// while) and then read again, one small request at a time. So the bulk read of the
+/// container and the readers of the files both stay within a window of rsync's progress,
+/// and run while rsync copies instead of before it. Positions are bytes of file data in the
+/// order the walks meet the files, which is roughly the order rsync copies them in.
+pub struct Pace {
+    window: u64,
+    /// File bytes rsync has copied so far (its `--info=progress2` reports).
+    copied: std::sync::atomic::AtomicU64,
+    /// File bytes whose container ranges the bulk read has read; `u64::MAX` without one, or
+    /// once it is done.
+    primed: std::sync::atomic::AtomicU64,
+    /// Set when rsync has ended: nothing waits any more.
+    over: std::sync::atomic::AtomicBool,
+}
+
+/// The most restore reads ahead of rsync: 128 MiB, or a quarter of the free memory if that
+/// is less (but at least 8 MiB).
+fn restore_window() -> u64 {
+    let m = mem_available().map_or(0, |m| m / 4);
+    m.clamp(8 << 20, 128 << 20)
+}
+
+impl Pace {
+    /// A pace of `window` bytes; `bulk` says whether a bulk read will report what it primed.
+    pub fn new(window: u64, bulk: bool) -> Pace {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        Pace {
+            window,
+            copied: AtomicU64::new(0),
+            primed: AtomicU64::new(if bulk { 0 } else { u64::MAX }),
+            over: AtomicBool::new(false),
+        }
+    }
+
+    /// No pacing at all: everything may be read at once.
+    pub fn unbounded() -> Pace {
+        Pace::new(u64::MAX, false)
+    }
+
+    fn load(a: &std::sync::atomic::AtomicU64) -> u64 {
+        a.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// rsync has copied `bytes` of file data.
+    pub fn copied(&self, bytes: u64) {
+        self.copied
+            .fetch_max(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The bulk read has primed the file data up to `bytes` (or all of it: `u64::MAX`).
+    fn primed(&self, bytes: u64) {
+        self.primed
+            .fetch_max(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// rsync has ended.
+    pub fn finish(&self) {
+        self.over.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Wait until the file data at `at` is within the window of rsync's progress, and with
+    /// `primed`, until the bulk read has read it too. `false` when rsync has ended or `halt`
+    /// says so (read nothing more).
+    fn wait(&self, at: u64, primed: bool, halt: &impl Fn() -> bool) -> bool {
+        loop {
+            if self.over.load(std::sync::atomic::Ordering::Relaxed) || halt() {
+                return false;
+            }
+            if self.ready(at, primed) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// Whether the file data at `at` may be read now ([`Pace::wait`]).
+    fn ready(&self, at: u64, primed: bool) -> bool {
+        at.saturating_sub(Pace::load(&self.copied)) <= self.window
+            && (!primed || at < Pace::load(&self.primed))
+    }
 }
 
 /// Copy a snapshot (or only `paths` in it, absolute as backed up) into `target` with rsync:
-/// what `restore` does once the snapshot is mounted and chosen. With `warm` the snapshot's
-/// file data is first read from the server in bulk ([`warm_snapshot`]); either way the files
-/// are read ahead of rsync by several threads ([`ReadAhead`]), which covers whatever the
-/// bulk read left out.
+/// what `restore` does once the snapshot is mounted and chosen. While rsync copies, the
+/// files are read ahead of it by several threads ([`read_ahead`]), and with `warm` their
+/// data is first read from the server in bulk ([`warm_snapshot`]), both within a window of
+/// rsync's progress ([`Pace`]). rsync's progress is shown as a backup's is.
 pub fn copy_out(snap: &Path, paths: &[PathBuf], target: &Path, warm: Option<&Warm>) -> Result<()> {
-    let mut c = Cmd::new("rsync")?.args(["-aHAX", "--sparse", "--numeric-ids", "--stats"]);
+    let mut c = Cmd::new("rsync")?.args([
+        "-aHAX",
+        "--sparse",
+        "--numeric-ids",
+        "--stats",
+        "--info=progress2",
+    ]);
     if paths.is_empty() {
         c = c.arg(format!("{}/", snap.display()));
     } else {
@@ -501,20 +583,45 @@ pub fn copy_out(snap: &Path, paths: &[PathBuf], target: &Path, warm: Option<&War
             c = c.arg(format!("{}/.{}", snap.display(), q.display()));
         }
     }
-    if let Some(w) = warm {
-        let t = std::time::Instant::now();
-        let r = warm_snapshot(&roots_of(snap, paths), w, mem_available().unwrap_or(0) / 2);
-        crate::signals::check()?;
-        info!(
-            "read {} files ({} MiB) ahead from the server in bulk, {:.1} s",
-            r.files,
-            r.bytes >> 20,
-            t.elapsed().as_secs_f64()
-        );
-        crate::debug!("bulk read-ahead: {r:?}");
-    }
-    let _ahead = ReadAhead::start(snap, paths);
-    c.arg(format!("{}/", target.display())).run()?;
+    let c = c.arg(format!("{}/", target.display()));
+    let roots = roots_of(snap, paths);
+    let pace = Pace::new(restore_window(), warm.is_some());
+    let mut meter = crate::progress::Meter::new(std::time::Duration::from_secs(60));
+    let done = std::thread::scope(|s| {
+        let bulk = warm.map(|w| {
+            s.spawn(|| {
+                let t = std::time::Instant::now();
+                let r = warm_snapshot(&roots, w, &pace);
+                pace.primed(u64::MAX);
+                (r, t.elapsed())
+            })
+        });
+        let reader = s.spawn(|| read_ahead(&roots, READAHEAD_THREADS, &pace, &|| false));
+        let done = c.run_streaming(|line| match crate::progress::parse(line) {
+            Some(r) => {
+                pace.copied(r.bytes);
+                meter.update(r);
+                false
+            }
+            None => true,
+        });
+        pace.finish();
+        if let Some(Ok((r, took))) = bulk.map(|b| b.join()) {
+            info!(
+                "read {} files ({} MiB) ahead from the server in bulk, {:.1} s alongside the copy",
+                r.files,
+                r.bytes >> 20,
+                took.as_secs_f64()
+            );
+            crate::debug!("bulk read-ahead: {r:?}");
+        }
+        if let Ok((files, bytes)) = reader.join() {
+            crate::debug!("read ahead {files} files, {bytes} bytes");
+        }
+        done
+    });
+    meter.finish();
+    done?;
     Ok(())
 }
 
@@ -545,7 +652,7 @@ pub struct Warm {
 /// What [`warm_snapshot`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Warmed {
-    /// Files whose data was read (wholly within the budget).
+    /// Files whose data was read.
     pub files: usize,
     /// Bytes of those files.
     pub bytes: u64,
@@ -554,27 +661,27 @@ pub struct Warmed {
 }
 
 /// Read the file data of the trees at `roots` (inside the filesystem on `w.device`) straight
-/// from the container file, in a few large parallel reads, so that restore's rsync, reading
-/// one small file after another, finds them in the page cache instead of paying a round trip
+/// from the container file, in large parallel reads, so that restore's rsync, reading one
+/// small file after another, finds them in the page cache instead of paying a round trip
 /// each. First the snapshot's metadata ([`crate::stack::ext4::read_metadata`]), then every
-/// regular file's extents (FS_IOC_FIEMAP, in rsync's order, until `budget` bytes), sorted by
-/// their place in the container and merged across small gaps. Best effort: errors are
-/// skipped, a pending signal stops it; extents that point outside the container are left out.
-pub fn warm_snapshot(roots: &[PathBuf], w: &Warm, budget: u64) -> Warmed {
+/// regular file's extents (FS_IOC_FIEMAP, walked in rsync's order), a batch at a time: each
+/// batch sorted by place in the container, merged across small gaps and read once `pace`
+/// lets it. Best effort: errors are skipped, a pending signal stops it; extents that point
+/// outside the container are left out.
+pub fn warm_snapshot(roots: &[PathBuf], w: &Warm, pace: &Pace) -> Warmed {
     use std::os::unix::fs::OpenOptionsExt;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Mutex;
     let halt = || crate::signals::pending().is_some();
     let beneath = crate::fsutil::Beneath {
         file: &w.container,
         offset: w.offset,
     };
-    let unstopped = std::sync::atomic::AtomicBool::new(false);
-    read_metadata_ahead(&w.device, || Some(w.since), Some(&beneath), &unstopped);
-    let t = std::time::Instant::now();
-    let files = AtomicUsize::new(0);
-    let ranges = Mutex::new(Vec::new());
-    let take = |p: &Path, len: u64| {
+    read_metadata_ahead(&w.device, || Some(w.since), Some(&beneath), &pace.over);
+    // Batches of a few MiB: enough for near extents to merge into large reads, small
+    // enough that the readers behind (rsync's and `read_ahead`'s) follow closely.
+    let batch = (pace.window / 4).clamp(1 << 20, 4 << 20);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<(u64, u64)>)>(1024);
+    // Owns the sender: the channel closes when the walk (and with it `take`) is done.
+    let take = move |p: &Path, _at: u64, len: u64| {
         if len == 0 {
             return;
         }
@@ -585,97 +692,71 @@ pub fn warm_snapshot(roots: &[PathBuf], w: &Warm, budget: u64) -> Warmed {
         else {
             return;
         };
-        let Ok(extents) = crate::stack::ext4::file_extents(&f, len) else {
-            return;
-        };
-        ranges
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(extents);
-        files.fetch_add(1, Ordering::Relaxed);
+        if let Ok(extents) = crate::stack::ext4::file_extents(&f, len) {
+            let _ = tx.send((len, extents));
+        }
     };
-    let bytes = files_within(roots, READAHEAD_THREADS, budget, halt, take, |_| {});
-    crate::debug!(
-        "extents of {} files found in {:.1} s",
-        files.load(Ordering::Relaxed),
-        t.elapsed().as_secs_f64()
-    );
-    let t = std::time::Instant::now();
-    let reads = beneath.prime(
-        ranges.into_inner().unwrap_or_else(|e| e.into_inner()),
-        READAHEAD_THREADS,
-        &halt,
-    );
-    crate::debug!(
-        "bulk read-ahead: {reads} reads of the container in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    Warmed {
-        files: files.into_inner(),
-        bytes,
-        reads,
-    }
+    let mut warmed = Warmed::default();
+    std::thread::scope(|s| {
+        let walk = s.spawn(|| {
+            let stop = || halt() || pace.over.load(std::sync::atomic::Ordering::Relaxed);
+            files_within(roots, READAHEAD_THREADS, stop, take, |_| {});
+        });
+        // The next batch of extents in the walk's order, once the pace lets it be read.
+        // When it is asked for, the batch before is queued for reading: count it primed.
+        let (mut at, mut queued) = (0u64, 0u64);
+        let mut files = rx.iter();
+        let next = || {
+            pace.primed(queued);
+            at = queued;
+            let (mut ranges, mut any) = (Vec::new(), false);
+            for (len, extents) in files.by_ref() {
+                any = true;
+                ranges.extend(extents);
+                warmed.files += 1;
+                queued += len;
+                if queued - at >= batch {
+                    break;
+                }
+            }
+            (any && pace.wait(at, false, &halt)).then_some(ranges)
+        };
+        warmed.reads = beneath.prime_batches(READAHEAD_THREADS, &halt, next);
+        warmed.bytes = queued;
+        // Whatever is still queued is dropped with the receiver; the walk then ends.
+        drop(rx);
+        let _ = walk.join();
+    });
+    warmed
 }
 
 /// Threads that read a snapshot's files ahead of restore's rsync.
 const READAHEAD_THREADS: usize = 8;
 
-/// Reads the files of a snapshot into the page cache with several threads while `restore`'s
-/// rsync copies them, stopped and joined on drop. rsync reads one file after another, and in
-/// a container mounted over the network every small file is at least one round trip
-/// (ext4 -> dm-crypt -> loop -> sshfs -> SSH) that read-ahead on the mapping cannot hide;
-/// parallel readers keep several in flight, so rsync finds most files in memory. File data is
-/// read only up to half of MemAvailable (beyond that, inodes only), so what is read ahead is
-/// not evicted before rsync gets to it. Best effort: errors are ignored (rsync reports what
-/// matters); a pending signal stops it.
-pub struct ReadAhead {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: Option<std::thread::JoinHandle<(usize, u64)>>,
-}
-
-impl ReadAhead {
-    /// Start reading, in the background, snapshot directory `snap`, or only the absolute
-    /// `paths` (as backed up) inside it when some are given.
-    pub fn start(snap: &Path, paths: &[PathBuf]) -> ReadAhead {
-        let roots = roots_of(snap, paths);
-        let budget = mem_available().unwrap_or(0) / 2;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name("readahead".into())
-            .spawn(move || read_ahead(roots, READAHEAD_THREADS, budget, &flag))
-            .ok();
-        ReadAhead { stop, handle }
-    }
-}
-
-impl Drop for ReadAhead {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            if let Ok((files, bytes)) = h.join() {
-                crate::debug!("read ahead {files} files, {bytes} bytes");
-            }
-        }
-    }
-}
-
-/// The walk of [`ReadAhead`]: `threads` walkers over `roots`, reading every regular file
-/// whole while the bytes read stay within `budget`, and the inode of everything else.
-/// Directories are taken in name order, roughly the order rsync copies them in. Returns the
-/// files read and their bytes.
+/// Read the files of the trees at `roots` into the page cache with `threads` threads while
+/// `restore`'s rsync copies them. rsync reads one file after another, and in a container
+/// mounted over the network every small file is at least one round trip (ext4 -> dm-crypt
+/// -> loop -> sshfs -> SSH) that read-ahead on the mapping cannot hide; parallel readers
+/// keep several in flight (and decrypt on every core), so rsync finds most files in memory.
+/// Each file is read once `pace` has it within rsync's window and, with a bulk read, once
+/// that has read it; everything else has its inode read. Best effort: errors are ignored
+/// (rsync reports what matters); a pending signal or `halt` stops it. Returns the files
+/// read and their bytes.
 fn read_ahead(
-    roots: Vec<PathBuf>,
+    roots: &[PathBuf],
     threads: usize,
-    budget: u64,
-    stop: &std::sync::atomic::AtomicBool,
+    pace: &Pace,
+    halt: &(impl Fn() -> bool + Sync),
 ) -> (usize, u64) {
     use std::io::Read;
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     let files = AtomicUsize::new(0);
     let bytes = AtomicU64::new(0);
-    let halt = || stop.load(Ordering::Relaxed) || crate::signals::pending().is_some();
-    let read_file = |p: &Path, _len: u64| {
+    let halt = || halt() || crate::signals::pending().is_some();
+    let read_file = |p: &Path, at: u64, _len: u64| {
+        if !pace.wait(at, true, &halt) {
+            return;
+        }
         let Ok(mut f) = std::fs::File::open(p) else {
             return;
         };
@@ -690,9 +771,8 @@ fn read_ahead(
         files.fetch_add(1, Ordering::Relaxed);
         bytes.fetch_add(n, Ordering::Relaxed);
     };
-    files_within(&roots, threads, budget, halt, read_file, |e| {
-        drop(e.metadata())
-    });
+    let stop = || halt() || pace.over.load(Ordering::Relaxed);
+    files_within(roots, threads, stop, read_file, |e| drop(e.metadata()));
     (files.into_inner(), bytes.into_inner())
 }
 
@@ -1211,7 +1291,7 @@ mod tests {
     }
 
     #[test]
-    fn read_ahead_reads_every_file_within_the_budget_and_stops() {
+    fn read_ahead_reads_every_file_and_keeps_to_the_pace() {
         let d = tempfile::tempdir().unwrap();
         for a in 0..10 {
             let sub = d.path().join(format!("a{a}/b"));
@@ -1220,10 +1300,11 @@ mod tests {
             std::fs::write(sub.join("g"), vec![7u8; 300 << 10]).unwrap();
             std::os::unix::fs::symlink("/nonexistent", sub.join("dangling")).unwrap();
         }
-        let never = std::sync::atomic::AtomicBool::new(false);
+        let never = || false;
         let all = 10 * (1000 + (300 << 10));
+        let root = vec![d.path().to_path_buf()];
         for threads in [0, 1, 3, 32] {
-            let got = read_ahead(vec![d.path().to_path_buf()], threads, u64::MAX, &never);
+            let got = read_ahead(&root, threads, &Pace::unbounded(), &never);
             assert_eq!(got, (20, all), "{threads} threads");
         }
         // Files and directories as roots, and a root that is missing.
@@ -1233,21 +1314,57 @@ mod tests {
             d.path().join("missing"),
         ];
         assert_eq!(
-            read_ahead(roots, 4, u64::MAX, &never),
+            read_ahead(&roots, 4, &Pace::unbounded(), &never),
             (3, 2000 + (300 << 10))
         );
-        // Within the budget only: the small files fit, the large ones do not all fit.
-        let (n, b) = read_ahead(vec![d.path().to_path_buf()], 4, 400 << 10, &never);
-        assert!(b <= 400 << 10 && n >= 1, "{n} files, {b} bytes");
-        // Stopped before it starts: nothing is read.
-        let stopped = std::sync::atomic::AtomicBool::new(true);
-        assert_eq!(
-            read_ahead(vec![d.path().to_path_buf()], 4, u64::MAX, &stopped).1,
-            0
+        // Nothing copied yet and no window: only the file at position 0 may be read, the
+        // rest wait until rsync ends (then they are left).
+        let pace = Pace::new(0, false);
+        let (n, b) = std::thread::scope(|s| {
+            let r = s.spawn(|| read_ahead(&root, 4, &pace, &never));
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            pace.finish();
+            r.join().unwrap()
+        });
+        assert!(
+            n <= 1 && b <= 300 << 10,
+            "{n} files, {b} bytes read ahead of rsync"
         );
-        // Through the handle: it runs in the background and drop joins it.
-        drop(ReadAhead::start(d.path(), &[]));
-        drop(ReadAhead::start(d.path(), &[PathBuf::from("/a2/b")]));
+        // As rsync's progress moves on, the readers follow it to the end.
+        let pace = Pace::new(0, false);
+        let got = std::thread::scope(|s| {
+            let r = s.spawn(|| read_ahead(&root, 4, &pace, &never));
+            for k in 1..=10 {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                pace.copied(all * k / 10);
+            }
+            r.join().unwrap()
+        });
+        assert_eq!(got, (20, all));
+        // Stopped before it starts: nothing is read.
+        assert_eq!(read_ahead(&root, 4, &Pace::unbounded(), &|| true).1, 0);
+    }
+
+    #[test]
+    fn the_pace_keeps_reads_within_the_window_and_behind_the_bulk_read() {
+        let p = Pace::new(100, true);
+        assert!(p.ready(0, false) && p.ready(100, false) && !p.ready(101, false));
+        // With a bulk read, a file waits until that has read it.
+        assert!(!p.ready(0, true));
+        p.primed(60);
+        assert!(p.ready(59, true) && !p.ready(60, true));
+        p.copied(1000);
+        p.copied(10); // reports only move forward
+        assert!(p.ready(1100, false) && !p.ready(1101, false) && !p.ready(1100, true));
+        p.primed(u64::MAX);
+        assert!(p.ready(1100, true));
+        // Without a bulk read nothing waits for one; unbounded nothing waits at all.
+        assert!(Pace::new(0, false).ready(0, true));
+        assert!(Pace::unbounded().ready(u64::MAX - 1, true));
+        // Once rsync has ended, or on halt, waiting says stop.
+        assert!(!p.wait(0, false, &|| true));
+        p.finish();
+        assert!(!p.wait(0, false, &|| false));
     }
 
     #[test]
