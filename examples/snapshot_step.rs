@@ -11,8 +11,8 @@
 //! The second form is restore's copy (`snapshots::copy_out`: rsync with the files read
 //! ahead by 8 threads) of the newest snapshot in ROOT into the empty directory TARGET; with
 //! DEVICE (a read-only, buffered loop device, where ROOT is mounted) and CONTAINER (the file
-//! it is attached to, on sshfs) the snapshot's data is first read from CONTAINER in bulk, as
-//! `restore` does (`snapshots::Warm`; offset 0: no LUKS here).
+//! it is attached to, on sshfs) the snapshot's data is also read from CONTAINER in bulk, a
+//! window ahead of rsync, as `restore` does (`snapshots::Warm`; offset 0: no LUKS here).
 //!
 //!   cargo run --release --example snapshot_step -- --mkfs IMAGE
 //!

@@ -11,9 +11,10 @@
 #     loop device on a file on sshfs, as `run` stacks it but without dm-crypt (the host
 #     has no device-mapper; it adds CPU, not round trips). The stack is mounted afresh and
 #     the caches dropped before each step; mount and unmount are timed apart.
-#   - the same step without the read-ahead (DEVICE not given): the A/B of the lever;
+#   - the same step without the read-ahead nor the read-back of the new directories before
+#     the manifest (DEVICE not given): the A/B of those levers;
 #   - restore's copy on the stack as `restore` builds it (read-only, so the loop device is
-#     buffered), with the snapshot's data read from the container in bulk first, and the
+#     buffered), with the snapshot's data read from the container in bulk alongside, and the
 #     same copy of the other variant's container without that: the A/B of that lever;
 #   - restic (sftp) and borg (ssh) backups, and `ssh cat > file` of the same bytes as a tar.
 # Full backup, no change, 1% of the files changed, and a restore of the newest backup
