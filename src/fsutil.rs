@@ -562,9 +562,8 @@ impl Beneath<'_> {
         threads: usize,
         halt: &(impl Fn() -> bool + Sync),
     ) -> usize {
-        let reads = self.plan(ranges, self.len());
-        read_ranges(self.file, &reads, threads, BULK_CHUNK, halt, &|_: &[u8]| {});
-        reads.len()
+        let mut once = Some(ranges.into_iter().collect());
+        self.prime_batches(threads, halt, || once.take())
     }
 
     /// Like [`Beneath::prime`] for ranges that come in batches: `next` hands over one batch
