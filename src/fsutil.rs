@@ -498,6 +498,17 @@ pub fn plan_reads(mut ranges: Vec<(u64, u64)>, gap: u64, chunk: u64) -> Vec<(u64
     out
 }
 
+/// Have the kernel read only what is asked of `f`, this open file: no read-ahead window
+/// around each read (`POSIX_FADV_RANDOM`). For the bulk readers, which ask for exactly the
+/// ranges they want in large reads: behind them the window of a network-backed file or
+/// device (megabytes, `sshfs::READ_AHEAD_KIB`, `luks::READ_AHEAD_KIB`) would fetch what
+/// nobody asked for, and on a 25 ms link the metadata read-ahead of a 100000-file container
+/// fetched 134 MiB for 69 MiB wanted (docs/benchmarks.md, run 11). Best effort: a failure
+/// only costs speed.
+pub fn read_exactly(f: &File) {
+    let _ = nix::fcntl::posix_fadvise(f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_RANDOM);
+}
+
 /// Read `reads` (each at most `chunk` bytes, as [`plan_reads`] cuts them) from `f` with
 /// `threads` threads, handing each read's bytes to `visit`. Stops early when `halt` says
 /// so; a failed or short read is skipped (this is read-ahead: whoever reads the data for
@@ -578,6 +589,7 @@ impl Beneath<'_> {
         mut next: impl FnMut() -> Option<Vec<(u64, u64)>>,
     ) -> usize {
         use std::os::unix::fs::FileExt;
+        read_exactly(self.file);
         let end = self.len();
         let threads = threads.max(1);
         let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, u64)>(threads);

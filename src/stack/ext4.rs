@@ -344,6 +344,7 @@ pub fn read_metadata(
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(device)
         .with_context(|| format!("opening {} to read its metadata", device.display()))?;
+    crate::fsutil::read_exactly(&f);
     let mut sb = [0u8; 1024];
     f.read_exact_at(&mut sb, 1024)
         .with_context(|| format!("reading the superblock of {}", device.display()))?;
