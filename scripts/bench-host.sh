@@ -109,16 +109,24 @@ stack_up() {  # stack_up VARIANT [ro]: read-only is buffered, as `restore` attac
   # luks::READ_AHEAD_KIB on the mapping, which the loop device stands in for here (ext4
   # reads its files, the manifests among them, ahead by the window of its device).
   read_ahead_kib src/stack/sshfs.rs > "/sys/class/bdi/$(mountpoint -d "$W/sshfs")/read_ahead_kb"
-  local ro=()
+  local opts
+  opts="$EXT4_FLAGS,$(ext4_data)"
   if [ "${2:-}" = ro ]; then
     LOOP=$(losetup -f --show -r -b 4096 "$W/sshfs/c.img")
-    ro=(-o ro)
+    opts="ro,$opts"
   else
     LOOP=$(losetup -f --show --direct-io=on -b 4096 "$W/sshfs/c.img")
   fi
   read_ahead_kib src/stack/luks.rs > "/sys/block/${LOOP#/dev/}/queue/read_ahead_kb"
-  mount -t ext4 "${ro[@]}" "$LOOP" "$W/mnt"
+  mount -t ext4 -o "$opts" "$LOOP" "$W/mnt"
 }
+# The mount options e2ebackup gives ext4: the flags of EXT4_FLAGS in src/stack/mount.rs
+# (noatime among them: without it every directory the manifest reads gets its atime
+# written, journaled and sent to the server) and the data string of EXT4_DATA, read from
+# the source so the harness follows it.
+EXT4_FLAGS=nodev,nosuid,noexec,noatime
+ext4_data() { sed -n 's/^const EXT4_DATA: &str = "\(.*\)";/\1/p' src/stack/mount.rs; }
+[ -n "$(ext4_data)" ] || { echo "bench-host.sh: no EXT4_DATA in src/stack/mount.rs" >&2; exit 1; }
 # The product's READ_AHEAD_KIB in the given source file, so the harness follows its value.
 read_ahead_kib() { sed -n 's/^pub const READ_AHEAD_KIB: u32 = \([0-9]*\);/\1/p' "$1"; }
 stack_down() { umount "$W/mnt"; losetup -d "$LOOP"; fusermount3 -u "$W/sshfs"; wait "$SSHFS"; }
