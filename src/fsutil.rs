@@ -733,6 +733,81 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
+    /// How many of the first `len` bytes' pages of `f` are in the page cache (mincore).
+    fn resident_pages(f: &File, len: usize) -> usize {
+        use std::os::fd::AsRawFd;
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let mut v = vec![0u8; len.div_ceil(page)];
+        unsafe {
+            let m = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            );
+            assert_ne!(m, libc::MAP_FAILED, "mmap");
+            assert_eq!(libc::mincore(m, len, v.as_mut_ptr()), 0, "mincore");
+            libc::munmap(m, len);
+        }
+        v.iter().filter(|b| **b & 1 != 0).count()
+    }
+
+    #[test]
+    fn bulk_reads_bring_in_only_what_they_ask_for() {
+        use std::os::unix::fs::FileExt;
+        // Under the repository (a disk filesystem with read-ahead), not the temporary
+        // directory, which may be tmpfs (always resident, no read-ahead).
+        let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("target")
+            .join(format!("e2eb-exact-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("container");
+        const LEN: usize = 8 << 20;
+        std::fs::write(&p, vec![7u8; LEN]).unwrap();
+        let f = File::open(&p).unwrap();
+        f.sync_all().unwrap();
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let drop_cache = || {
+            nix::fcntl::posix_fadvise(
+                &f,
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            )
+            .unwrap();
+            assert_eq!(
+                resident_pages(&f, LEN),
+                0,
+                "{}: pages not dropped",
+                p.display()
+            );
+        };
+        // A plain read of 64 KiB: the kernel reads a window beyond it.
+        drop_cache();
+        let plain = File::open(&p).unwrap();
+        plain.read_exact_at(&mut vec![0u8; 64 << 10], 0).unwrap();
+        let around = resident_pages(&f, LEN);
+        assert!(
+            around > (64 << 10) / page,
+            "{}: no read-ahead here ({around} pages after a 64 KiB read), so this test shows nothing",
+            p.display()
+        );
+        // The bulk read of the same 64 KiB and of 1 MiB further on: those pages, no more.
+        drop_cache();
+        let b = Beneath {
+            file: &f,
+            offset: 0,
+        };
+        assert_eq!(
+            b.prime([(0, 64 << 10), (4 << 20, 1 << 20)], 2, &|| false),
+            2
+        );
+        assert_eq!(resident_pages(&f, LEN), ((64 << 10) + (1 << 20)) / page);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
     #[test]
     fn server_dir_refuses_links_fifos_devices() {
         let root = tmp();
