@@ -120,10 +120,10 @@ stack_up() {  # stack_up VARIANT [ro]: read-only is buffered, as `restore` attac
   read_ahead_kib src/stack/luks.rs > "/sys/block/${LOOP#/dev/}/queue/read_ahead_kb"
   mount -t ext4 -o "$opts" "$LOOP" "$W/mnt"
 }
-# The mount options e2ebackup gives ext4: the flags of EXT4_FLAGS in src/stack/mount.rs
-# (noatime among them: without it every directory the manifest reads gets its atime
-# written, journaled and sent to the server) and the data string of EXT4_DATA, read from
-# the source so the harness follows it.
+# The mount options e2ebackup gives ext4: the flags of EXT4_FLAGS in src/stack/mount.rs,
+# copied here (MountFlags constants; noatime among them: without it every directory the
+# manifest reads gets its atime written, journaled and sent to the server), and the data
+# string of EXT4_DATA, read from the source so the harness follows it.
 EXT4_FLAGS=nodev,nosuid,noexec,noatime
 ext4_data() { sed -n 's/^const EXT4_DATA: &str = "\(.*\)";/\1/p' src/stack/mount.rs; }
 [ -n "$(ext4_data)" ] || { echo "bench-host.sh: no EXT4_DATA in src/stack/mount.rs" >&2; exit 1; }
