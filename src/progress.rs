@@ -2,9 +2,10 @@
 //! line on a terminal, or as a plain line every minute otherwise (cron mail, the journal).
 //!
 //! rsync prints `   1,234,567  45%   12.34MB/s    0:00:12 (xfr#12, to-chk=100/2000)`,
-//! rewritten in place with `\r`. Its percentage and ETA cover the files it has found so far
-//! (rsync scans incrementally, so the total grows at first): said so on the line as "of N
-//! found".
+//! rewritten in place with `\r`. While it still scans (`ir-chk`: incremental recursion),
+//! its percentage and ETA cover only the files found so far: 95% and a minute to go when a
+//! fifth is copied (measured at 100000 files). So they are shown only once the scan is
+//! complete (`to-chk`); until then the line says "still scanning".
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,8 @@ pub struct Report {
     pub files_transferred: u64,
     /// Files still to check and files found so far.
     pub to_check: Option<(u64, u64)>,
+    /// rsync is still finding files (`ir-chk`): percent and ETA are of those found so far.
+    pub scanning: bool,
 }
 
 /// Parse one `--info=progress2` line; None for anything else (the --stats block, say).
@@ -36,13 +39,16 @@ pub fn parse(line: &str) -> Option<Report> {
     let inner = rest.strip_prefix('(')?.strip_suffix(')')?;
     let mut files_transferred = 0;
     let mut to_check = None;
+    let mut scanning = false;
     for part in inner.split(", ") {
         if let Some(n) = part.strip_prefix("xfr#") {
             files_transferred = n.parse().ok()?;
-        } else if let Some(v) = part
-            .strip_prefix("to-chk=")
-            .or_else(|| part.strip_prefix("ir-chk="))
-        {
+        } else if let Some((kind, v)) = part.split_once('=') {
+            scanning = match kind {
+                "to-chk" => false,
+                "ir-chk" => true,
+                _ => continue,
+            };
             let (a, b) = v.split_once('/')?;
             to_check = Some((a.parse().ok()?, b.parse().ok()?));
         }
@@ -54,6 +60,7 @@ pub fn parse(line: &str) -> Option<Report> {
         eta,
         files_transferred,
         to_check,
+        scanning,
     })
 }
 
@@ -82,6 +89,13 @@ impl Report {
             ),
             None => format!("{} files copied", self.files_transferred),
         };
+        if self.scanning {
+            return format!(
+                "{} {} - {files}, still scanning",
+                human_bytes(self.bytes),
+                self.rate
+            );
+        }
         format!(
             "{} {:>3}% {} ETA {} - {files}",
             human_bytes(self.bytes),
@@ -160,8 +174,17 @@ mod tests {
             r.line(),
             "128.0 MiB  45% 12.34MB/s ETA 0:00:12 - 12 files copied, 1900/2000 checked"
         );
-        let r = parse("  0   0%    0.00kB/s    0:00:00 (xfr#0, ir-chk=1000/1021)").unwrap();
-        assert_eq!(r.to_check, Some((1000, 1021)));
+        assert!(!r.scanning);
+        // Still scanning: rsync's percent and ETA are of the files found so far, so they
+        // are left out (this one is a line seen at 100000 files, a fifth of the way).
+        let r = parse("     82,837,504  95%    1.32MB/s    0:00:59 (xfr#19952, ir-chk=1018/22472)")
+            .unwrap();
+        assert_eq!(r.to_check, Some((1018, 22472)));
+        assert!(r.scanning);
+        assert_eq!(
+            r.line(),
+            "79.0 MiB 1.32MB/s - 19952 files copied, 21454/22472 checked, still scanning"
+        );
         // Before the first file, rsync prints no parenthesis at all.
         assert_eq!(parse("              0   0%    0.00kB/s    0:00:00"), None);
     }
