@@ -159,9 +159,33 @@ pub fn commit(p: &Profile, root: &Path, key: &Key, generation: u64) -> Result<()
         written,
         mac,
     };
-    crate::fsutil::write_atomic(&root.join(STATE_FILE), &serde_json::to_vec_pretty(&st)?)?;
-    crate::stack::mount::syncfs(root)?;
+    store(root, &serde_json::to_vec_pretty(&st)?)?;
     set_client_generation(p, generation)
+}
+
+/// Put `data` in place as the container's STATE, durably: a temporary file, synced,
+/// renamed over STATE, then one `syncfs` of the container. The syncfs commits the rename
+/// (so no directory fsync, which would be one more journal commit: each commit is a few
+/// serial round trips to the server and the server's fsync) and writes the journaled
+/// metadata home, which a `ro,noload` mount of a crash image depends on
+/// (tests/host_crash_noload.rs).
+pub fn store(root: &Path, data: &[u8]) -> Result<()> {
+    let path = root.join(STATE_FILE);
+    let (tmp, f) = crate::fsutil::write_temp_with(&path, |w| {
+        std::io::Write::write_all(w, data).map_err(Into::into)
+    })?;
+    let r = f
+        .sync_all()
+        .with_context(|| format!("writing {}", tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+        });
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r?;
+    crate::stack::mount::syncfs(root)
 }
 
 #[cfg(test)]

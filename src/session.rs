@@ -54,6 +54,9 @@ pub struct Session<'p> {
     mapper: Option<PathBuf>,
     /// Where the container's ext4 is mounted, once it is.
     fs_root: Option<PathBuf>,
+    /// The generation commit synced the container as a command's last write: the
+    /// teardown's own syncfs (one more flush, a round trip to the server) is skipped.
+    fs_synced: bool,
     /// `init` pins the header it just wrote before it is moved to its final name.
     header_override: Option<PathBuf>,
     /// The keyfile's content, once read.
@@ -137,6 +140,7 @@ impl<'p> Session<'p> {
             backing: None,
             mapper: None,
             fs_root: None,
+            fs_synced: false,
             header_override: None,
             key: None,
             unlocked_with: None,
@@ -474,6 +478,7 @@ impl<'p> Session<'p> {
         }
         mount::mount_ext4_with(&mut self.stack, &dev, &target, read_only, noload)?;
         self.fs_root = Some(target.clone());
+        self.fs_synced = false;
         Ok(target)
     }
 
@@ -527,7 +532,8 @@ impl<'p> Session<'p> {
     }
 
     /// Record one more committed change (snapshot taken or removed) in the container and
-    /// on the client.
+    /// on the client. The container is synced by it and must not be written after it:
+    /// the teardown does not sync it again.
     pub fn commit_generation(&mut self, root: &Path) -> Result<u64> {
         let next = self
             .generation
@@ -536,6 +542,7 @@ impl<'p> Session<'p> {
         let key = self.key()?;
         crate::generation::commit(self.profile, root, key, next)?;
         self.generation = Some(next);
+        self.fs_synced = true;
         Ok(next)
     }
 
@@ -598,7 +605,7 @@ impl<'p> Session<'p> {
     /// Release everything acquired after `mark` (newest first); an error if any of it
     /// could not be released (the records stay for the final teardown).
     pub fn close_to(&mut self, mark: usize) -> Result<()> {
-        if let Some(root) = self.fs_root.take() {
+        if let Some(root) = self.fs_root.take().filter(|_| !self.fs_synced) {
             if let Err(e) = mount::syncfs(&root) {
                 warn!("syncing {} before unmount: {e:#}", root.display());
             }
@@ -617,7 +624,7 @@ impl<'p> Session<'p> {
     /// Tear everything down (always). The loop device's descriptor is closed first so that
     /// autoclear can detach it as soon as the mapping lets go.
     pub fn close(mut self) -> Report {
-        if let Some(root) = &self.fs_root {
+        if let Some(root) = self.fs_root.as_ref().filter(|_| !self.fs_synced) {
             if let Err(e) = mount::syncfs(root) {
                 warn!("syncing {} before unmount: {e:#}", root.display());
             }

@@ -127,8 +127,10 @@ pub fn prune(p: &Profile, root: &Path, dry_run: bool) -> Result<Vec<crate::reten
         );
         return Ok(decisions);
     }
+    let mut removed = false;
     for d in &decisions {
         if d.removed() && !dry_run {
+            removed = true;
             crate::signals::check()?;
             info!("pruning snapshot {}", d.id);
             // Move out of snapshots/ first (atomic), so an interrupted delete never leaves
@@ -143,7 +145,11 @@ pub fn prune(p: &Profile, root: &Path, dry_run: bool) -> Result<Vec<crate::reten
             }
         }
     }
-    mount::syncfs(root)?;
+    // Only when something changed: a syncfs of a clean filesystem still flushes the
+    // device, a round trip to the server and its fsync.
+    if removed {
+        mount::syncfs(root)?;
+    }
     Ok(decisions)
 }
 

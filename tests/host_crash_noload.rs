@@ -1,6 +1,7 @@
 //! A crash between the generation commit and the unmount, read with `ro,noload` (issue 14).
 //!
-//! `generation::commit` writes STATE with `fsutil::write_atomic` and then calls `syncfs`.
+//! `generation::commit` writes STATE with `generation::store`: the file synced, renamed,
+//! then one `syncfs` of the container.
 //! A read-only command on a crash image mounts `ro,noload`, which reads only the home
 //! locations of the metadata, never the journal. If the renamed STATE lived only in the
 //! journal until a checkpoint, such a mount would show the generation before the client's
@@ -9,6 +10,9 @@
 //! journaled metadata at home (jbd2 marks them dirty for the checkpoint), so the image has
 //! the new STATE at home while its journal still needs recovery. This test holds that, and
 //! the contrast: with write_atomic's fsyncs alone (no syncfs) the image shows the old STATE.
+//!
+//! Also here, on the same kind of local image: the unmount makes a read-write ext4
+//! read-only first, which reaches the device with fewer flushes.
 //!
 //! Privileged (root, loop devices): run with `--test-threads=1`.
 
@@ -70,11 +74,10 @@ fn host_crash_image_after_commit_shows_the_new_generation_under_noload() {
     mount::syncfs(&m).unwrap();
     unmounted(l);
 
-    // Generation 5 committed as generation::commit does, then the "crash": the image is
-    // copied while still mounted, before the unmount's checkpoint.
+    // Generation 5 committed by generation::commit's own writer, then the "crash": the
+    // image is copied while still mounted, before the unmount's checkpoint.
     let l = mounted(&img, &m, false, false);
-    write_atomic(&m.join("STATE"), b"generation 5\n").unwrap();
-    mount::syncfs(&m).unwrap();
+    e2ebackup::generation::store(&m, b"generation 5\n").unwrap();
     std::fs::copy(&img, &copy).unwrap();
     unmounted(l);
 
@@ -102,5 +105,85 @@ fn host_crash_image_after_commit_shows_the_new_generation_under_noload() {
     assert_eq!(
         state, "generation 5\n",
         "without syncfs the home blocks lag"
+    );
+}
+
+/// Writes and flushes completed by the block device `dev` so far (/sys/block/X/stat).
+fn device_io(dev: &Path) -> (u64, u64) {
+    let name = dev.file_name().unwrap().to_string_lossy();
+    let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap();
+    let v: Vec<u64> = stat
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert!(v.len() >= 17, "no flush counters in /sys/block/{name}/stat");
+    (v[4], v[15])
+}
+
+/// `mount::ensure_unmounted` (the teardown's unmount) remounts a read-write ext4
+/// read-only before it unmounts it: the same sync and journal checkpoint with fewer flushes
+/// and writes on the device, each of them a round trip to the server on the container.
+/// Counted on the loop device, against umount(2) of the same filesystem in the same state;
+/// both leave a clean filesystem.
+#[test]
+#[ignore = "needs root (loop devices, mount); run as root with --include-ignored, as CI does"]
+fn host_unmount_goes_read_only_first_and_flushes_less() {
+    let work = common::private_tempdir();
+    let mut seen = Vec::new();
+    for ours in [false, true] {
+        let img = work.path().join(format!("u{ours}.img"));
+        let m = work.path().join(format!("m{ours}"));
+        File::create(&img).unwrap().set_len(64 << 20).unwrap();
+        let st = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "4096"])
+            .args(["-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg(&img)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let l = mounted(&img, &m, false, false);
+        let dev = l._loop.device.clone();
+        std::fs::create_dir(m.join("d")).unwrap();
+        for i in 0..200 {
+            std::fs::write(m.join("d").join(i.to_string()), b"x").unwrap();
+        }
+        mount::syncfs(&m).unwrap();
+        let before = device_io(&dev);
+        if ours {
+            mount::ensure_unmounted(&m).unwrap();
+        } else {
+            nix::mount::umount(&m).unwrap();
+        }
+        let after = device_io(&dev);
+        assert_eq!(mount::mounted_at(&m).unwrap(), None);
+        unmounted(l);
+        let fsck = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "e2fsck -fn {}: {}",
+            img.display(),
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        let (writes, flushes) = (after.0 - before.0, after.1 - before.1);
+        eprintln!(
+            "{}: {writes} writes, {flushes} flushes",
+            if ours {
+                "ensure_unmounted"
+            } else {
+                "umount(2)"
+            }
+        );
+        seen.push(flushes);
+    }
+    assert!(
+        seen[1] < seen[0],
+        "going read-only first should save flushes ({} against {}; it saves ext4's \
+         per-quota-type syncs, which a kernel built without CONFIG_QUOTA does not make)",
+        seen[1],
+        seen[0]
     );
 }

@@ -12,7 +12,6 @@ use crate::ops::{fail, finish};
 use crate::profile::Profile;
 use crate::session::Session;
 use crate::snapshots;
-use crate::stack::mount;
 use crate::{info, retention};
 
 #[derive(Debug, Serialize)]
@@ -41,7 +40,6 @@ pub fn prune(p: &Profile, dry_run: bool, json: bool) -> Exit {
             info!("prune took {:.1} s", t0.elapsed().as_secs_f64());
             s.commit_generation(&root)?;
         }
-        mount::syncfs(&root)?;
         Ok(Exit::Ok)
     });
     let code = finish(s, &r).0;

@@ -177,8 +177,34 @@ pub fn remount_ext4_rw(target: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Ensure nothing is mounted at `target`: unmount (retrying while busy), no-op if not mounted.
+/// Make the read-write ext4 at `target` read-only, the last step before its unmount:
+/// it syncs and checkpoints the journal once, and the unmount of the read-only filesystem
+/// then writes nothing. umount(2) of a read-write ext4 does the same work with 9-11 flushes
+/// and 8-10 writes on its device, where this takes 5-7 and 5-7 (a loop device, kernel 6.18;
+/// tests/host_crash_noload.rs counts them): ext4's unmount syncs the filesystem once more
+/// for each of the three quota types, quota or not. On the container each flush is a round
+/// trip to the server and its fsync.
+pub fn remount_ext4_ro(target: &Path) -> Result<()> {
+    Mount::builder()
+        .fstype("ext4")
+        .flags(EXT4_FLAGS | MountFlags::REMOUNT | MountFlags::RDONLY)
+        .data(EXT4_DATA)
+        .mount("none", target)
+        .with_context(|| format!("remounting {} read-only", target.display()))?;
+    Ok(())
+}
+
+/// Ensure nothing is mounted at `target`: unmount (retrying while busy), no-op if not
+/// mounted. A read-write ext4 is made read-only first ([`remount_ext4_ro`]); if that fails
+/// (a file still open for writing), the unmount does the same work itself.
 pub fn ensure_unmounted(target: &Path) -> Result<()> {
+    if let Some(m) = mounted_at(target)? {
+        if m.fstype == "ext4" && m.options.split(',').any(|o| o == "rw") {
+            if let Err(e) = remount_ext4_ro(target) {
+                crate::debug!("{e:#}; unmounting it read-write");
+            }
+        }
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if mounted_at(target)?.is_none() {
