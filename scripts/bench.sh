@@ -4,11 +4,12 @@
 # Run as root on Debian. Installs what it needs (the peers too).
 #   scripts/bench.sh            # 2k and 20k small files, each over the WAN profile (netem:
 #                               # 25 ms each way, 50 Mbit/s) and over plain loopback
-#   scripts/bench.sh --scale    # the 100k-file variant (both profiles; many hours)
+#   scripts/bench.sh --scale    # the 100k-file variant (both profiles; hours)
 #   scripts/bench.sh --wan      # only the WAN profile (--lo: only loopback)
-# Measured under QEMU TCG on a shared 2-core host (docs/benchmarks.md, run 4): a 2k cell
-# takes about 22 min, a 20k cell well over an hour (e2ebackup's full backup alone 15 min),
-# so the default matrix takes hours; --wan halves it.
+# Measured under QEMU TCG on the 2-core host (docs/benchmarks.md, runs 11 and 12), WAN
+# profile, every tool: a 2k cell takes about 4 min, a 20k cell about 14 min. At 100k,
+# e2ebackup alone (BENCH_TOOLS=e2e) takes 18 min; restic's full backup alone would take
+# most of an hour there.
 # BENCH_SCALES, BENCH_PROFILES, BENCH_TOOLS, BENCH_WAN override (see compare.sh); the tables
 # are also written to target/bench/results.md.
 set -euo pipefail
@@ -19,7 +20,7 @@ while [ $# -gt 0 ]; do
     --scale) export BENCH_SCALES=${BENCH_SCALES:-100000}; TIMEOUT=86400 ;;
     --wan) export BENCH_PROFILES=wan ;;
     --lo) export BENCH_PROFILES=lo ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "bench: unknown option $1" >&2; exit 2 ;;
   esac
   shift

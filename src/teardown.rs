@@ -26,8 +26,14 @@ use crate::{info, warn};
 pub enum Undo {
     /// Ensure nothing is mounted at `target` (ext4 inside the container).
     Unmount { target: PathBuf },
-    /// Ensure the device-mapper mapping `name` is closed.
-    CloseLuks { name: String },
+    /// Ensure the device-mapper mapping `name` is closed. `header` is the client's pinned
+    /// copy of the LUKS2 header it was opened with, if any: libcryptsetup reads the
+    /// metadata from it instead of from the container across the network.
+    CloseLuks {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        header: Option<PathBuf>,
+    },
     /// Ensure `device` is no longer a loop device over `backing`.
     DetachLoop { device: PathBuf, backing: PathBuf },
     /// Ensure the lock file we wrote at `path` (through the sshfs mount) is gone, if ours.
@@ -53,7 +59,7 @@ impl std::fmt::Display for Undo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Undo::Unmount { target } => write!(f, "unmount {}", target.display()),
-            Undo::CloseLuks { name } => write!(f, "close LUKS mapping /dev/mapper/{name}"),
+            Undo::CloseLuks { name, .. } => write!(f, "close LUKS mapping /dev/mapper/{name}"),
             Undo::DetachLoop { device, backing } => write!(
                 f,
                 "detach loop device {} ({})",
@@ -78,7 +84,7 @@ impl Undo {
     pub fn manual_command(&self) -> String {
         match self {
             Undo::Unmount { target } => format!("umount {}", target.display()),
-            Undo::CloseLuks { name } => format!("cryptsetup close {name}"),
+            Undo::CloseLuks { name, .. } => format!("cryptsetup close {name}"),
             Undo::DetachLoop { device, .. } => format!("losetup -d {}", device.display()),
             Undo::ReleaseServerLock { path, .. } => format!("rm {}", path.display()),
             Undo::UnmountSshfs { target, .. } => format!("fusermount3 -u {}", target.display()),
@@ -360,6 +366,7 @@ mod tests {
             },
             Undo::CloseLuks {
                 name: "e2ebackup-p".into(),
+                header: Some("/etc/e2ebackup/p.key.header".into()),
             },
             Undo::Unmount {
                 target: "/run/e2ebackup/p/fs".into(),
@@ -383,21 +390,38 @@ mod tests {
         s
     }
 
+    /// Fields added to records later are optional: a journal an older version left behind
+    /// (after a crash) still reads, and the new fields round-trip.
     #[test]
-    fn an_older_journal_without_the_sshfs_daemon_still_reads() {
+    fn older_journals_without_the_later_fields_still_read() {
         let old = r#"{"command":"run","pid":7,"records":[
-            {"undo":"unmount_sshfs","target":"/run/e2ebackup/p/server"}]}"#;
+            {"undo":"unmount_sshfs","target":"/run/e2ebackup/p/server"},
+            {"undo":"close_luks","name":"e2ebackup-p"}]}"#;
         let j: Journal = serde_json::from_str(old).unwrap();
         assert_eq!(
             j.records,
-            [Undo::UnmountSshfs {
-                target: "/run/e2ebackup/p/server".into(),
-                daemon: None
-            }]
+            [
+                Undo::UnmountSshfs {
+                    target: "/run/e2ebackup/p/server".into(),
+                    daemon: None
+                },
+                Undo::CloseLuks {
+                    name: "e2ebackup-p".into(),
+                    header: None
+                }
+            ]
         );
-        let new = serde_json::to_string(&full_stack()[0]).unwrap();
-        assert!(new.contains(r#""daemon":{"pid":4242,"start":99}"#), "{new}");
-        assert_eq!(serde_json::from_str::<Undo>(&new).unwrap(), full_stack()[0]);
+        for (u, field) in full_stack().iter().zip([
+            r#""daemon":{"pid":4242,"start":99}"#,
+            "",
+            "",
+            r#""header":"/etc/e2ebackup/p.key.header""#,
+            "",
+        ]) {
+            let new = serde_json::to_string(u).unwrap();
+            assert!(new.contains(field), "{new}");
+            assert_eq!(&serde_json::from_str::<Undo>(&new).unwrap(), u);
+        }
     }
 
     #[test]
@@ -422,6 +446,7 @@ mod tests {
         let mut s = stack_in(dir.path());
         let busy = Undo::CloseLuks {
             name: "e2ebackup-p".into(),
+            header: Some("/etc/e2ebackup/p.key.header".into()),
         };
         let mut r = Recorder {
             calls: vec![],

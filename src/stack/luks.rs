@@ -307,7 +307,10 @@ pub fn open(
             "/dev/mapper/{name} is already open, but not by this command (see `e2ebackup status`)"
         );
     }
-    stack.push(Undo::CloseLuks { name: name.into() })?;
+    stack.push(Undo::CloseLuks {
+        name: name.into(),
+        header: header.map(Path::to_path_buf),
+    })?;
     let mut dev = load(device, header)?;
     let mut flags = CryptActivate::empty();
     if read_only {
@@ -412,8 +415,11 @@ pub fn is_active(name: &str) -> bool {
     )
 }
 
-/// Ensure the mapping `name` is closed; retries while busy.
-pub fn ensure_closed(name: &str) -> Result<()> {
+/// Ensure the mapping `name` is closed; retries while busy. libcryptsetup loads the LUKS2
+/// metadata to close a mapping: from `header` (the pinned copy the mapping was opened with)
+/// when it is there, which saves reading it from the container across the network, a
+/// few serial round trips (run 12 in docs/benchmarks.md); else from the device.
+pub fn ensure_closed(name: &str, header: Option<&Path>) -> Result<()> {
     install_logging();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -434,10 +440,22 @@ pub fn ensure_closed(name: &str) -> Result<()> {
                 Err(e) => return Err(e),
             }
         }
-        let r = CryptInit::init_by_name_and_header(name, None).and_then(|mut d| {
-            d.activate_handle()
-                .deactivate(name, CryptDeactivate::empty())
-        });
+        let close = |h: Option<&Path>| {
+            CryptInit::init_by_name_and_header(name, h).and_then(|mut d| {
+                d.activate_handle()
+                    .deactivate(name, CryptDeactivate::empty())
+            })
+        };
+        let r = match header.filter(|h| h.is_file()) {
+            Some(h) => close(Some(h)).or_else(|e| {
+                debug!(
+                    "closing {name} with the header {}: {e}; with the device's own",
+                    h.display()
+                );
+                close(None)
+            }),
+            None => close(None),
+        };
         match r {
             Ok(()) => return Ok(()),
             Err(e) if Instant::now() < deadline => {

@@ -35,7 +35,7 @@ impl Undoer for Real {
     fn undo(&mut self, u: &Undo) -> Result<()> {
         match u {
             Undo::Unmount { target } => mount::ensure_unmounted(target),
-            Undo::CloseLuks { name } => luks::ensure_closed(name),
+            Undo::CloseLuks { name, header } => luks::ensure_closed(name, header.as_deref()),
             Undo::DetachLoop { device, backing } => loopdev::ensure_detached(device, backing),
             Undo::ReleaseServerLock { path, token } => {
                 lock::ensure_server_lock_released(path, token)
