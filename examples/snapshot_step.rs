@@ -112,6 +112,8 @@ fn main() -> anyhow::Result<()> {
     }
     let t = Instant::now();
     let taken = e2ebackup::snapshots::take(&profile, &root, args.get(2).map(PathBuf::as_path))?;
+    // `run` makes the renames durable with its generation commit; one sync stands in for it.
+    e2ebackup::stack::mount::syncfs(&root)?;
     println!(
         "snapshot {}: {:.2} s, {} files transferred, peak RSS {} KiB",
         taken.id,

@@ -109,7 +109,8 @@ pub struct Taken {
 }
 
 /// Apply the retention policy to the snapshots in the mounted container at `root`.
-/// Returns the decisions (newest first). With `dry_run` nothing is removed.
+/// Returns the decisions (newest first). With `dry_run` nothing is removed. The removals
+/// are not synced: the caller commits the generation next, which makes them durable.
 pub fn prune(p: &Profile, root: &Path, dry_run: bool) -> Result<Vec<crate::retention::Decision>> {
     use crate::retention;
     let ids = list(root)?;
@@ -127,10 +128,8 @@ pub fn prune(p: &Profile, root: &Path, dry_run: bool) -> Result<Vec<crate::reten
         );
         return Ok(decisions);
     }
-    let mut removed = false;
     for d in &decisions {
         if d.removed() && !dry_run {
-            removed = true;
             crate::signals::check()?;
             info!("pruning snapshot {}", d.id);
             // Move out of snapshots/ first (atomic), so an interrupted delete never leaves
@@ -145,11 +144,8 @@ pub fn prune(p: &Profile, root: &Path, dry_run: bool) -> Result<Vec<crate::reten
             }
         }
     }
-    // Only when something changed: a syncfs of a clean filesystem still flushes the
-    // device, a round trip to the server and its fsync.
-    if removed {
-        mount::syncfs(root)?;
-    }
+    // Not synced here: the generation commit that follows makes the removals durable
+    // (its fsync commits their journal transactions), one journal commit less.
     Ok(decisions)
 }
 
@@ -1112,29 +1108,34 @@ pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Tak
     );
     let t = std::time::Instant::now();
     // Data first (the snapshot's files and its manifest, one sync), then the renames that
-    // make them visible (the manifest first: a snapshot never lacks one), then the renames
-    // themselves. Under data=ordered with delayed allocation a rename can reach the disk
-    // before the data it names is even allocated: hence the first sync.
+    // make them visible (the manifest first: a snapshot never lacks one). Under
+    // data=ordered with delayed allocation a rename can reach the disk before the data it
+    // names is even allocated: hence this sync. The renames themselves are made durable by
+    // the generation commit that follows (`Session::commit_generation`): its fsync commits
+    // the journal transaction they are in, and jbd2 commits transactions in order, so
+    // nothing done after them (prune's removals) can reach the disk without them. One
+    // journal commit, a few round trips to the server, less than a sync of its own.
     mount::syncfs(root)?;
     crate::signals::check()?;
     manifest.publish()?;
     let fin = path_of(root, id);
     std::fs::rename(&partial, &fin)
         .with_context(|| format!("committing {} as {}", partial.display(), fin.display()))?;
-    mount::syncfs(root)?;
-    crate::debug!("synced and committed in {:.2} s", t.elapsed().as_secs_f64());
-    info!(
-        "snapshot {id} committed ({} files, {} bytes transferred)",
-        taken
-            .files_transferred
-            .map(|n| n.to_string())
-            .unwrap_or_else(|| "?".into()),
-        taken
-            .bytes_transferred
-            .map(|n| n.to_string())
-            .unwrap_or_else(|| "?".into())
-    );
+    crate::debug!("synced and renamed in {:.2} s", t.elapsed().as_secs_f64());
     Ok(taken)
+}
+
+impl Taken {
+    /// Say that the snapshot is committed: once it is durable, after the generation commit.
+    pub fn report_committed(&self) {
+        let n = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_else(|| "?".into());
+        info!(
+            "snapshot {} committed ({} files, {} bytes transferred)",
+            self.id,
+            n(self.files_transferred),
+            n(self.bytes_transferred)
+        );
+    }
 }
 
 #[cfg(test)]

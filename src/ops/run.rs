@@ -169,6 +169,9 @@ fn work(p: &Profile, s: &mut Session<'_>, f: &mut Figures) -> Result<Exit> {
     snapshots::prune(p, &root, false)?;
     let g = s.commit_generation(&root)?;
     crate::debug!("container generation {g}");
+    if let Some(t) = &f.taken {
+        t.report_committed();
+    }
     f.snapshot_count = snapshots::list(&root).ok().map(|l| l.len() as u64);
     f.container_size = s
         .server_dir()
