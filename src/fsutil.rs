@@ -351,17 +351,29 @@ pub fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut std::io::BufWriter<File>) -> Result<()>,
 ) -> Result<()> {
-    let (tmp, f) = write_temp_with(path, fill)?;
+    replace_with(path, fill)?;
     let dir = parent_of(path);
-    let r = (|| -> Result<()> {
-        f.sync_all()
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("syncing directory {}", dir.display()))
-    })();
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing directory {}", dir.display()))
+}
+
+/// [`write_atomic_with`] without the directory's fsync, for a caller that syncs the whole
+/// filesystem right after (the container's STATE: [`crate::generation::store`]): `fill`
+/// writes a new temporary file ([`write_temp_with`]), which is synced and renamed over
+/// `path`; on any error it is removed.
+pub fn replace_with(
+    path: &Path,
+    fill: impl FnOnce(&mut std::io::BufWriter<File>) -> Result<()>,
+) -> Result<()> {
+    let (tmp, f) = write_temp_with(path, fill)?;
+    let r = f
+        .sync_all()
+        .with_context(|| format!("writing {}", tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+        });
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

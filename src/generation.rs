@@ -170,21 +170,9 @@ pub fn commit(p: &Profile, root: &Path, key: &Key, generation: u64) -> Result<()
 /// metadata home, which a `ro,noload` mount of a crash image depends on
 /// (tests/host_crash_noload.rs).
 pub fn store(root: &Path, data: &[u8]) -> Result<()> {
-    let path = root.join(STATE_FILE);
-    let (tmp, f) = crate::fsutil::write_temp_with(&path, |w| {
+    crate::fsutil::replace_with(&root.join(STATE_FILE), |w| {
         std::io::Write::write_all(w, data).map_err(Into::into)
     })?;
-    let r = f
-        .sync_all()
-        .with_context(|| format!("writing {}", tmp.display()))
-        .and_then(|()| {
-            std::fs::rename(&tmp, &path)
-                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-        });
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r?;
     crate::stack::mount::syncfs(root)
 }
 

@@ -526,7 +526,7 @@ impl<'p> Session<'p> {
         )?);
         if !read_only {
             signals::check()?;
-            mount::remount_ext4_rw(&root)?;
+            mount::remount_ext4(&root, false)?;
         }
         Ok(root)
     }

@@ -53,6 +53,19 @@ fn unmounted(m: Mounted) {
     assert!(r.complete(), "{:?}", r.failed);
 }
 
+/// A 64 MiB image file at `img` with a fresh ext4 of 4 KiB blocks (as `init` makes the
+/// container's), its inode tables and journal written at once.
+fn new_ext4(img: &Path) {
+    File::create(img).unwrap().set_len(64 << 20).unwrap();
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096"])
+        .args(["-E", "lazy_itable_init=0,lazy_journal_init=0"])
+        .arg(img)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mkfs.ext4 {}", img.display());
+}
+
 #[test]
 #[ignore = "needs root (loop devices, mount); run as root with --include-ignored, as CI does"]
 fn host_crash_image_after_commit_shows_the_new_generation_under_noload() {
@@ -60,13 +73,7 @@ fn host_crash_image_after_commit_shows_the_new_generation_under_noload() {
     let img = work.path().join("c.img");
     let copy = work.path().join("crash.img");
     let (m, c) = (work.path().join("m"), work.path().join("c"));
-    File::create(&img).unwrap().set_len(64 << 20).unwrap();
-    let st = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
-        .arg(&img)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    new_ext4(&img);
 
     // Generation 4, cleanly unmounted (every session starts from a checkpointed journal).
     let l = mounted(&img, &m, false, false);
@@ -133,14 +140,7 @@ fn host_unmount_goes_read_only_first_and_flushes_less() {
     for ours in [false, true] {
         let img = work.path().join(format!("u{ours}.img"));
         let m = work.path().join(format!("m{ours}"));
-        File::create(&img).unwrap().set_len(64 << 20).unwrap();
-        let st = Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-b", "4096"])
-            .args(["-E", "lazy_itable_init=0,lazy_journal_init=0"])
-            .arg(&img)
-            .status()
-            .unwrap();
-        assert!(st.success());
+        new_ext4(&img);
         let l = mounted(&img, &m, false, false);
         let dev = l._loop.device.clone();
         std::fs::create_dir(m.join("d")).unwrap();

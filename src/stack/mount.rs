@@ -166,41 +166,43 @@ pub fn bind_readonly(stack: &mut Stack, source: &Path, target: &Path) -> Result<
     Ok(())
 }
 
-/// Remount the ext4 at `target` read-write (after the read-only checks).
-pub fn remount_ext4_rw(target: &Path) -> Result<()> {
+/// Remount the ext4 at `target` with the options it was mounted with, read-only or
+/// read-write: read-write after the read-only checks; read-only as the last step before its
+/// unmount ([`ensure_unmounted`]).
+///
+/// Read-only before the unmount: the remount syncs and checkpoints the journal once, and
+/// the unmount of the read-only filesystem then writes nothing. umount(2) of a read-write
+/// ext4 does the same work with 9-11 flushes and 8-10 writes on its device, where this
+/// takes 5-7 and 5-7 (a loop device, kernel 6.18; tests/host_crash_noload.rs counts them):
+/// ext4's unmount syncs the filesystem once more for each of the three quota types, quota
+/// or not. On the container each flush is a round trip to the server and its fsync.
+pub fn remount_ext4(target: &Path, read_only: bool) -> Result<()> {
+    let mut flags = EXT4_FLAGS | MountFlags::REMOUNT;
+    if read_only {
+        flags |= MountFlags::RDONLY;
+    }
     Mount::builder()
         .fstype("ext4")
-        .flags(EXT4_FLAGS | MountFlags::REMOUNT)
+        .flags(flags)
         .data(EXT4_DATA)
         .mount("none", target)
-        .with_context(|| format!("remounting {} read-write", target.display()))?;
-    Ok(())
-}
-
-/// Make the read-write ext4 at `target` read-only, the last step before its unmount:
-/// it syncs and checkpoints the journal once, and the unmount of the read-only filesystem
-/// then writes nothing. umount(2) of a read-write ext4 does the same work with 9-11 flushes
-/// and 8-10 writes on its device, where this takes 5-7 and 5-7 (a loop device, kernel 6.18;
-/// tests/host_crash_noload.rs counts them): ext4's unmount syncs the filesystem once more
-/// for each of the three quota types, quota or not. On the container each flush is a round
-/// trip to the server and its fsync.
-pub fn remount_ext4_ro(target: &Path) -> Result<()> {
-    Mount::builder()
-        .fstype("ext4")
-        .flags(EXT4_FLAGS | MountFlags::REMOUNT | MountFlags::RDONLY)
-        .data(EXT4_DATA)
-        .mount("none", target)
-        .with_context(|| format!("remounting {} read-only", target.display()))?;
+        .with_context(|| {
+            format!(
+                "remounting {} {}",
+                target.display(),
+                if read_only { "read-only" } else { "read-write" }
+            )
+        })?;
     Ok(())
 }
 
 /// Ensure nothing is mounted at `target`: unmount (retrying while busy), no-op if not
-/// mounted. A read-write ext4 is made read-only first ([`remount_ext4_ro`]); if that fails
+/// mounted. A read-write ext4 is made read-only first ([`remount_ext4`]); if that fails
 /// (a file still open for writing), the unmount does the same work itself.
 pub fn ensure_unmounted(target: &Path) -> Result<()> {
     if let Some(m) = mounted_at(target)? {
         if m.fstype == "ext4" && m.options.split(',').any(|o| o == "rw") {
-            if let Err(e) = remount_ext4_ro(target) {
+            if let Err(e) = remount_ext4(target, true) {
                 crate::debug!("{e:#}; unmounting it read-write");
             }
         }
