@@ -1,0 +1,223 @@
+//! The container's layout (module doc of [`crate::snapshots`]): creating and checking it,
+//! listing snapshots, the id of a new one, and removing them (partials, retention).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::profile::Profile;
+use crate::snapid::SnapshotId;
+use crate::stack::mount;
+use crate::{info, warn};
+
+pub const FORMAT_LINE: &str = "e2ebackup container format 1";
+pub const SNAPSHOTS: &str = "snapshots";
+pub const PARTIAL: &str = ".partial";
+
+/// Create the layout in a freshly made filesystem.
+pub fn create_layout(root: &Path) -> Result<()> {
+    std::fs::create_dir(root.join(SNAPSHOTS))?;
+    std::fs::create_dir(root.join(crate::manifest::MANIFESTS))?;
+    std::fs::create_dir(root.join(PARTIAL))?;
+    std::fs::write(root.join("FORMAT"), format!("{FORMAT_LINE}\n"))?;
+    // lost+found stays: e2fsck wants it.
+    mount::syncfs(root)
+}
+
+/// Refuse a filesystem that is not ours (wrong container, or a damaged one).
+pub fn check_layout(root: &Path) -> Result<()> {
+    let f = std::fs::read_to_string(root.join("FORMAT")).unwrap_or_default();
+    if f.trim() != FORMAT_LINE || !root.join(SNAPSHOTS).is_dir() {
+        bail!(
+            "the container's filesystem does not hold an e2ebackup layout (FORMAT file missing or unknown: {:?})",
+            f.trim()
+        );
+    }
+    Ok(())
+}
+
+/// Complete snapshots, oldest first. Entries that are not snapshot ids are reported, not used.
+pub fn list(root: &Path) -> Result<Vec<SnapshotId>> {
+    let dir = root.join(SNAPSHOTS);
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let e = e?;
+        let name = e.file_name();
+        match name.to_str().and_then(|n| n.parse::<SnapshotId>().ok()) {
+            Some(id) if e.file_type()?.is_dir() => v.push(id),
+            _ => warn!(
+                "ignoring {} in snapshots/: not a snapshot",
+                name.to_string_lossy()
+            ),
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+pub fn path_of(root: &Path, id: SnapshotId) -> PathBuf {
+    root.join(SNAPSHOTS).join(id.to_string())
+}
+
+/// Remove what killed or failed runs left under `.partial/`, and their manifests not yet
+/// put in place.
+pub fn remove_partials(root: &Path) -> Result<usize> {
+    crate::manifest::remove_temporaries(root)?;
+    let dir = root.join(PARTIAL);
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let p = e?.path();
+        info!(
+            "removing incomplete snapshot {} left by an earlier run",
+            p.display()
+        );
+        remove_tree(&p)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Delete a directory tree (a snapshot is a hard-link farm: unlinks only, no data copying).
+pub fn remove_tree(p: &Path) -> Result<()> {
+    std::fs::remove_dir_all(p).with_context(|| format!("removing {}", p.display()))
+}
+
+/// Apply the retention policy to the snapshots in the mounted container at `root`.
+/// Returns the decisions (newest first). With `dry_run` nothing is removed. The removals
+/// are not synced: the caller commits the generation next, which makes them durable.
+pub fn prune(p: &Profile, root: &Path, dry_run: bool) -> Result<Vec<crate::retention::Decision>> {
+    use crate::retention;
+    let ids = list(root)?;
+    let now = crate::snapid::SnapshotId::now().unix();
+    let decisions = retention::select(&ids, &p.retention, now);
+    if p.retention.is_empty() {
+        return Ok(decisions);
+    }
+    if let Some(f) = retention::future(&ids, now) {
+        warn!(
+            "snapshot {f} is dated in the future (this clock reads {}; was it set ahead when that snapshot was taken?): \
+             retention is suspended and nothing is pruned until the clock passes {f}; \
+             if that snapshot's date is wrong, remove it by hand (docs/operations.md, clock jumps)",
+            crate::snapid::SnapshotId::from_unix(now)
+        );
+        return Ok(decisions);
+    }
+    for d in &decisions {
+        if d.removed() && !dry_run {
+            crate::signals::check()?;
+            info!("pruning snapshot {}", d.id);
+            // Move out of snapshots/ first (atomic), so an interrupted delete never leaves
+            // a half-deleted tree that looks like a complete snapshot.
+            let from = path_of(root, d.id);
+            let to = root.join(PARTIAL).join(format!("{}.pruning", d.id));
+            std::fs::rename(&from, &to)?;
+            remove_tree(&to)?;
+            let m = crate::manifest::path_of(root, &d.id.to_string());
+            if m.exists() {
+                std::fs::remove_file(&m)?;
+            }
+        }
+    }
+    // Not synced here: the generation commit that follows makes the removals durable
+    // (its fsync commits their journal transactions), one journal commit less.
+    Ok(decisions)
+}
+
+/// The id of a new snapshot taken at `now`, given the `existing` ones (oldest first), and
+/// the snapshot to hard-link unchanged files to.
+///
+/// The id is the clock's time, bumped only past an id that exists (two runs within one
+/// second). It is not bumped past the newest snapshot: after one run with a clock years
+/// ahead, every later id would otherwise be "newest + 1", dated in that future for good
+/// (retention stops while the newest is in the future, see retention::future). So after a
+/// clock jump back, ids are no longer in the order the runs happened; the previous snapshot
+/// is then the newest one not after `now` (the last run before the jump is the one taken
+/// last by any clock that only jumped once), or the newest if all are later.
+pub fn new_id(existing: &[SnapshotId], now: SnapshotId) -> (SnapshotId, Option<SnapshotId>) {
+    let mut id = now;
+    while existing.binary_search(&id).is_ok() {
+        id = SnapshotId::from_unix(id.unix() + 1);
+    }
+    let prev = existing
+        .iter()
+        .rev()
+        .find(|e| **e < id)
+        .or(existing.last())
+        .copied();
+    (id, prev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_ids_follow_the_clock_not_a_future_snapshot() {
+        let i = |s: &str| s.parse::<SnapshotId>().unwrap();
+        let none: [SnapshotId; 0] = [];
+        assert_eq!(
+            new_id(&none, i("20260101T000000Z")),
+            (i("20260101T000000Z"), None)
+        );
+        let ex = [i("20260101T000000Z"), i("20260102T000000Z")];
+        assert_eq!(
+            new_id(&ex, i("20260103T000000Z")),
+            (i("20260103T000000Z"), Some(i("20260102T000000Z")))
+        );
+        // Same second as an existing one: bumped, linked to the one it collided with.
+        assert_eq!(
+            new_id(&ex, i("20260102T000000Z")),
+            (i("20260102T000001Z"), Some(i("20260102T000000Z")))
+        );
+        // A snapshot ten years ahead, clock back: the id is the clock's, not 2036 + 1 s,
+        // and unchanged files link to the newest snapshot before it.
+        let ex = [
+            i("20260101T000000Z"),
+            i("20260102T000000Z"),
+            i("20360102T000000Z"),
+        ];
+        assert_eq!(
+            new_id(&ex, i("20260103T000000Z")),
+            (i("20260103T000000Z"), Some(i("20260102T000000Z")))
+        );
+        // Every snapshot later than the clock: link to the newest.
+        assert_eq!(
+            new_id(&ex, i("20250101T000000Z")),
+            (i("20250101T000000Z"), Some(i("20360102T000000Z")))
+        );
+        // Consecutive collisions.
+        let ex = [i("20260101T000000Z"), i("20260101T000001Z")];
+        assert_eq!(new_id(&ex, i("20260101T000000Z")).0, i("20260101T000002Z"));
+    }
+
+    #[test]
+    fn layout_listing_and_partials() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        create_layout(r).unwrap();
+        check_layout(r).unwrap();
+        for id in ["20260101T000000Z", "20251231T235959Z"] {
+            std::fs::create_dir(r.join(SNAPSHOTS).join(id)).unwrap();
+        }
+        std::fs::create_dir(r.join(SNAPSHOTS).join("junk")).unwrap();
+        let l = list(r).unwrap();
+        assert_eq!(
+            l.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+            ["20251231T235959Z", "20260101T000000Z"]
+        );
+        std::fs::create_dir_all(r.join(PARTIAL).join("20260102T000000Z/etc")).unwrap();
+        // The manifest that run wrote but never put in place goes with it; the others stay.
+        let manifests = r.join(crate::manifest::MANIFESTS);
+        std::fs::write(manifests.join(".20260102T000000Z.tmp-4242"), b"x").unwrap();
+        std::fs::write(manifests.join("20260101T000000Z"), b"kept").unwrap();
+        assert_eq!(remove_partials(r).unwrap(), 1);
+        assert_eq!(std::fs::read_dir(r.join(PARTIAL)).unwrap().count(), 0);
+        let left: Vec<_> = std::fs::read_dir(&manifests)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["20260101T000000Z"]);
+        std::fs::remove_file(r.join("FORMAT")).unwrap();
+        assert!(check_layout(r).is_err());
+    }
+}
