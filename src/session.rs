@@ -448,6 +448,7 @@ impl<'p> Session<'p> {
             );
         }
         luks::verify_pinned_header(device, &h)?;
+        luks::check_params(&h)?;
         Ok(Some(h))
     }
 

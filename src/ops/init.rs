@@ -129,17 +129,40 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     // removed again unless it is renamed to the container's name below.
     s.create_partial(&partial_name, p.container.size.0)?;
     let mark = s.mark();
-    let dev = s.attach(&partial_name, false)?;
-    info!("formatting LUKS2 (aes-xts-plain64, 4096-byte sectors, keyfile slot with PBKDF2)");
+    // The header is made here on the client and pinned before the server sees it; then it
+    // is written to the server, and what the server has is checked against the pinned copy
+    // at the open below (never the reverse: no byte read back from the server is pinned).
+    info!("formatting LUKS2 on this client (aes-xts-plain64, 4096-byte sectors, keyfile slot with PBKDF2)");
     crate::signals::check()?;
-    luks::format(&dev, s.key()?, &format!("e2ebackup-{}", p.name))?;
     let header_tmp = header.with_file_name(format!(
         "{}.new",
         header.file_name().unwrap_or_default().to_string_lossy()
     ));
+    let header_img = header.with_file_name(format!(
+        "{}.format",
+        header.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    if let Some(dir) = header.parent() {
+        crate::fsutil::secret_dir(dir)?;
+    }
     let _ = std::fs::remove_file(&header_tmp);
-    luks::backup_header(&dev, &header_tmp)?;
+    let _ = std::fs::remove_file(&header_img);
+    luks::format_on_client(&header_img, &header_tmp, s.key()?)?;
     s.pin_header_at(header_tmp.clone());
+    {
+        use std::os::unix::fs::FileExt;
+        let bytes = luks::pinned_bytes(&header_tmp)?;
+        let f = s.server_dir()?.open_file(&partial_name, false)?;
+        f.write_all_at(&bytes, 0)
+            .and_then(|()| f.sync_all())
+            .with_context(|| {
+                format!(
+                    "writing the LUKS2 header to {}",
+                    s.container_path().display()
+                )
+            })?;
+    }
+    s.attach(&partial_name, false)?;
     let mapper = s.unlock(false, false)?;
     info!(
         "creating ext4 ({inodes} inodes written now; a {} journal, allocated as runs write it)",

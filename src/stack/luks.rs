@@ -219,6 +219,218 @@ pub fn format(device: &Path, key: &Key, label: &str) -> Result<()> {
     Ok(())
 }
 
+/// The LUKS2 label of every container `init` makes. A fixed word: the label is stored in
+/// the clear in the header on the server, and an earlier `e2ebackup-NAME` told the server
+/// the profile's name. Older containers keep that label and open as before (the label is
+/// not among the parameters checked, [`check_params`]).
+pub const LABEL: &str = "e2ebackup";
+
+/// Format the LUKS2 header on the client, never on the server: `img` (which must not
+/// exist; in a root-only directory) is made a small sparse file laid out as the container
+/// will be (header, then data from [`HEADER_BYTES`]), formatted there with one keyslot for
+/// `key`, and its header backed up to `pinned`. `img` is removed again. The caller writes
+/// the pinned bytes to the server ([`pinned_bytes`]) and checks them there against the
+/// pinned copy, never the other way round: no byte the server returned becomes pinned.
+pub fn format_on_client(img: &Path, pinned: &Path, key: &Key) -> Result<()> {
+    struct Remove<'a>(&'a Path);
+    impl Drop for Remove<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0);
+        }
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(img)
+        .with_context(|| format!("creating {}", img.display()))?;
+    let _remove = Remove(img);
+    f.set_len(HEADER_BYTES + (1 << 20))
+        .with_context(|| format!("sizing {}", img.display()))?;
+    drop(f);
+    format(img, key, LABEL)?;
+    backup_header(img, pinned)?;
+    check_params(pinned)?;
+    Ok(())
+}
+
+/// The pinned header's bytes (metadata copies and keyslot area), to write to the server.
+pub fn pinned_bytes(pinned: &Path) -> Result<Vec<u8>> {
+    let (b, _) = crate::fsutil::read_local_bounded(pinned, HEADER_BYTES)
+        .with_context(|| format!("reading the pinned header {}", pinned.display()))?;
+    anyhow::ensure!(
+        luks2_hdr_size(&b).is_some(),
+        "{} is not a LUKS2 header backup",
+        pinned.display()
+    );
+    Ok(b)
+}
+
+/// What `init` chose and what every open requires of the pinned header (both metadata
+/// copies): one crypt segment with aes-xts-plain64, 4096-byte sectors and no integrity;
+/// keyslots of a 512-bit volume key whose area is encrypted with aes-xts-plain64, with
+/// PBKDF2 (SHA-256 or SHA-512, at least 1000 iterations: what `init` sets for the keyfile)
+/// or argon2i/argon2id (a passphrase slot added by hand); no mandatory requirement (an
+/// unfinished re-encryption). Anything else is refused (exit 6) naming what was found, before
+/// libcryptsetup is given the header: a header forged with `cipher_null-ecb` and pinned on
+/// trust (a rebuilt client) would otherwise hand the data to the server in the clear.
+pub fn check_params(pinned: &Path) -> Result<()> {
+    let refuse = |why: String| -> anyhow::Error {
+        crate::error::Failure::Security(format!(
+            "the pinned LUKS header {}'s {why}; refusing to open it",
+            pinned.display()
+        ))
+        .into()
+    };
+    let (b, _) = crate::fsutil::read_local_bounded(pinned, 64 << 20)
+        .with_context(|| format!("reading the pinned header {}", pinned.display()))?;
+    for (copy, json) in header_jsons(&b).map_err(&refuse)? {
+        check_params_json(json).map_err(|e| {
+            refuse(if copy == 0 {
+                e
+            } else {
+                format!("{e} (in its second metadata copy)")
+            })
+        })?;
+    }
+    Ok(())
+}
+
+/// The JSON text of both LUKS2 metadata copies in `b` (a header backup), after checking
+/// each copy's binary header (magic, version, size, own offset).
+fn header_jsons(b: &[u8]) -> std::result::Result<Vec<(usize, &str)>, String> {
+    let hdr = luks2_hdr_size(b)
+        .filter(|h| (8192..=4 << 20).contains(h) && *h % 4096 == 0)
+        .ok_or("file is not a LUKS2 header")? as usize;
+    let mut out = Vec::new();
+    for copy in 0..2 {
+        let at = copy * hdr;
+        let area = b
+            .get(at..at + hdr)
+            .ok_or_else(|| format!("metadata copy {} is cut short", copy + 1))?;
+        let magic: &[u8] = if copy == 0 {
+            b"LUKS\xba\xbe"
+        } else {
+            b"SKUL\xba\xbe"
+        };
+        let size = u64::from_be_bytes(area[8..16].try_into().expect("8 bytes"));
+        let offset = u64::from_be_bytes(area[256..264].try_into().expect("8 bytes"));
+        if area[..6] != *magic || area[6..8] != [0, 2] || size != hdr as u64 || offset != at as u64
+        {
+            return Err(format!(
+                "metadata copy {} has a bad binary header (magic, version, size or offset)",
+                copy + 1
+            ));
+        }
+        let json = &area[4096..];
+        let json = &json[..json.iter().position(|&c| c == 0).unwrap_or(json.len())];
+        let json = std::str::from_utf8(json)
+            .map_err(|_| format!("metadata copy {} holds JSON that is not UTF-8", copy + 1))?;
+        out.push((copy, json));
+    }
+    Ok(out)
+}
+
+/// The parameter check of [`check_params`] on one copy's JSON; the error names what was
+/// found.
+fn check_params_json(json: &str) -> std::result::Result<(), String> {
+    use serde_json::Value;
+    const CIPHER: &str = "aes-xts-plain64";
+    let v: Value = serde_json::from_str(json).map_err(|e| format!("JSON does not parse ({e})"))?;
+    let obj =
+        |v: &Value, what: &str| -> std::result::Result<serde_json::Map<String, Value>, String> {
+            v.get(what)
+                .and_then(Value::as_object)
+                .cloned()
+                .ok_or_else(|| format!("JSON has no `{what}` object"))
+        };
+    let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64);
+    let segments = obj(&v, "segments")?;
+    if segments.len() != 1 {
+        return Err(format!(
+            "JSON has {} segments, e2ebackup makes exactly one",
+            segments.len()
+        ));
+    }
+    for (id, s) in &segments {
+        if text(s, "type") != "crypt" {
+            return Err(format!(
+                "segment {id} is of type {:?}, not crypt",
+                text(s, "type")
+            ));
+        }
+        if text(s, "encryption") != CIPHER {
+            return Err(format!(
+                "segment cipher is {}, e2ebackup only opens {CIPHER}",
+                text(s, "encryption")
+            ));
+        }
+        if num(s, "sector_size") != Some(4096) {
+            return Err(format!(
+                "segment sector size is {}, e2ebackup only opens 4096-byte sectors",
+                s.get("sector_size").unwrap_or(&Value::Null)
+            ));
+        }
+        if s.get("integrity").is_some() {
+            return Err("segment has an integrity section, e2ebackup makes none".into());
+        }
+    }
+    let keyslots = obj(&v, "keyslots")?;
+    if keyslots.is_empty() {
+        return Err("JSON has no keyslot".into());
+    }
+    for (id, k) in &keyslots {
+        if text(k, "type") != "luks2" {
+            return Err(format!(
+                "keyslot {id} is of type {:?}, not luks2",
+                text(k, "type")
+            ));
+        }
+        if num(k, "key_size") != Some(64) {
+            return Err(format!(
+                "keyslot {id} holds a {}-bit volume key, e2ebackup only opens 512-bit keys",
+                num(k, "key_size").map_or("?".to_string(), |n| (n * 8).to_string())
+            ));
+        }
+        let area = k.get("area").unwrap_or(&Value::Null);
+        if text(area, "encryption") != CIPHER || num(area, "key_size") != Some(64) {
+            return Err(format!(
+                "keyslot {id}'s area cipher is {} with a {}-byte key, e2ebackup only opens {CIPHER} with 64",
+                text(area, "encryption"),
+                area.get("key_size").unwrap_or(&Value::Null)
+            ));
+        }
+        let kdf = k.get("kdf").unwrap_or(&Value::Null);
+        match text(kdf, "type").as_str() {
+            "pbkdf2"
+                if matches!(text(kdf, "hash").as_str(), "sha256" | "sha512")
+                    && num(kdf, "iterations").is_some_and(|i| i >= 1000) => {}
+            "argon2i" | "argon2id" => {}
+            t => {
+                return Err(format!(
+                    "keyslot {id}'s KDF is {t:?} (hash {:?}, {} iterations), e2ebackup only opens \
+                     pbkdf2 with sha256/sha512 and at least 1000 iterations, or argon2i/argon2id",
+                    text(kdf, "hash"),
+                    kdf.get("iterations").unwrap_or(&Value::Null)
+                ))
+            }
+        }
+    }
+    if let Some(m) = v
+        .get("config")
+        .and_then(|c| c.get("requirements"))
+        .and_then(|r| r.get("mandatory"))
+        .and_then(Value::as_array)
+        .filter(|m| !m.is_empty())
+    {
+        return Err(format!(
+            "header has mandatory requirements {m:?} (an unfinished re-encryption?), e2ebackup opens none"
+        ));
+    }
+    Ok(())
+}
+
 /// Write the header (and keyslots) of `device` to `dest` atomically, mode 0400.
 pub fn backup_header(device: &Path, dest: &Path) -> Result<()> {
     install_logging();
@@ -332,6 +544,9 @@ pub fn open(
 /// `header` file when given: then only the data is read from `device`).
 fn load(device: &Path, header: Option<&Path>) -> Result<libcryptsetup_rs::CryptDevice> {
     install_logging();
+    if let Some(h) = header {
+        check_params(h)?;
+    }
     let mut dev = match header {
         Some(h) => CryptInit::init_with_data_device(Either::Right((h, device))),
         None => CryptInit::init(device),
@@ -578,6 +793,154 @@ mod tests {
         assert_eq!(luks2_hdr_size(b"not luks at all!"), None);
     }
 
+    /// The JSON metadata of a container `init` makes (cryptsetup 2.6, luksDump
+    /// --dump-json-metadata), salts and digest shortened.
+    const INIT_JSON: &str = r#"{"keyslots":{"0":{"type":"luks2","key_size":64,"af":{"type":"luks1","stripes":4000,"hash":"sha256"},"area":{"type":"raw","offset":"32768","size":"258048","encryption":"aes-xts-plain64","key_size":64},"kdf":{"type":"pbkdf2","hash":"sha256","iterations":1000,"salt":"c2FsdA=="}}},"tokens":{},"segments":{"0":{"type":"crypt","offset":"2097152","size":"dynamic","iv_tweak":"0","encryption":"aes-xts-plain64","sector_size":4096}},"digests":{"0":{"type":"pbkdf2","keyslots":["0"],"segments":["0"],"hash":"sha256","iterations":1000,"salt":"c2FsdA==","digest":"ZGlnZXN0"}},"config":{"json_size":"12288","keyslots_size":"1015808"}}"#;
+
+    /// A header backup as libcryptsetup writes it: two copies of `hdr` bytes (binary header
+    /// then JSON), each with its magic, version, size and offset; checksums are not checked.
+    fn built_header(hdr: usize, json: [&str; 2]) -> Vec<u8> {
+        let mut b = vec![0u8; 2 * hdr + 4096];
+        for (copy, magic) in [(0usize, b"LUKS\xba\xbe"), (1, b"SKUL\xba\xbe")] {
+            let at = copy * hdr;
+            b[at..at + 6].copy_from_slice(magic);
+            b[at + 7] = 2;
+            b[at + 8..at + 16].copy_from_slice(&(hdr as u64).to_be_bytes());
+            b[at + 256..at + 264].copy_from_slice(&(at as u64).to_be_bytes());
+            b[at + 4096..at + 4096 + json[copy].len()].copy_from_slice(json[copy].as_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn params_of_an_init_header_pass() {
+        check_params_json(INIT_JSON).unwrap();
+        // A passphrase slot added by hand (argon2id) is accepted too.
+        let j = INIT_JSON.replace(
+            r#""kdf":{"type":"pbkdf2","hash":"sha256","iterations":1000,"#,
+            r#""kdf":{"type":"argon2id","time":4,"memory":1048576,"cpus":2,"#,
+        );
+        check_params_json(&j).unwrap();
+    }
+
+    #[test]
+    fn params_refused_name_what_was_found() {
+        let cases = [
+            (
+                r#""sector_size":4096}},"digests""#.to_string(),
+                r#""sector_size":512}},"digests""#.to_string(),
+                "segment sector size is 512, e2ebackup only opens 4096-byte sectors",
+            ),
+            (
+                r#""iv_tweak":"0","encryption":"aes-xts-plain64""#.into(),
+                r#""iv_tweak":"0","encryption":"cipher_null-ecb""#.into(),
+                "segment cipher is cipher_null-ecb, e2ebackup only opens aes-xts-plain64",
+            ),
+            (
+                r#"{"type":"luks2","key_size":64,"#.into(),
+                r#"{"type":"luks2","key_size":32,"#.into(),
+                "keyslot 0 holds a 256-bit volume key, e2ebackup only opens 512-bit keys",
+            ),
+            (
+                r#""size":"258048","encryption":"aes-xts-plain64""#.into(),
+                r#""size":"258048","encryption":"cipher_null-ecb""#.into(),
+                "keyslot 0's area cipher is cipher_null-ecb",
+            ),
+            (
+                r#""hash":"sha256","iterations":1000,"salt":"c2FsdA=="}}}"#.into(),
+                r#""hash":"md5","iterations":1000,"salt":"c2FsdA=="}}}"#.into(),
+                r#"keyslot 0's KDF is "pbkdf2" (hash "md5", 1000 iterations)"#,
+            ),
+            (
+                r#""keyslots_size":"1015808"}"#.into(),
+                r#""keyslots_size":"1015808","requirements":{"mandatory":["online-reencrypt-v2"]}}"#
+                    .into(),
+                "mandatory requirements",
+            ),
+            (
+                r#""sector_size":4096}},"#.into(),
+                r#""sector_size":4096},"1":{"type":"crypt","offset":"4194304","size":"dynamic","iv_tweak":"0","encryption":"aes-xts-plain64","sector_size":4096}},"#.into(),
+                "JSON has 2 segments, e2ebackup makes exactly one",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let j = INIT_JSON.replacen(&from, &to, 1);
+            assert_ne!(j, INIT_JSON, "the case {want:?} changed nothing");
+            let e = check_params_json(&j).unwrap_err();
+            assert!(e.contains(want), "{want:?} not in {e:?}");
+        }
+        assert!(check_params_json("{")
+            .unwrap_err()
+            .contains("does not parse"));
+    }
+
+    #[test]
+    fn params_checked_in_both_copies_of_a_header_file() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("h");
+        let forged = INIT_JSON.replacen(
+            r#""iv_tweak":"0","encryption":"aes-xts-plain64""#,
+            r#""iv_tweak":"0","encryption":"cipher_null-ecb""#,
+            1,
+        );
+        std::fs::write(&f, built_header(16384, [INIT_JSON, INIT_JSON])).unwrap();
+        check_params(&f).unwrap();
+        for (json, second) in [
+            ([&*forged, INIT_JSON], false),
+            ([INIT_JSON, &*forged], true),
+        ] {
+            std::fs::write(&f, built_header(16384, json)).unwrap();
+            let e = check_params(&f).unwrap_err();
+            assert_eq!(crate::error::exit_for(&e), crate::error::Exit::Security);
+            let m = format!("{e}");
+            assert!(m.contains("segment cipher is cipher_null-ecb"), "{m}");
+            assert_eq!(m.contains("second metadata copy"), second, "{m}");
+        }
+        // A second copy whose binary header is not one (wrong magic) is refused too.
+        let mut b = built_header(16384, [INIT_JSON, INIT_JSON]);
+        b[16384] = b'X';
+        std::fs::write(&f, &b).unwrap();
+        let m = format!("{}", check_params(&f).unwrap_err());
+        assert!(m.contains("metadata copy 2 has a bad binary header"), "{m}");
+        std::fs::write(&f, b"not a header").unwrap();
+        let m = format!("{}", check_params(&f).unwrap_err());
+        assert!(m.contains("is not a LUKS2 header"), "{m}");
+    }
+
+    /// Real libcryptsetup: the header `init` makes on the client has the parameters every
+    /// open requires, the data where the container's data starts, the fixed label, and its
+    /// first bytes are what is written to the server.
+    #[test]
+    #[ignore = "needs root (libcryptsetup); run as root with --include-ignored, as CI does"]
+    fn host_format_on_client_pins_what_init_chose() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("h.format");
+        let pinned = d.path().join("h.new");
+        let key = Key(vec![9u8; 4096]);
+        format_on_client(&img, &pinned, &key).unwrap();
+        assert!(!img.exists(), "the formatting image is removed");
+        check_params(&pinned).unwrap();
+        let b = pinned_bytes(&pinned).unwrap();
+        let json = header_jsons(&b).unwrap()[0].1.to_string();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["segments"]["0"]["offset"], HEADER_BYTES.to_string());
+        assert_eq!(
+            &b[24..24 + LABEL.len() + 1],
+            format!("{LABEL}\0").as_bytes()
+        );
+        // The keyfile opens it (a test activation reads only the header and keyslots).
+        let data = d.path().join("c");
+        std::fs::write(&data, &b).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&data)
+            .unwrap()
+            .set_len(HEADER_BYTES + (8 << 20))
+            .unwrap();
+        verify_pinned_header(&data, &pinned).unwrap();
+        assert_eq!(keyslot_for(&data, Some(&pinned), &key).unwrap(), 0);
+    }
+
     /// Real libcryptsetup on a file (it attaches its own loop device; no dm-crypt needed to
     /// format or back up a header): the pinned check passes on the untouched container and
     /// refuses one with a single flipped byte in its JSON area.
@@ -591,7 +954,7 @@ mod tests {
             .set_len(32 << 20)
             .unwrap();
         let key = Key(vec![7u8; 64]);
-        format(&img, &key, "test").unwrap();
+        format(&img, &key, LABEL).unwrap();
         let pinned = d.path().join("c.header");
         backup_header(&img, &pinned).unwrap();
         verify_pinned_header(&img, &pinned).unwrap();
