@@ -72,6 +72,35 @@ pub fn exit_for(err: &anyhow::Error) -> Exit {
         .unwrap_or(Exit::Failed)
 }
 
+/// What the kernel's ext4 found, if `err` (anywhere in its chain) is its report of damaged
+/// metadata: EFSBADCRC (= EBADMSG, a metadata checksum that does not match, as in
+/// `iget: checksum invalid`) or EFSCORRUPTED (= EUCLEAN, a structure that cannot be). EIO is
+/// not among them: it is also what a lost connection to the server gives.
+pub fn fs_damage(err: &anyhow::Error) -> Option<&'static str> {
+    err.chain().find_map(
+        |c| match c.downcast_ref::<std::io::Error>()?.raw_os_error()? {
+            libc::EBADMSG => Some("a metadata checksum does not match (EFSBADCRC)"),
+            libc::EUCLEAN => Some("a metadata structure is corrupt (EFSCORRUPTED)"),
+            _ => None,
+        },
+    )
+}
+
+/// Refusal (exit 6) of a container whose filesystem is damaged: what was found (`what`),
+/// what it means, and what a person can do (`readable`: which snapshots still read, when
+/// known).
+pub fn damaged(what: impl std::fmt::Display, readable: &str) -> anyhow::Error {
+    Failure::Security(format!(
+        "the container's filesystem is damaged: {what}. The metadata checksums of its ext4 do \
+         not match what the client wrote, so the server altered or lost data of the container \
+         (a flipped, replayed or lost block). {readable}What you can do: `e2ebackup verify \
+         PROFILE` names every damaged file it can reach; copy what still reads out of the \
+         snapshots by hand, read-only with the pinned header, as docs/layout.md shows; then \
+         create a new container for the next runs and keep this one as evidence"
+    ))
+    .into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +114,21 @@ mod tests {
         let plain = anyhow::anyhow!("disk full");
         assert_eq!(exit_for(&plain), Exit::Failed);
         assert_eq!(exit_for(&usage("bad key")), Exit::Usage);
+    }
+
+    #[test]
+    fn kernel_damage_errnos_are_damage() {
+        let bad = |n| anyhow::Error::from(std::io::Error::from_raw_os_error(n)).context("x");
+        assert!(fs_damage(&bad(libc::EBADMSG))
+            .unwrap()
+            .contains("EFSBADCRC"));
+        assert!(fs_damage(&bad(libc::EUCLEAN))
+            .unwrap()
+            .contains("EFSCORRUPTED"));
+        assert_eq!(fs_damage(&bad(libc::EIO)), None);
+        assert_eq!(fs_damage(&anyhow::anyhow!("plain")), None);
+        let e = damaged("reading FORMAT", "");
+        assert_eq!(exit_for(&e), Exit::Security);
+        assert!(format!("{e}").contains("server altered or lost data"));
     }
 }

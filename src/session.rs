@@ -477,6 +477,7 @@ impl<'p> Session<'p> {
                 self.profile.server.host
             );
         }
+        stack::ext4::check_features(&dev)?;
         mount::mount_ext4_with(&mut self.stack, &dev, &target, read_only, noload)?;
         self.fs_root = Some(target.clone());
         self.fs_synced = false;

@@ -715,8 +715,9 @@ fn host_sshfs_loop_ext4_snapshots() {
     mount_server(&mut stack, &p, &mnt);
     let l = attach(&mut stack, &file, true);
     let dev = l.device.clone();
-    assert!(
+    assert_eq!(
         ext4::check_readonly(&dev).unwrap_or_else(|e| panic!("e2fsck: {e:#}")),
+        ext4::Fsck::Clean,
         "e2fsck -fn found errors after the teardown"
     );
     mount_fs(&mut stack, &dev, &fs, true);
@@ -1174,8 +1175,9 @@ fn host_killed_run_journal_recovered() {
     mount_server(&mut stack, &p, &mnt);
     let l = attach(&mut stack, &file, true);
     let dev2 = l.device.clone();
-    assert!(
+    assert_eq!(
         ext4::check_readonly(&dev2).unwrap(),
+        ext4::Fsck::Clean,
         "e2fsck -fn found errors"
     );
     mount_fs(&mut stack, &dev2, &fs, true);

@@ -42,12 +42,23 @@ pub fn fail_ref(e: &anyhow::Error) -> Exit {
 /// Report the work's result, then tear down. An incomplete teardown turns the status into 5,
 /// except a security refusal: that cause stays 6 (the teardown's failures and the commands
 /// to finish it are printed either way, and the status file records both).
+///
+/// A read that the kernel's ext4 refused as damaged metadata (a checksum that does not
+/// match, [`crate::error::fs_damage`]) is exit 6 wherever it happened, and said to be damage.
 pub fn finish(session: Session<'_>, result: &Result<Exit>) -> (Exit, bool) {
+    let damage = match result {
+        Err(e) if crate::error::exit_for(e) == Exit::Failed => crate::error::fs_damage(e),
+        _ => None,
+    };
     if let Err(e) = result {
         print_error(e);
     }
+    if let Some(why) = damage {
+        print_error(&crate::error::damaged(why, ""));
+    }
     let report = session.close();
     let code = match result {
+        Ok(_) | Err(_) if damage.is_some() => Exit::Security,
         Ok(c) => *c,
         Err(e) => exit_for(e),
     };

@@ -44,13 +44,34 @@ fn work(p: &Profile, s: &mut Session<'_>, percent: u32, rep: &mut CheckReport) -
         );
     } else {
         info!("checking the filesystem read-only (e2fsck -fn)");
-        if !ext4::check_readonly(&mapper)? {
-            problems.push(
+        match ext4::check_readonly(&mapper)? {
+            ext4::Fsck::Clean => {}
+            ext4::Fsck::Errors => problems.push(
                 "e2fsck found errors in the filesystem (run with -v for its output)".to_string(),
-            );
+            ),
+            ext4::Fsck::Aborted { code, output } => {
+                // It stops at metadata it cannot trust: damage, not a failure of the tool.
+                let e = crate::error::damaged(
+                    format!("e2fsck -fn stopped (exit {code}: {output})"),
+                    "",
+                );
+                problems.push(format!("{e}"));
+            }
         }
     }
-    let root = s.mount_checked(true)?;
+    let root = match s.mount_checked(true) {
+        Ok(r) => r,
+        Err(e) if !rep.problems.is_empty() => {
+            for pr in &rep.problems {
+                crate::logging::emit(-2, "DIFFERS: ", format_args!("{pr}"));
+            }
+            return Err(e.context(Failure::Security(format!(
+                "verify found {} problem(s) and could not mount the container's filesystem",
+                rep.problems.len()
+            ))));
+        }
+        Err(e) => return Err(e),
+    };
     let day = SnapshotId::now().unix().div_euclid(86400);
     let mut files = 0;
     for id in snapshots::list(&root)? {

@@ -24,16 +24,71 @@ pub fn create_layout(root: &Path) -> Result<()> {
     mount::syncfs(root)
 }
 
-/// Refuse a filesystem that is not ours (wrong container, or a damaged one).
+/// Refuse a filesystem that is not ours (wrong container), or a damaged one: a read that
+/// the kernel's ext4 refuses for a checksum ([`crate::error::fs_damage`]) is exit 6, called
+/// damage, naming the snapshots that still read.
 pub fn check_layout(root: &Path) -> Result<()> {
-    let f = std::fs::read_to_string(root.join("FORMAT")).unwrap_or_default();
-    if f.trim() != FORMAT_LINE || !root.join(SNAPSHOTS).is_dir() {
+    let damage = |what: &str, e: std::io::Error| -> anyhow::Error {
+        let e = anyhow::Error::from(e);
+        match crate::error::fs_damage(&e) {
+            Some(why) => {
+                crate::error::damaged(format!("{what}: {why}: {e}"), &readable_snapshots(root))
+            }
+            None => e.context(what.to_string()),
+        }
+    };
+    let f = match std::fs::read_to_string(root.join("FORMAT")) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(damage("reading FORMAT", e)),
+    };
+    let snapshots_dir = match std::fs::metadata(root.join(SNAPSHOTS)) {
+        Ok(m) => m.is_dir(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(damage("looking up snapshots/", e)),
+    };
+    if f.trim() != FORMAT_LINE || !snapshots_dir {
         bail!(
             "the container's filesystem does not hold an e2ebackup layout (FORMAT file missing or unknown: {:?})",
             f.trim()
         );
     }
     Ok(())
+}
+
+/// Which snapshots still read in a damaged container (a sentence for the damage message):
+/// each one's top directory listed, nothing more.
+pub fn readable_snapshots(root: &Path) -> String {
+    let dir = root.join(SNAPSHOTS);
+    let names = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect::<Vec<_>>(),
+        Err(e) => return format!("The list of snapshots does not read either ({e}). "),
+    };
+    let (mut ok, mut bad) = (Vec::new(), Vec::new());
+    for n in names {
+        match std::fs::read_dir(dir.join(&n)).map(|rd| rd.count()) {
+            Ok(_) => ok.push(n),
+            Err(_) => bad.push(n),
+        }
+    }
+    ok.sort();
+    bad.sort();
+    format!(
+        "Snapshots whose top directory still reads: {}; that do not: {}. ",
+        if ok.is_empty() {
+            "none".into()
+        } else {
+            ok.join(", ")
+        },
+        if bad.is_empty() {
+            "none".into()
+        } else {
+            bad.join(", ")
+        }
+    )
 }
 
 /// Complete snapshots, oldest first. Entries that are not snapshot ids are reported, not used.

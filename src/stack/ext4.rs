@@ -32,6 +32,12 @@ pub fn mkfs(device: &Path, label: &str, inodes: u64, journal: u64) -> Result<()>
         .arg("-J")
         .arg(format!("size={}", journal >> 20))
         .args(["-E", "lazy_itable_init=0,lazy_journal_init=1"])
+        // Metadata checksums (crc32c over every inode, directory block, bitmap, group
+        // descriptor, and the journal's blocks) are what stop garbled or replayed-out-of-place
+        // ciphertext from reaching the kernel's ext4 code as plausible metadata: required,
+        // not left to mke2fs's defaults ([`check_features`]). 64bit goes with them (64-byte
+        // group descriptors, whose checksums cover the bitmaps' too).
+        .args(["-O", "metadata_csum,64bit"])
         .arg(device)
         .run()?;
     Ok(())
@@ -57,14 +63,92 @@ pub fn needs_recovery(device: &Path) -> Result<bool> {
     Ok(incompat & 0x4 != 0)
 }
 
-/// Read-only check (`e2fsck -fn`); Ok(true) when clean.
-pub fn check_readonly(device: &Path) -> Result<bool> {
+/// The superblock's feature flags that every open requires: RO_COMPAT_METADATA_CSUM and
+/// INCOMPAT_64BIT, with crc32c as the checksum type.
+const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
+const INCOMPAT_64BIT: u32 = 0x80;
+const CHECKSUM_CRC32C: u8 = 1;
+
+/// Refuse (exit 6) an ext4 on `device` (the opened mapping: decrypted bytes) without
+/// metadata checksums: without them the kernel takes whatever the blocks decrypt to for
+/// metadata, so a server's flipped or replayed ciphertext reaches ext4's code as plausible
+/// structures instead of being refused as a checksum error. `init` makes every container
+/// with them ([`mkfs`]). Read straight from the superblock, before the mount.
+pub fn check_features(device: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(device)
+        .with_context(|| format!("opening {} to read its superblock", device.display()))?;
+    let mut sb = [0u8; 1024];
+    f.read_exact_at(&mut sb, 1024)
+        .with_context(|| format!("reading the superblock of {}", device.display()))?;
+    features_ok(&sb).map_err(|why| {
+        crate::error::Failure::Security(format!(
+            "the ext4 filesystem in the container ({}) {why}: e2ebackup creates every container \
+             with metadata checksums, which keep altered ciphertext from reaching the kernel as \
+             plausible metadata, and refuses to mount one without them",
+            device.display()
+        ))
+        .into()
+    })
+}
+
+/// [`check_features`] on the superblock's 1024 bytes; the error says what is missing.
+fn features_ok(sb: &[u8; 1024]) -> std::result::Result<(), String> {
+    let le32 = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]);
+    if u16::from_le_bytes([sb[0x38], sb[0x39]]) != 0xEF53 {
+        return Err("has no ext4 superblock (bad magic)".into());
+    }
+    let mut missing = Vec::new();
+    if le32(0x64) & RO_COMPAT_METADATA_CSUM == 0 {
+        missing.push("metadata_csum");
+    }
+    if le32(0x60) & INCOMPAT_64BIT == 0 {
+        missing.push("64bit");
+    }
+    if !missing.is_empty() {
+        return Err(format!("lacks the feature(s) {}", missing.join(", ")));
+    }
+    if sb[0x175] != CHECKSUM_CRC32C {
+        return Err(format!("names checksum type {}, not crc32c (1)", sb[0x175]));
+    }
+    Ok(())
+}
+
+/// What a read-only `e2fsck -fn` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fsck {
+    Clean,
+    /// Errors it would have corrected (exit 4).
+    Errors,
+    /// It stopped (exit 8 or 12): on a filesystem with metadata checksums, what it stopped
+    /// at is typically a checksum that does not match ("Inode checksum does not match
+    /// inode"). The last lines of its output.
+    Aborted {
+        code: i32,
+        output: String,
+    },
+}
+
+/// Read-only check (`e2fsck -fn`).
+pub fn check_readonly(device: &Path) -> Result<Fsck> {
     let d = Cmd::new("e2fsck")?
         .args(["-f", "-n"])
         .arg(device)
-        .ok_codes(&[0, 1, 4])
+        .ok_codes(&[0, 1, 4, 8, 12])
         .run()?;
-    Ok(d.code == 0)
+    Ok(match d.code {
+        0 => Fsck::Clean,
+        1 | 4 => Fsck::Errors,
+        code => Fsck::Aborted {
+            code,
+            output: crate::cmd::tail(&format!("{}\n{}", d.stdout, d.stderr), 4)
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join("; "),
+        },
+    })
 }
 
 /// mke2fs's default journal size for a filesystem of `blocks` 4 KiB blocks
@@ -528,6 +612,42 @@ pub fn file_extents(f: &std::fs::File, len: u64) -> Result<Vec<(u64, u64)>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn features_required_at_every_open() {
+        let mut sb = [0u8; 1024];
+        assert!(features_ok(&sb).unwrap_err().contains("bad magic"));
+        sb[0x38..0x3a].copy_from_slice(&0xEF53u16.to_le_bytes());
+        assert_eq!(
+            features_ok(&sb).unwrap_err(),
+            "lacks the feature(s) metadata_csum, 64bit"
+        );
+        sb[0x64..0x68].copy_from_slice(&RO_COMPAT_METADATA_CSUM.to_le_bytes());
+        assert_eq!(features_ok(&sb).unwrap_err(), "lacks the feature(s) 64bit");
+        sb[0x60..0x64].copy_from_slice(&INCOMPAT_64BIT.to_le_bytes());
+        assert!(features_ok(&sb).unwrap_err().contains("checksum type 0"));
+        sb[0x175] = CHECKSUM_CRC32C;
+        features_ok(&sb).unwrap();
+    }
+
+    /// Real mke2fs images: what `mkfs` asks for passes, an ext4 made without checksums is
+    /// refused with exit 6 naming the feature.
+    #[test]
+    fn features_of_real_images() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let os = |v: &'static [&'static str]| -> Vec<&'static std::ffi::OsStr> {
+            v.iter().map(std::ffi::OsStr::new).collect()
+        };
+        let with = image(a.path(), 8 << 20, &os(&["-O", "metadata_csum,64bit"]));
+        check_features(&with).unwrap();
+        let without = image(b.path(), 8 << 20, &os(&["-O", "^metadata_csum"]));
+        let e = check_features(&without).unwrap_err();
+        assert_eq!(crate::error::exit_for(&e), crate::error::Exit::Security);
+        assert!(
+            format!("{e}").contains("lacks the feature(s) metadata_csum"),
+            "{e}"
+        );
+    }
+
     use super::*;
 
     #[test]
