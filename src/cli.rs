@@ -145,6 +145,12 @@ pub enum Command {
         /// Write the units to /etc/systemd/system and enable the timer (if systemd runs; else exit 3)
         #[arg(long)]
         install: bool,
+        /// Also a second timer for `verify --read-data PERCENT` (units e2ebackup-NAME-verify.*)
+        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u32).range(1..=100))]
+        verify_read_data: Option<u32>,
+        /// OnCalendar= expression of the verify timer
+        #[arg(long, value_name = "CALENDAR", default_value = "weekly")]
+        verify_on_calendar: String,
     },
     /// Key checks: `keys verify` tests the keyfile, the pinned header and the escrows
     Keys {
@@ -285,8 +291,16 @@ pub fn main() -> ExitCode {
             on_calendar,
             on_failure,
             install,
+            verify_read_data,
+            verify_on_calendar,
             ..
-        } => ops::schedule::schedule(&profile, on_calendar, on_failure.as_deref(), *install),
+        } => ops::schedule::schedule(
+            &profile,
+            on_calendar,
+            on_failure.as_deref(),
+            *install,
+            verify_read_data.map(|pct| (pct, verify_on_calendar.as_str())),
+        ),
         Command::Keys {
             action: KeysAction::Verify { identity, json, .. },
         } => ops::keys::verify(&profile, identity.as_deref(), *json),

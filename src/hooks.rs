@@ -126,7 +126,11 @@ fn env_for(p: &Profile, stage: Stage, ctx: &RunContext) -> Vec<(&'static str, St
         ("E2EBACKUP_PROFILE", p.name.clone()),
         (
             "E2EBACKUP_PROFILE_FILE",
-            p.source_file.display().to_string(),
+            // Absolute: hooks run in `/`.
+            std::path::absolute(&p.source_file)
+                .unwrap_or_else(|_| p.source_file.clone())
+                .display()
+                .to_string(),
         ),
         ("E2EBACKUP_HOOK", stage.name().to_string()),
         // cron and systemd give hooks a minimal PATH; give them the standard one.

@@ -145,6 +145,16 @@ pub fn textfile(p: &Profile, r: &LastRun) -> String {
         "Complete snapshots in the container.",
         f(r.snapshot_count),
     );
+    metric(
+        "consecutive_skips",
+        "Runs in a row skipped by a before hook (exit 75); 0 after any other run.",
+        Some(r.consecutive_skips as f64),
+    );
+    metric(
+        "skip_alarm",
+        "1 when consecutive_skips reached monitoring.max_skips: as bad as a failed run.",
+        Some(f64::from(u8::from(skip_alarm(p, Some(r)).is_some()))),
+    );
     out
 }
 
@@ -167,12 +177,33 @@ pub fn report(p: &Profile, r: &LastRun, pinger: Option<&Pinger>) {
             warn!("cannot write the Prometheus textfile: {e:#}");
         }
     }
-    if let Some(pg) = pinger {
-        pg.finish(
-            r.exit_code == 0 || r.exit_code == 3,
-            &crate::logging::tail(),
-        );
+    let Some(pg) = pinger else { return };
+    if r.result == crate::state::SKIPPED {
+        // A skip is not a success: no success ping (the check's own period then notices a
+        // target that stays away), and a failure ping once the skips reach the limit.
+        if let Some(alarm) = skip_alarm(p, Some(r)) {
+            warn!("{}: {alarm}", p.name);
+            pg.finish(false, &format!("{alarm}\n{}", crate::logging::tail()));
+        }
+        return;
     }
+    pg.finish(
+        r.exit_code == 0 || r.exit_code == 3,
+        &crate::logging::tail(),
+    );
+}
+
+/// A failure for monitoring when the last `monitoring.max_skips` runs (or more) in a row were
+/// skipped by a `before` hook: a target that is never available is a backup that never runs.
+pub fn skip_alarm(p: &Profile, r: Option<&LastRun>) -> Option<String> {
+    let n = r?.consecutive_skips;
+    let max = p.monitoring.max_skips;
+    (max > 0 && n >= u64::from(max)).then(|| {
+        format!(
+            "the last {n} runs were skipped (a before hook said the target is unavailable; \
+             monitoring.max_skips is {max})"
+        )
+    })
 }
 
 /// A warning when the last success is older than the profile's expected interval.
@@ -327,5 +358,56 @@ mod tests {
             .contains("no successful run"));
         assert!(staleness(&p, None, 0).is_some());
         assert_eq!(staleness(&profile("  {}\n"), None, 0), None);
+    }
+
+    #[test]
+    fn skips_in_a_row_are_an_alarm_at_max_skips() {
+        let p = profile("  max_skips: 2\n");
+        let mut r = LastRun {
+            command: "run".into(),
+            result: crate::state::SKIPPED.into(),
+            consecutive_skips: 1,
+            ..Default::default()
+        };
+        assert_eq!(skip_alarm(&p, Some(&r)), None);
+        assert!(textfile(&p, &r).contains("e2ebackup_skip_alarm{profile=\"mon\"} 0\n"));
+        r.consecutive_skips = 2;
+        let a = skip_alarm(&p, Some(&r)).unwrap();
+        assert!(a.contains("last 2 runs were skipped"), "{a}");
+        let t = textfile(&p, &r);
+        assert!(
+            t.contains("e2ebackup_consecutive_skips{profile=\"mon\"} 2\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("e2ebackup_skip_alarm{profile=\"mon\"} 1\n"),
+            "{t}"
+        );
+        // The default limit is 3; 0 turns the alarm off.
+        assert_eq!(skip_alarm(&profile("  {}\n"), Some(&r)), None);
+        r.consecutive_skips = 3;
+        assert!(skip_alarm(&profile("  {}\n"), Some(&r)).is_some());
+        assert_eq!(skip_alarm(&profile("  max_skips: 0\n"), Some(&r)), None);
+    }
+
+    #[test]
+    fn the_skip_that_reaches_the_limit_pings_fail() {
+        let (url, server) = http_server(1);
+        let p = profile(&format!("  healthcheck_url: {url}\n  max_skips: 2\n"));
+        let pg = Pinger::new(&p).unwrap();
+        let mut r = LastRun {
+            command: "run".into(),
+            result: crate::state::SKIPPED.into(),
+            consecutive_skips: 1,
+            ..Default::default()
+        };
+        report(&p, &r, Some(&pg)); // under the limit: no ping at all
+        r.consecutive_skips = 2;
+        report(&p, &r, Some(&pg));
+        let seen = server.join().unwrap();
+        assert!(
+            seen[0].starts_with("POST /ping/abc-123/fail the last 2 runs were skipped"),
+            "{seen:?}"
+        );
     }
 }

@@ -393,7 +393,7 @@ fn default_hook_timeout() -> Duration {
 }
 
 /// Where a run reports to.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Monitoring {
     /// healthchecks.io-style ping URL: `/start`, success, `/fail` are appended.
@@ -405,6 +405,25 @@ pub struct Monitoring {
     /// Prometheus node-exporter textfile, rewritten atomically after every run.
     #[serde(default)]
     pub prometheus_textfile: Option<AbsPath>,
+    /// This many runs in a row skipped by a `before` hook (exit 75) count as a failure:
+    /// `status` exits 3, the healthcheck gets a `/fail` ping, the textfile says so.
+    #[serde(default = "default_max_skips")]
+    pub max_skips: u32,
+}
+
+fn default_max_skips() -> u32 {
+    3
+}
+
+impl Default for Monitoring {
+    fn default() -> Monitoring {
+        Monitoring {
+            healthcheck_url: None,
+            expected_interval: None,
+            prometheus_textfile: None,
+            max_skips: default_max_skips(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -820,7 +839,19 @@ backup:
         for entry in std::fs::read_dir(&dir).unwrap() {
             let p = entry.unwrap().path();
             if p.extension().is_some_and(|e| e == "yaml") {
-                Profile::load(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+                let prof = Profile::load(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+                if p.ends_with("example.yaml") {
+                    // Copied by newcomers: no hook may be active in it (a `before` hook that
+                    // tests the example's host skipped every run of a copied profile).
+                    let h = &prof.hooks;
+                    assert!(
+                        h.before.0.is_empty()
+                            && h.after.0.is_empty()
+                            && h.failed.0.is_empty()
+                            && h.finally.0.is_empty(),
+                        "profiles/example.yaml ships an active hook: {h:?}"
+                    );
+                }
                 n += 1;
             }
         }

@@ -42,6 +42,9 @@ pub struct LastRun {
     pub container_size: Option<u64>,
     #[serde(default)]
     pub snapshot_count: Option<u64>,
+    /// How many `run`s in a row ended skipped by a `before` hook (0 after any other run).
+    #[serde(default)]
+    pub consecutive_skips: u64,
 }
 
 pub fn result_word(code: Exit) -> &'static str {
@@ -64,10 +67,16 @@ pub fn record_last_run(p: &Profile, rec: &LastRun) -> LastRun {
     let now = SnapshotId::now();
     rec.finished_unix = Some(now.unix());
     let ok = rec.command == "run" && (rec.exit_code == 0 || rec.exit_code == 3);
+    let prev = read_last_run(p);
+    if rec.command == "run" && rec.result == SKIPPED {
+        rec.consecutive_skips = prev.as_ref().map_or(0, |p| p.consecutive_skips) + 1;
+    } else if rec.command != "run" {
+        rec.consecutive_skips = prev.as_ref().map_or(0, |p| p.consecutive_skips);
+    }
     if ok && rec.result != SKIPPED {
         rec.last_success = Some(rec.finished.clone());
         rec.last_success_unix = Some(now.unix());
-    } else if let Some(prev) = read_last_run(p) {
+    } else if let Some(prev) = prev {
         rec.last_success = prev.last_success;
         rec.last_success_unix = prev.last_success_unix;
         rec.container_size = rec.container_size.or(prev.container_size);

@@ -243,6 +243,49 @@ fn validate_json_lists_every_problem() {
     }
 }
 
+/// Trap 2 of issue 28: `schedule ./p.yaml` wrote `run ./p.yaml` (systemd and cron run in
+/// `/`), and accepted any `--on-calendar`.
+#[test]
+fn schedule_writes_the_absolute_profile_path_and_checks_the_calendar() {
+    let d = tempfile::tempdir().unwrap();
+    let name = common::unique_name("sched");
+    write_profile(d.path(), &name, PROFILE);
+    let rel = format!("./{name}.yaml");
+    let out = bin()
+        .current_dir(d.path())
+        .args(["schedule", &rel, "--verify-read-data", "5"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let abs = d
+        .path()
+        .canonicalize()
+        .unwrap()
+        .join(format!("{name}.yaml"));
+    let abs = abs.display();
+    assert!(text.contains(&format!(" run {abs}\n")), "{text}");
+    assert!(
+        text.contains(&format!(" verify {abs} --read-data 5\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains("nice -n 10 ionice -c 2 -n 7 "),
+        "cron line without priorities: {text}"
+    );
+    assert!(!text.contains(&format!(" {rel}")), "{text}");
+    if e2ebackup::cmd::which("systemd-analyze").is_ok() {
+        let out = bin()
+            .current_dir(d.path())
+            .args(["schedule", &rel, "--on-calendar", "every day at 3"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+        assert!(stderr(&out).contains("every day at 3"), "{}", show(&out));
+        assert!(out.stdout.is_empty(), "{}", show(&out));
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Privileged: against a private sshd
 // ---------------------------------------------------------------------------------------

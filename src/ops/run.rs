@@ -38,7 +38,7 @@ pub fn run(p: &Profile) -> Exit {
             let complete = s.close().complete();
             let mut o = Outcome::new(Exit::Ok, None, complete);
             o.skipped = true;
-            return conclude(p, &started, clock, o, None);
+            return conclude(p, &started, clock, o, pinger.as_ref());
         }
         Err(e) => {
             let e = e.context("the before hook failed; nothing was touched");
@@ -145,7 +145,10 @@ fn conclude(
         },
     );
     match code {
-        Exit::Ok if o.skipped => info!("run skipped (target unavailable)"),
+        Exit::Ok if o.skipped => warn!(
+            "run skipped (target unavailable): {} in a row, monitoring.max_skips is {}",
+            rec.consecutive_skips, p.monitoring.max_skips
+        ),
         Exit::Ok => info!(
             "run finished: snapshot {} committed",
             snapshot.unwrap_or_default()

@@ -80,7 +80,7 @@ RestrictRealtime=yes
 LockPersonality=yes
 ",
         exe = exe.display(),
-        profile = p.source_file.display(),
+        profile = profile_path(p).display(),
         start_timeout = start_timeout(p),
     );
     let timer = format!(
@@ -99,31 +99,123 @@ WantedBy=timers.target
     (service, timer)
 }
 
-pub fn schedule(p: &Profile, on_calendar: &str, on_failure: Option<&str>, install: bool) -> Exit {
+/// The service and timer of a `verify --read-data PERCENT` schedule: the run's unit with
+/// `verify` as the command. `verify` exits 6 when it finds changed data: a failed unit, and
+/// `OnFailure=` fires as for a run.
+pub fn verify_units(
+    p: &Profile,
+    exe: &Path,
+    percent: u32,
+    on_calendar: &str,
+    on_failure: Option<&str>,
+) -> (String, String) {
+    let (service, timer) = units(p, exe, on_calendar, on_failure);
+    let run = format!(
+        "ExecStart={} run {}\n",
+        exe.display(),
+        profile_path(p).display()
+    );
+    let verify = format!(
+        "ExecStart={} verify {} --read-data {percent}\n",
+        exe.display(),
+        profile_path(p).display()
+    );
+    (
+        service.replace(&run, &verify).replace(
+            "encrypted backup of profile",
+            "verify the backup of profile",
+        ),
+        timer.replace("schedule for profile", "verify schedule for profile"),
+    )
+}
+
+/// The profile file as an absolute path: systemd and cron start commands in `/`, so a relative
+/// path given to `schedule` (`./p.yaml`) would name a file that is not there at run time.
+pub fn profile_path(p: &Profile) -> std::path::PathBuf {
+    std::path::absolute(&p.source_file).unwrap_or_else(|_| p.source_file.clone())
+}
+
+/// The cron line: the same command as the unit, at the unit's priorities (`Nice=10`, I/O class
+/// best-effort level 7).
+pub fn cron_line(p: &Profile, exe: &Path, args: &str) -> String {
+    format!(
+        "30 2 * * * root nice -n 10 ionice -c 2 -n 7 {} -q {args} {}",
+        exe.display(),
+        profile_path(p).display()
+    )
+}
+
+/// Refuse an `OnCalendar=` expression systemd would refuse (`systemd-analyze calendar`), before
+/// anything is written: a timer with a bad expression never fires, and says so only when it is
+/// loaded. Without systemd-analyze the expression is not checked, and a warning says so.
+pub fn check_calendar(expr: &str) -> Result<()> {
+    let Ok(cmd) = crate::cmd::Cmd::new("systemd-analyze") else {
+        warn!(
+            "cannot check the calendar expression `{expr}`: systemd-analyze is not installed \
+             (package systemd); systemd checks it when it loads the timer"
+        );
+        return Ok(());
+    };
+    cmd.arg("calendar")
+        .arg(expr)
+        .run()
+        .map(|_| ())
+        .map_err(|e| {
+            crate::error::usage(format!(
+                "--on-calendar `{expr}` is not a systemd calendar expression \
+             (examples: daily, '*-*-* 03:17:00', 'Mon..Fri 22:00'; see man systemd.time): {e:#}"
+            ))
+        })
+}
+
+pub fn schedule(
+    p: &Profile,
+    on_calendar: &str,
+    on_failure: Option<&str>,
+    install: bool,
+    verify: Option<(u32, &str)>,
+) -> Exit {
     let exe = std::env::current_exe().unwrap_or_else(|_| "/usr/bin/e2ebackup".into());
+    for cal in std::iter::once(on_calendar).chain(verify.map(|v| v.1)) {
+        if let Err(e) = check_calendar(cal) {
+            return fail(e);
+        }
+    }
     let (service, timer) = units(p, &exe, on_calendar, on_failure);
     let base = format!("e2ebackup-{}", p.name);
+    let mut sets = vec![(base.clone(), service, timer)];
+    if let Some((pct, cal)) = verify {
+        let (vs, vt) = verify_units(p, &exe, pct, cal, on_failure);
+        sets.push((format!("{base}-verify"), vs, vt));
+    }
     if !install {
-        println!("# {UNIT_DIR}/{base}.service\n{service}");
-        println!("# {UNIT_DIR}/{base}.timer\n{timer}");
+        for (b, service, timer) in &sets {
+            println!("# {UNIT_DIR}/{b}.service\n{service}");
+            println!("# {UNIT_DIR}/{b}.timer\n{timer}");
+        }
         println!("# or, with cron (/etc/cron.d/{base}):");
-        println!(
-            "# 30 2 * * * root {} -q run {}",
-            exe.display(),
-            p.source_file.display()
-        );
+        println!("# {}", cron_line(p, &exe, "run"));
+        if let Some((pct, _)) = verify {
+            println!(
+                "# {}",
+                cron_line(p, &exe, &format!("verify --read-data {pct}")).replacen(
+                    "30 2 * * *",
+                    "30 5 * * 0",
+                    1
+                )
+            );
+        }
         return Exit::Ok;
     }
-    match install_units(
-        Path::new(UNIT_DIR),
-        &base,
-        &service,
-        &timer,
-        systemd_running(),
-    ) {
-        Ok(code) => code,
-        Err(e) => fail(e),
+    let mut worst = Exit::Ok;
+    for (b, service, timer) in &sets {
+        match install_units(Path::new(UNIT_DIR), b, service, timer, systemd_running()) {
+            Ok(Exit::Ok) => {}
+            Ok(code) => worst = code,
+            Err(e) => return fail(e),
+        }
     }
+    worst
 }
 
 /// Where `--install` writes the units.
@@ -220,6 +312,53 @@ mod tests {
         assert_eq!(start_timeout(&p), 7200 + 60 + 300 + 180 + 60);
         let (s, _) = units(&p, Path::new("/usr/bin/e2ebackup"), "daily", None);
         assert!(s.contains("TimeoutStartSec=7800\n"), "{s}");
+    }
+
+    /// A relative profile path becomes absolute in the unit and the cron line (systemd and cron
+    /// run commands in `/`); the cron line has the unit's priorities.
+    #[test]
+    fn relative_profile_path_is_made_absolute() {
+        let p = Profile::parse(
+            Path::new("./rel.yaml"),
+            "server: {host: h, user: u, identity_file: /k, known_hosts: /kh, path: /srv}\n\
+             container: {file: c.luks, size: 1G, keyfile: /key}\nbackup: {sources: [/home]}\n",
+        )
+        .unwrap();
+        let abs = std::env::current_dir().unwrap().join("rel.yaml");
+        let exe = Path::new("/usr/bin/e2ebackup");
+        let (s, _) = units(&p, exe, "daily", None);
+        let want = format!("ExecStart=/usr/bin/e2ebackup run {}\n", abs.display());
+        assert!(s.contains(&want), "{s}");
+        let c = cron_line(&p, exe, "run");
+        assert_eq!(
+            c,
+            format!(
+                "30 2 * * * root nice -n 10 ionice -c 2 -n 7 /usr/bin/e2ebackup -q run {}",
+                abs.display()
+            )
+        );
+        let (vs, vt) = verify_units(&p, exe, 5, "weekly", None);
+        let want = format!(
+            "ExecStart=/usr/bin/e2ebackup verify {} --read-data 5\n",
+            abs.display()
+        );
+        assert!(vs.contains(&want) && !vs.contains(" run "), "{vs}");
+        assert!(vt.contains("OnCalendar=weekly\n"), "{vt}");
+    }
+
+    /// `every day at 3` is refused (exit 2) where systemd-analyze can check it.
+    #[test]
+    fn calendar_expressions_are_checked() {
+        if crate::cmd::which("systemd-analyze").is_err() {
+            // Without it the check only warns: nothing to assert but that.
+            assert!(check_calendar("every day at 3").is_ok());
+            return;
+        }
+        assert!(check_calendar("daily").is_ok());
+        assert!(check_calendar("*-*-* 03:17:00").is_ok());
+        let e = check_calendar("every day at 3").unwrap_err();
+        assert_eq!(crate::error::exit_for(&e), Exit::Usage);
+        assert!(format!("{e:#}").contains("every day at 3"), "{e:#}");
     }
 
     /// Without systemd as init the units are still written; systemctl is not run, and the

@@ -20,6 +20,8 @@ pub struct Status {
     pub last_run: Option<crate::state::LastRun>,
     /// Set when the last success is older than `monitoring.expected_interval`.
     pub stale: Option<String>,
+    /// Set when `monitoring.max_skips` runs in a row were skipped by a `before` hook.
+    pub skipped_too_often: Option<String>,
 }
 
 pub fn gather(p: &Profile) -> Status {
@@ -45,6 +47,7 @@ pub fn gather(p: &Profile) -> Status {
             .unwrap_or_default(),
         mounted_by_mount_command: journal.as_ref().is_some_and(|j| j.persistent),
         stale: crate::monitor::staleness(p, last.as_ref(), crate::snapid::SnapshotId::now().unix()),
+        skipped_too_often: crate::monitor::skip_alarm(p, last.as_ref()),
         last_run: last,
     }
 }
@@ -70,7 +73,7 @@ fn holder_has_lock(p: &Profile) -> bool {
 pub fn status(p: &Profile, json: bool) -> Exit {
     let st = gather(p);
     // A stale backup is worth a non-zero status: monitoring scripts can test for 3.
-    let code = if st.stale.is_some() {
+    let code = if st.stale.is_some() || st.skipped_too_often.is_some() {
         Exit::Warnings
     } else {
         Exit::Ok
@@ -132,7 +135,16 @@ pub fn status(p: &Profile, json: bool) -> Exit {
     if let Some(l) = st.last_run.as_ref().and_then(|l| l.last_success.as_ref()) {
         println!("last success:   {l}");
     }
+    if let Some(l) = st.last_run.as_ref().filter(|l| l.consecutive_skips > 0) {
+        println!(
+            "skipped:        the last {} run(s) in a row (before hook: target unavailable)",
+            l.consecutive_skips
+        );
+    }
     if let Some(w) = &st.stale {
+        crate::warn!("{}: {w}", p.name);
+    }
+    if let Some(w) = &st.skipped_too_often {
         crate::warn!("{}: {w}", p.name);
     }
     code
