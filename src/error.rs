@@ -91,9 +91,9 @@ pub fn fs_damage(err: &anyhow::Error) -> Option<&'static str> {
 /// known).
 pub fn damaged(what: impl std::fmt::Display, readable: &str) -> anyhow::Error {
     Failure::Security(format!(
-        "the container's filesystem is damaged: {what}. The metadata checksums of its ext4 do \
-         not match what the client wrote, so the server altered or lost data of the container \
-         (a flipped, replayed or lost block). {readable}What you can do: `e2ebackup verify \
+        "the container's filesystem is damaged: {what}. Its ext4 metadata is no longer what \
+         the client wrote (ext4 checks it against its checksums), so the server altered or \
+         lost data of the container (a flipped, replayed or lost block). {readable}What you can do: `e2ebackup verify \
          PROFILE` names every damaged file it can reach; copy what still reads out of the \
          snapshots by hand, read-only with the pinned header, as docs/layout.md shows; then \
          create a new container for the next runs and keep this one as evidence"

@@ -46,15 +46,17 @@ fn hex(b: &[u8]) -> String {
 }
 
 /// A key for this purpose only, so the MAC reveals nothing about the LUKS keyslot key.
-fn mac_key(key: &Key) -> [u8; 32] {
+/// Zeroed when dropped (`Zeroizing`), like the key it is derived from.
+fn mac_key(key: &Key) -> zeroize::Zeroizing<[u8; 32]> {
     let mut h = Sha256::new();
     h.update(b"e2ebackup generation MAC v1\0");
     h.update(key.bytes());
-    h.finalize().into()
+    zeroize::Zeroizing::new(h.finalize().into())
 }
 
 fn compute_mac(key: &Key, generation: u64, snapshots: &[String], written: &str) -> String {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&mac_key(key)).expect("any key length");
+    let mk = mac_key(key);
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&mk[..]).expect("any key length");
     m.update(format!("generation {generation}\nwritten {written}\n").as_bytes());
     for s in snapshots {
         m.update(format!("snapshot {s}\n").as_bytes());

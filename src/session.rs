@@ -111,6 +111,11 @@ fn preflight(p: &Profile) -> Result<(ssh::Remote, ssh::Facts)> {
 impl<'p> Session<'p> {
     /// Take the local lock and finish any earlier teardown; nothing remote is touched yet.
     pub fn begin(profile: &'p Profile, command: &str) -> Result<Session<'p>> {
+        // Every command with a session handles the key: no core dump of this process, and
+        // no ptrace or /proc/PID/mem access by this user's other processes (as for ssh-agent).
+        if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+            warn!("prctl(PR_SET_DUMPABLE, 0) failed: {e}; a core dump could hold the key");
+        }
         // Before the lock and the first connection: a path that can never be written is a
         // usage error (exit 2), found without touching anything.
         crate::localpaths::ensure(profile)?;
@@ -531,6 +536,33 @@ impl<'p> Session<'p> {
             mount::remount_ext4(&root, false)?;
         }
         Ok(root)
+    }
+
+    /// On an open mapping that is about to be written by something other than a mounted
+    /// filesystem (offline `grow`'s e2fsck and resize2fs): check the layout and the
+    /// authenticated generation of what this open reads, on a read-only mount that replays
+    /// nothing (`noload` when the journal needs recovery), then unmount it again. The
+    /// header was checked by the unlock. A check on an earlier open says nothing about this
+    /// one: the server may have swapped the file in between.
+    pub fn check_open_container(&mut self) -> Result<()> {
+        let mark = self.mark();
+        let root = self.mount_fs_with(true, true)?;
+        crate::snapshots::check_layout(&root)?;
+        let key = self.key()?;
+        self.generation = Some(crate::generation::check(
+            self.profile,
+            &root,
+            key,
+            self.accept_any_generation,
+        )?);
+        // Read-only: nothing to sync before the unmount.
+        self.fs_root = None;
+        let r = self.stack.unwind_to(mark, &mut stack::Real);
+        if !r.complete() {
+            r.print();
+            bail!("could not unmount the container after checking it");
+        }
+        Ok(())
     }
 
     /// Record one more committed change (snapshot taken or removed) in the container and

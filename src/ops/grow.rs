@@ -1,7 +1,9 @@
 //! `e2ebackup grow PROFILE --size SIZE|+SIZE`: enlarge the container, never shrink it.
 //!
-//! Offline (default): enlarge the file, attach, unlock (LUKS2's data segment follows the
-//! device size), `e2fsck -f`, `resize2fs`. Online (`--online`): mount first, then enlarge the
+//! Offline (default): check the container on a read-only open, enlarge the file, attach,
+//! unlock (LUKS2's data segment follows the device size), check the header, layout and
+//! generation again on this open (the server may have swapped the file since the first),
+//! `e2fsck -f`, `resize2fs`. Online (`--online`): mount first, then enlarge the
 //! file, refresh the loop device's capacity, resize the LUKS mapping (needs the key again)
 //! and `resize2fs` the mounted filesystem. Both are idempotent for an absolute size: a grow
 //! interrupted anywhere is completed by running the same command again (the file is only
@@ -135,8 +137,11 @@ fn work(p: &Profile, s: &mut Session<'_>, spec: GrowTo, online: bool) -> Result<
         s.mount_checked(true)?;
         s.close_to(mark)?;
         enlarge_file(p, &s.server_dir()?.open_file(&name, false)?, target)?;
+        // A new open of what the server serves now: its header (at the unlock) and its
+        // layout and generation are checked again before anything is written to it.
         s.attach(&name, false)?;
         let mapper = s.unlock(false, false)?;
+        s.check_open_container()?;
         info!("checking the filesystem before an offline resize (e2fsck -f)");
         ext4::fsck_preen(&mapper)?;
         crate::signals::check()?;

@@ -69,10 +69,7 @@ pub fn write_keyfile(path: &Path, key: &Key) -> Result<()> {
 
 impl Drop for Key {
     fn drop(&mut self) {
-        for b in self.0.iter_mut() {
-            // SAFETY: a volatile write to memory we own, so the zeroing is not optimised away.
-            unsafe { std::ptr::write_volatile(b, 0) };
-        }
+        zeroize::Zeroize::zeroize(&mut self.0);
     }
 }
 
@@ -87,23 +84,35 @@ pub const KEYFILE_BYTES: usize = 4096;
 /// Read a keyfile. Refused (exit 2, nothing touched) unless it is a regular file owned by
 /// root (this user) with no access for group or others: a keyfile someone else can read
 /// or replace is no secret. The read does not wait on a FIFO and is bounded in size.
+///
+/// The bytes are read into one buffer sized from the file's length before the read, so no
+/// growing buffer leaves copies of the key behind in freed memory; the buffer is zeroed when
+/// the [`Key`] is dropped.
 pub fn read_keyfile(path: &Path) -> Result<Key> {
     use std::os::unix::fs::MetadataExt;
+    const MAX: u64 = 1 << 20;
     let refuse = |why: String| -> anyhow::Error {
         crate::error::usage(format!(
             "keyfile {}: {why}; it must be a regular file owned by root with mode 0400 or 0600",
             path.display()
         ))
     };
-    let (buf, md) = match crate::fsutil::read_local_bounded(path, 1 << 20) {
-        Ok(x) => x,
-        Err(e) => match std::fs::symlink_metadata(path) {
-            Err(io) if io.kind() == std::io::ErrorKind::NotFound => {
-                return Err(e.context(format!("opening keyfile {}", path.display())))
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                anyhow::Error::from(e).context(format!("opening keyfile {}", path.display()))
             }
-            _ => return Err(refuse(format!("{e:#}"))),
-        },
-    };
+            _ => refuse(format!("opening it: {e}")),
+        })?;
+    let md = f
+        .metadata()
+        .with_context(|| format!("examining keyfile {}", path.display()))?;
+    if !md.file_type().is_file() {
+        return Err(refuse("not a regular file".into()));
+    }
     let mode = md.permissions().mode();
     if md.uid() != nix::unistd::geteuid().as_raw() {
         return Err(refuse(format!("owned by uid {}", md.uid())));
@@ -114,10 +123,27 @@ pub fn read_keyfile(path: &Path) -> Result<Key> {
             mode & 0o7777
         )));
     }
-    if buf.len() < 32 {
-        bail!("keyfile {} holds only {} bytes", path.display(), buf.len());
+    if md.len() > MAX {
+        return Err(refuse(format!("larger than {MAX} bytes")));
     }
-    Ok(Key(buf))
+    let mut key = Key(vec![0u8; md.len() as usize]);
+    f.read_exact(&mut key.0)
+        .with_context(|| format!("reading keyfile {}", path.display()))?;
+    let mut more = [0u8; 1];
+    if f.read(&mut more)
+        .with_context(|| format!("reading keyfile {}", path.display()))?
+        != 0
+    {
+        bail!("keyfile {} changed while it was read", path.display());
+    }
+    if key.0.len() < 32 {
+        bail!(
+            "keyfile {} holds only {} bytes",
+            path.display(),
+            key.0.len()
+        );
+    }
+    Ok(key)
 }
 
 /// Create a new keyfile of random bytes, mode 0400, never overwriting an existing file.
@@ -791,6 +817,34 @@ mod tests {
         h[7] = 1;
         assert_eq!(luks2_hdr_size(&h), None);
         assert_eq!(luks2_hdr_size(b"not luks at all!"), None);
+    }
+
+    #[test]
+    fn keyfile_read_whole_and_refused_when_exposed() {
+        let d = tempfile::tempdir().unwrap();
+        let kf = d.path().join("k");
+        let bytes: Vec<u8> = (0..4096u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&kf, &bytes).unwrap();
+        std::fs::set_permissions(&kf, std::fs::Permissions::from_mode(0o400)).unwrap();
+        let k = read_keyfile(&kf).unwrap();
+        assert_eq!(k.bytes(), &bytes[..]);
+        assert_eq!(k.0.capacity(), 4096, "one buffer of the file's size");
+        std::fs::set_permissions(&kf, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_keyfile(&kf).unwrap_err();
+        assert_eq!(crate::error::exit_for(&e), crate::error::Exit::Usage);
+        assert!(
+            format!("{e}").contains("accessible to group or others"),
+            "{e}"
+        );
+        // A FIFO is refused at once (no wait for a writer), as is a directory.
+        let fifo = d.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(format!("{}", read_keyfile(&fifo).unwrap_err()).contains("not a regular file"));
+        assert!(format!("{}", read_keyfile(d.path()).unwrap_err()).contains("not a regular file"));
+        assert!(
+            format!("{:#}", read_keyfile(&d.path().join("none")).unwrap_err())
+                .contains("opening keyfile")
+        );
     }
 
     /// The JSON metadata of a container `init` makes (cryptsetup 2.6, luksDump
