@@ -462,10 +462,40 @@ pub struct Profile {
 /// report that line and its key instead. Unknown keys and syntax errors already carry the
 /// right line and are returned unchanged.
 fn pinpoint(text: &str, msg: &str) -> String {
+    if msg.contains("expected struct Raw") || msg.starts_with("EOF while parsing") {
+        let at = msg
+            .rsplit_once(" at line ")
+            .map(|(_, l)| format!("line {}: ", l.split(' ').next().unwrap_or("?")))
+            .unwrap_or_default();
+        return format!("{at}this is not a profile: {WHAT_A_PROFILE_IS}");
+    }
     let located = (|| {
         let (section, rest) = msg.split_once(": ")?;
         if section.contains(' ') {
             return None;
+        }
+        // A missing key: the parser names the section's line; the key's name is not a value
+        // to look for (`host` would find `known_hosts`).
+        if let Some(field) = rest.strip_prefix("missing field `") {
+            let field = field.split('`').next()?;
+            let line = line_of(text, section)?;
+            return Some(format!(
+                "line {line}: {section}: the required key `{field}` is missing"
+            ));
+        }
+        // A section that is not a mapping (`server: foo`).
+        if rest.contains("expected struct ") {
+            let line = line_of(text, section)?;
+            let what = rest.split(" at line ").next().unwrap_or(rest);
+            let what = what
+                .split(", expected struct")
+                .next()
+                .unwrap_or(what)
+                .trim_start_matches("invalid type: ");
+            return Some(format!(
+                "line {line}: {section}: expected a mapping of keys (`key: value` lines \
+                 indented below it), found {what}"
+            ));
         }
         let value = rest.split('`').nth(1)?;
         let lines: Vec<&str> = text.lines().collect();
@@ -497,6 +527,49 @@ fn pinpoint(text: &str, msg: &str) -> String {
     })();
     located.unwrap_or_else(|| msg.to_string())
 }
+
+/// The line (1-based) of a dotted key (`container.size`) in a profile's text: the block-style
+/// YAML the examples use (a key below its section, more indented), or a flow mapping on its
+/// section's line (`server: {host: h, ...}`). None when not found.
+pub fn line_of(text: &str, key: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut parts = key.split('.');
+    let top = parts.next().filter(|t| !t.is_empty() && !t.contains(' '))?;
+    let mut at = lines
+        .iter()
+        .position(|l| l.starts_with(&format!("{top}:")))?;
+    let mut indent = 0;
+    for part in parts {
+        let want = format!("{part}:");
+        if lines[at].contains('{') {
+            return lines[at].contains(&want).then_some(at + 1);
+        }
+        let mut found = None;
+        for (j, l) in lines.iter().enumerate().skip(at + 1) {
+            let t = l.trim_start();
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            let ind = l.len() - t.len();
+            if ind <= indent {
+                break;
+            }
+            if t.starts_with(&want) {
+                found = Some((j, ind));
+                break;
+            }
+        }
+        let (j, ind) = found?;
+        at = j;
+        indent = ind;
+    }
+    Some(at + 1)
+}
+
+/// What a profile is, for a file that is something else (a scalar, a list, empty).
+const WHAT_A_PROFILE_IS: &str = "a profile is a YAML mapping with the sections `server:`, \
+    `container:` and `backup:` (and optionally `retention:`, `hooks:`, `monitoring:`); \
+    start from profiles/example.yaml (docs/profile.md explains every key)";
 
 /// Minimum container: the LUKS2 header (2 MiB) plus room for an ext4 journal and data.
 pub const MIN_SIZE: u64 = 64 << 20;
@@ -531,92 +604,102 @@ impl Profile {
             .and_then(|s| s.to_str())
             .unwrap_or("")
             .to_string();
-        let bad = |msg: String| usage(format!("{}: {msg}", path.display()));
+        // Every check below adds to `errs`, with the line of its key: all the problems of
+        // the file are reported at once, each where it is.
+        let mut errs: Vec<String> = Vec::new();
+        let mut bad = |msg: String| {
+            let key = msg.split(':').next().unwrap_or("");
+            errs.push(match line_of(text, key) {
+                Some(n) => format!("line {n}: {msg}"),
+                None => msg,
+            });
+        };
         if name.is_empty()
             || name.len() > 64
             || !name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            return Err(bad(format!(
+            bad(format!(
                 "profile name `{name}` (the file name) must be 1-64 characters of A-Z a-z 0-9 - _"
-            )));
+            ));
         }
         let s = &raw.server;
         if s.host.is_empty() || s.host.chars().any(|c| c.is_whitespace() || c == '@') {
-            return Err(bad(format!("server.host: `{}` is not a host name", s.host)));
+            bad(format!("server.host: `{}` is not a host name", s.host));
         }
         if s.user.is_empty()
             || s.user
                 .chars()
                 .any(|c| c.is_whitespace() || c == '@' || c == ':')
         {
-            return Err(bad(format!("server.user: `{}` is not a user name", s.user)));
+            bad(format!("server.user: `{}` is not a user name", s.user));
         }
         if s.path.is_empty() || s.path.chars().any(|c| c.is_control()) {
-            return Err(bad("server.path: must be a directory on the server".into()));
+            bad("server.path: must be a directory on the server".into());
         }
         if s.timeout == 0 {
-            return Err(bad("server.timeout: must be at least 1 second".into()));
+            bad("server.timeout: must be at least 1 second".into());
         }
         let c = &raw.container;
         if c.size.0 < MIN_SIZE {
-            return Err(bad(format!(
+            bad(format!(
                 "container.size: {} is too small (minimum {})",
                 c.size,
                 Size(MIN_SIZE)
-            )));
+            ));
         }
         if !c.size.0.is_multiple_of(1 << 20) {
-            return Err(bad(format!(
-                "container.size: {} must be a whole number of MiB",
-                c.size.0
-            )));
+            let mib = c.size.0 >> 20;
+            bad(format!(
+                "container.size: {} is {} bytes, not a whole number of MiB: write {mib}M or {}M",
+                c.size,
+                c.size.0,
+                mib + 1
+            ));
         }
         if let Some(ag) = &c.auto_grow {
             if ag.step.0 < (1 << 20) || !ag.step.0.is_multiple_of(1 << 20) {
-                return Err(bad(format!(
+                bad(format!(
                     "container.auto_grow.step: {} must be a whole number of MiB, at least 1M",
                     ag.step
-                )));
+                ));
             }
             if !ag.max_size.0.is_multiple_of(1 << 20) {
-                return Err(bad(format!(
+                bad(format!(
                     "container.auto_grow.max_size: {} must be a whole number of MiB",
                     ag.max_size
-                )));
+                ));
             }
             if ag.max_size.0 < c.size.0 {
-                return Err(bad(format!(
+                bad(format!(
                     "container.auto_grow.max_size: {} is smaller than container.size {}",
                     ag.max_size, c.size
-                )));
+                ));
             }
         }
         if let Some(b) = c.bytes_per_inode {
             if !(4096..=(64 << 20)).contains(&b.0) {
-                return Err(bad(
-                    "container.bytes_per_inode: must be between 4K and 64M".into()
-                ));
+                bad("container.bytes_per_inode: must be between 4K and 64M".into());
             }
         }
         if raw.backup.sources.is_empty() {
-            return Err(bad("backup.sources: list at least one directory".into()));
+            bad("backup.sources: list at least one directory".into());
         }
         for (i, a) in raw.backup.sources.iter().enumerate() {
             for b in &raw.backup.sources[i + 1..] {
                 if a.0.starts_with(&b.0) || b.0.starts_with(&a.0) {
-                    return Err(bad(format!(
+                    bad(format!(
                         "backup.sources: `{}` and `{}` overlap",
                         a.0.display(),
                         b.0.display()
-                    )));
+                    ));
                 }
             }
         }
         for e in &raw.backup.excludes {
             if e.is_empty() || e.contains('\n') {
-                return Err(bad("backup.excludes: empty or multi-line pattern".into()));
+                bad("backup.excludes: empty or multi-line pattern".into());
             }
         }
         let retention = raw.retention.unwrap_or_default();
@@ -626,9 +709,20 @@ impl Profile {
                 .strip_prefix("https://")
                 .or_else(|| u.strip_prefix("http://"));
             if rest.is_none_or(|r| r.is_empty() || r.contains(char::is_whitespace)) {
-                return Err(bad(format!(
+                bad(format!(
                     "monitoring.healthcheck_url: `{u}` is not an http:// or https:// URL"
-                )));
+                ));
+            }
+        }
+        match errs.len() {
+            0 => {}
+            1 => return Err(usage(format!("{}: {}", path.display(), errs[0]))),
+            n => {
+                return Err(usage(format!(
+                    "{}: {n} problems:\n  {}",
+                    path.display(),
+                    errs.join("\n  ")
+                )))
             }
         }
         Ok(Profile {
@@ -799,6 +893,66 @@ backup:
         assert!(e.contains("at least one"), "{e}");
         let bad_name = Profile::parse(Path::new("/tmp/bad name.yaml"), GOOD).unwrap_err();
         assert!(format!("{bad_name:#}").contains("profile name"));
+    }
+
+    /// Issue 28, traps 4 and 5: checks after parsing name their line, and every problem of
+    /// the file is reported, not only the first.
+    #[test]
+    fn checks_after_parsing_name_lines_and_report_all() {
+        let text = GOOD
+            .replace("  user: backupuser", "  user: 'back up'")
+            .replace("size: 2G", "size: 1.3G")
+            .replace("[/home, /etc]", "[/home, /home/alice]");
+        let e = err(&text);
+        assert!(e.contains("3 problems"), "{e}");
+        assert!(e.contains("line 3: server.user"), "{e}");
+        assert!(
+            e.contains("line 9: container.size: 1.3G is 1395864371 bytes"),
+            "{e}"
+        );
+        assert!(e.contains("write 1331M or 1332M"), "{e}");
+        assert!(e.contains("line 12: backup.sources"), "{e}");
+        // Flow style: the section's line.
+        let e = err(
+            "server: {host: h, user: 'a b', identity_file: /k, known_hosts: /kh, path: /s}\n\
+             container: {file: c.luks, size: 1G, keyfile: /key}\nbackup: {sources: [/home]}\n",
+        );
+        assert!(e.contains("line 1: server.user"), "{e}");
+    }
+
+    #[test]
+    fn missing_host_names_host_and_its_section() {
+        let e = err(&GOOD.replace("  host: 127.0.0.1\n", ""));
+        assert!(
+            e.contains("line 1: server: the required key `host` is missing"),
+            "{e}"
+        );
+        assert!(!e.contains("known_hosts"), "{e}");
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_mapping_says_what_a_profile_is() {
+        for text in ["hello\n", "- a\n- b\n"] {
+            let e = err(text);
+            assert!(
+                e.contains("not a profile") && e.contains("`server:`"),
+                "{e}"
+            );
+            assert!(!e.contains("struct Raw"), "{e}");
+        }
+        let e = err(&GOOD.replace(
+            "server:\n  host: 127.0.0.1\n  user: backupuser\n  identity_file: /etc/e2ebackup/demo/id_ed25519\n  known_hosts: /etc/e2ebackup/demo/known_hosts\n  path: /srv/backup\n",
+            "server: backup.example.org\n",
+        ));
+        assert!(e.contains("line 1: server: expected a mapping"), "{e}");
+        assert!(!e.contains("struct"), "{e}");
+    }
+
+    #[test]
+    fn keep_within_m_is_refused_at_its_line() {
+        let e = err(&format!("{GOOD}retention:\n  keep_within: 10m\n"));
+        assert!(e.contains("line 15: retention.keep_within"), "{e}");
+        assert!(e.contains("10mo") && e.contains("10min"), "{e}");
     }
 
     #[test]

@@ -86,7 +86,7 @@ fn within<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Erro
     impl<'de> serde::de::Visitor<'de> for V {
         type Value = Option<u64>;
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a duration like 36h, 7d, 2w, 6m or 1y6m")
+            f.write_str("a duration like 36h, 7d, 2w, 6mo or 1y6mo")
         }
         fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
             Ok(None)
@@ -110,41 +110,57 @@ fn within<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Erro
     d.deserialize_option(V)
 }
 
-/// Parse a duration such as `36h`, `7d`, `2w`, `6m`, `1y`, or a combination like `1y6m`.
+/// Parse a duration such as `36h`, `7d`, `2w`, `6mo`, `1y`, or a combination like `1y6mo`.
 ///
-/// Units (restic's, plus `w`): `h` = hour, `d` = 24 h, `w` = 7 d, `m` = 30 d, `y` = 365 d.
-/// Lower case only: `M` would be ambiguous between months and minutes. Units may come in any
-/// order but each at most once (`1d2d` is more likely a typo than a wish for `3d`).
-/// Surrounding whitespace is ignored, whitespace inside is not. Returns seconds.
+/// Units: `h` = hour, `d` = 24 h, `w` = 7 d, `mo` = 30 d, `y` = 365 d. A bare `m` is refused:
+/// restic reads it as months, while `hooks.timeout: 10m` in the same profile means 10
+/// minutes, so `keep_within: 10m` silently meaning 300 days is a trap; the message says to
+/// write `mo` (months) or `min` (minutes; `min` is accepted too). Lower case only. Units may
+/// come in any order but each at most once (`1d2d` is more likely a typo than a wish for
+/// `3d`). Surrounding whitespace is ignored, whitespace inside is not. Returns seconds.
 pub fn parse_duration(s: &str) -> Result<u64, String> {
     let bad =
-        |why: &str| format!("`{s}` is not a duration ({why}; examples: 36h, 7d, 2w, 6m, 1y6m)");
+        |why: &str| format!("`{s}` is not a duration ({why}; examples: 36h, 7d, 2w, 6mo, 1y6mo)");
     let t = s.trim();
     if t.is_empty() {
         return Err(bad("empty"));
     }
     let mut total: u64 = 0;
-    let mut seen = String::new();
+    let mut seen: Vec<&str> = Vec::new();
     let mut rest = t;
     while !rest.is_empty() {
         let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
         let (num, tail) = rest.split_at(digits);
-        let mut chars = tail.chars();
-        let Some(unit) = chars.next() else {
-            return Err(bad("a number without a unit"));
-        };
+        let letters = tail.len()
+            - tail
+                .trim_start_matches(|c: char| c.is_ascii_lowercase())
+                .len();
+        let (unit, after) = tail.split_at(letters);
+        if unit.is_empty() {
+            return Err(match tail.chars().next() {
+                None => bad("a number without a unit"),
+                Some(c) => bad(&format!("unknown unit `{c}`, units are h d w mo y")),
+            });
+        }
         let secs: u64 = match unit {
-            'h' => 3600,
-            'd' => 86_400,
-            'w' => 7 * 86_400,
-            'm' => 30 * 86_400,
-            'y' => 365 * 86_400,
-            c => return Err(bad(&format!("unknown unit `{c}`, units are h d w m y"))),
+            "min" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            "w" => 7 * 86_400,
+            "mo" => 30 * 86_400,
+            "y" => 365 * 86_400,
+            "m" => {
+                return Err(format!(
+                    "`{s}`: the unit `m` is ambiguous (months for restic, minutes in \
+                     hooks.timeout): write {num}mo for months or {num}min for minutes"
+                ))
+            }
+            u => return Err(bad(&format!("unknown unit `{u}`, units are h d w mo y"))),
         };
         if num.is_empty() {
             return Err(bad(&format!("unit `{unit}` without a number")));
         }
-        if seen.contains(unit) {
+        if seen.contains(&unit) {
             return Err(bad(&format!("unit `{unit}` given twice")));
         }
         seen.push(unit);
@@ -153,7 +169,7 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
             .checked_mul(secs)
             .and_then(|v| total.checked_add(v))
             .ok_or_else(|| bad("too large"))?;
-        rest = chars.as_str();
+        rest = after;
     }
     Ok(total)
 }
@@ -426,10 +442,11 @@ mod tests {
         assert_eq!(d("36h"), 36 * 3600);
         assert_eq!(d("7d"), 7 * 86_400);
         assert_eq!(d("2w"), 14 * 86_400);
-        assert_eq!(d("6m"), 180 * 86_400);
+        assert_eq!(d("6mo"), 180 * 86_400);
+        assert_eq!(d("90min"), 90 * 60);
         assert_eq!(d("1y"), 365 * 86_400);
-        assert_eq!(d("1y6m"), (365 + 180) * 86_400);
-        assert_eq!(d("6m1y"), d("1y6m"));
+        assert_eq!(d("1y6mo"), (365 + 180) * 86_400);
+        assert_eq!(d("6mo1y"), d("1y6mo"));
         assert_eq!(d("1w2d3h"), (9 * 24 + 3) * 3600);
         assert_eq!(d("0d"), 0);
         assert_eq!(d("007d"), 7 * 86_400);
@@ -455,7 +472,7 @@ mod tests {
             ("1d2d", "unit `d` given twice"),
             ("99999999999999999999y", "number too large"),
             ("600000000000y", "too large"),
-            ("584942417355y1m", "too large"),
+            ("584942417355y1mo", "too large"),
         ] {
             let e = parse_duration(s).unwrap_err();
             assert!(e.starts_with(&format!("`{s}` is not a duration")), "{e}");
@@ -527,7 +544,7 @@ mod tests {
 
     #[test]
     fn policy_from_yaml() {
-        let p: Policy = serde_yaml::from_str("keep_daily: 7\nkeep_within: 1y6m\n").unwrap();
+        let p: Policy = serde_yaml::from_str("keep_daily: 7\nkeep_within: 1y6mo\n").unwrap();
         assert_eq!(
             p,
             Policy {
@@ -543,6 +560,14 @@ mod tests {
         let err = |y: &str| serde_yaml::from_str::<Policy>(y).unwrap_err().to_string();
         assert!(err("keep_within: 7\n").contains("`7` is not a duration"));
         assert!(err("keep_within: 7x\n").contains("`7x` is not a duration"));
+        // Issue 28, trap 6: `m` meant 30 days here and minutes in hooks.timeout.
+        let e = err("keep_within: 10m\n");
+        assert!(
+            e.contains("ambiguous") && e.contains("10mo") && e.contains("10min"),
+            "{e}"
+        );
+        let p: Policy = serde_yaml::from_str("keep_within: 90min\n").unwrap();
+        assert_eq!(p.keep_within, Some(90 * 60));
         assert!(err("keep_dayly: 7\n").contains("keep_dayly"));
         assert!(err("keep_daily: -1\n").contains("keep_daily"));
     }

@@ -65,15 +65,10 @@ pub fn validate(p: &Profile, connect: bool, json: bool) -> Exit {
     }
     match std::fs::read_to_string(&p.server.known_hosts.0) {
         Ok(t) => {
-            let hashed = t.lines().any(|l| l.starts_with('|'));
-            if ssh::pinned_key_types(&t, &p.server.host, p.server.port).is_empty() && !hashed {
-                problems.push(format!(
-                    "server.known_hosts {} pins no key for {}:{}",
-                    p.server.known_hosts.0.display(),
-                    p.server.host,
-                    p.server.port
-                ));
-            }
+            // The rule every connection applies (OpenSSH's: `[host]:port` for a port other
+            // than 22); hashed entries are matched too.
+            let s = &p.server;
+            problems.extend(ssh::pin_problem(&t, &s.known_hosts.0, &s.host, s.port));
         }
         Err(e) => problems.push(format!(
             "server.known_hosts {}: {e}",

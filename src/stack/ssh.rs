@@ -87,16 +87,58 @@ pub fn pinned_key_types(known_hosts: &str, host: &str, port: u16) -> Vec<String>
     types
 }
 
+/// A host key fingerprint the way `ssh-keygen -lf` and `ssh` print it: `SHA256:` and the
+/// unpadded base64 of the SHA-256 of the key blob.
+pub fn fingerprint(sha256: &[u8]) -> String {
+    use base64::Engine as _;
+    format!(
+        "SHA256:{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(sha256)
+    )
+}
+
+/// Why `known_hosts` does not pin `host`:`port`, if it does not. One rule for `validate` and
+/// every connection, OpenSSH's (sshfs runs OpenSSH with this file): for port 22 the entry
+/// names `host`; for any other port it must name `[host]:port`. libssh2's `check_port` also
+/// accepts a plain `host` entry for another port, which sshfs would then refuse.
+pub fn pin_problem(known_hosts: &str, path: &Path, host: &str, port: u16) -> Option<String> {
+    if !pinned_key_types(known_hosts, host, port).is_empty() {
+        return None;
+    }
+    let mut msg = format!(
+        "server.known_hosts {} pins no key for {host}:{port}",
+        path.display()
+    );
+    if port != 22 && !pinned_key_types(known_hosts, host, 22).is_empty() {
+        msg.push_str(&format!(
+            ": its entry for `{host}` is for port 22; for port {port} OpenSSH (and so sshfs) \
+             needs `[{host}]:{port}` (`ssh-keyscan -p {port} -t ed25519 {host}` writes that form)"
+        ));
+    } else {
+        msg.push_str(&format!(
+            " (pin it after checking its fingerprint: `ssh-keyscan{} -t ed25519 {host}`, \
+             see docs/quick-start.md)",
+            if port == 22 {
+                String::new()
+            } else {
+                format!(" -p {port}")
+            }
+        ));
+    }
+    Some(msg)
+}
+
 /// The client's side of a connection, checked before any: the pinned host keys
 /// (`server.known_hosts`, returned) and the identity file. Missing either is a usage error.
 pub fn local_files(server: &Server) -> Result<String> {
     let kh_path = &server.known_hosts.0;
     let kh_text = std::fs::read_to_string(kh_path).map_err(|e| {
         crate::error::usage(format!(
-            "server.known_hosts {}: {e} (pin the server's key, see docs/quickstart.md)",
+            "server.known_hosts {}: {e} (pin the server's key, see docs/quick-start.md)",
             kh_path.display()
         ))
     })?;
+
     if !server.identity_file.0.is_file() {
         return Err(crate::error::usage(format!(
             "server.identity_file {} does not exist",
@@ -173,19 +215,27 @@ impl Remote {
             .with_context(|| format!("parsing known_hosts {}", kh_path.display()))?;
         let fp = session
             .host_key_hash(ssh2::HashType::Sha256)
-            .map(|h| {
-                use std::fmt::Write as _;
-                h.iter().fold(String::new(), |mut s, b| {
-                    let _ = write!(s, "{b:02x}");
-                    s
-                })
-            })
+            .map(fingerprint)
             .unwrap_or_default();
-        match kh.check_port(&server.host, server.port, key) {
+        let check = match kh.check_port(&server.host, server.port, key) {
+            // libssh2 matched a plain `host` entry for another port: OpenSSH's rule says no.
+            CheckResult::Match => match pin_problem(&kh_text, kh_path, &server.host, server.port) {
+                Some(why) => {
+                    return Err(Failure::Security(format!(
+                        "host key of {}:{} is not pinned (the server offers {fp}): {why}",
+                        server.host, server.port
+                    ))
+                    .into())
+                }
+                None => CheckResult::Match,
+            },
+            other => other,
+        };
+        match check {
             CheckResult::Match => {}
             CheckResult::Mismatch => {
                 return Err(Failure::Security(format!(
-                    "host key of {}:{} CHANGED: it does not match {} (sha256 hex {fp}); \
+                    "host key of {}:{} CHANGED: it does not match {} (the server offers {fp}); \
                      refusing to connect. If the server was reinstalled, verify the new key out of band and update the file.",
                     server.host,
                     server.port,
@@ -195,8 +245,9 @@ impl Remote {
             }
             CheckResult::NotFound => {
                 return Err(Failure::Security(format!(
-                    "host key of {}:{} is not pinned in {} (sha256 hex {fp}); refusing to trust it on first use. \
-                     Add it after verifying its fingerprint.",
+                    "host key of {}:{} is not pinned in {} (the server offers {fp}); refusing to trust it on first use. \
+                     Add it after comparing {fp} with the server's own \
+                     `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` (docs/quick-start.md).",
                     server.host,
                     server.port,
                     kh_path.display()
@@ -445,6 +496,52 @@ pub fn shell_quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fingerprint is the one `ssh-keygen -lf` prints for the same key.
+    #[test]
+    fn fingerprint_is_what_ssh_keygen_prints() {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("k");
+        let st = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let pubkey = std::fs::read_to_string(d.path().join("k.pub")).unwrap();
+        let blob = base64::engine::general_purpose::STANDARD
+            .decode(pubkey.split_whitespace().nth(1).unwrap())
+            .unwrap();
+        let out = std::process::Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(d.path().join("k.pub"))
+            .output()
+            .unwrap();
+        let want = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string();
+        assert_eq!(fingerprint(&sha2::Sha256::digest(&blob)), want);
+    }
+
+    #[test]
+    fn a_non_22_port_needs_the_bracketed_entry() {
+        let kh = Path::new("/k/known_hosts");
+        let plain = "backup.example.org ssh-ed25519 AAAA\n";
+        assert_eq!(pin_problem(plain, kh, "backup.example.org", 22), None);
+        let why = pin_problem(plain, kh, "backup.example.org", 2222).unwrap();
+        assert!(why.contains("needs `[backup.example.org]:2222`"), "{why}");
+        let bracketed = "[backup.example.org]:2222 ssh-ed25519 AAAA\n";
+        assert_eq!(pin_problem(bracketed, kh, "backup.example.org", 2222), None);
+        let why = pin_problem("", kh, "h", 22).unwrap();
+        assert!(
+            why.contains("pins no key for h:22") && why.contains("quick-start.md"),
+            "{why}"
+        );
+    }
 
     #[test]
     fn key_types_for_host_and_port() {
