@@ -90,6 +90,9 @@ pub enum Command {
         #[command(flatten)]
         profile: ProfileArg,
         dir: std::path::PathBuf,
+        /// Accept a DIR that another user could change (see docs/threat-model.md)
+        #[arg(long)]
+        allow_untrusted_target: bool,
     },
     /// Tear down what `mount` set up
     Umount {
@@ -110,6 +113,9 @@ pub enum Command {
         /// Restore into a non-empty TARGET, overwriting files of the same name
         #[arg(long)]
         force: bool,
+        /// Accept a TARGET that another user could change (see docs/threat-model.md)
+        #[arg(long)]
+        allow_untrusted_target: bool,
     },
     /// Enlarge the container (never shrinks): SIZE is the new size (3G) or an increase (+1G)
     Grow {
@@ -276,15 +282,27 @@ pub fn main() -> ExitCode {
         Command::Status { json, .. } => ops::status::status(&profile, *json),
         Command::Cleanup { .. } => ops::maintenance::cleanup(&profile),
         Command::Snapshots { json, .. } => ops::restore::list(&profile, *json),
-        Command::Mount { dir, .. } => ops::restore::mount_cmd(&profile, dir),
+        Command::Mount {
+            dir,
+            allow_untrusted_target,
+            ..
+        } => ops::restore::mount_cmd(&profile, dir, *allow_untrusted_target),
         Command::Umount { .. } => ops::restore::umount_cmd(&profile),
         Command::Restore {
             snapshot,
             target,
             paths,
             force,
+            allow_untrusted_target,
             ..
-        } => ops::restore::restore(&profile, snapshot, target, paths, *force),
+        } => ops::restore::restore(
+            &profile,
+            snapshot,
+            target,
+            paths,
+            *force,
+            *allow_untrusted_target,
+        ),
         Command::Grow { size, online, .. } => ops::grow::grow(&profile, size, *online),
         Command::Trim { .. } => ops::trim::trim(&profile),
         Command::Schedule {

@@ -338,6 +338,276 @@ fn checked_dir(dir: &Path, strict: bool) -> Result<()> {
     Ok(())
 }
 
+/// Whether a directory (owner `uid`, `mode`) can be changed by nobody but root: root-owned
+/// and not writable by group or others, unless `sticky_ok` and the sticky bit is set (then
+/// others may add entries but not rename or remove root's).
+fn root_only(uid: u32, mode: u32, sticky_ok: bool) -> bool {
+    uid == 0 && (mode & 0o022 == 0 || (sticky_ok && mode & 0o1000 != 0))
+}
+
+/// The most symbolic links one path may lead through (as the kernel's own limit).
+const MAX_LINKS: usize = 40;
+
+/// A local directory that root writes into at a path a person gave (`restore` TARGET,
+/// `mount` DIR, the textfile's directory), opened once and then used only through its
+/// descriptor, so a later swap of any component of the path (for a link to /etc) changes
+/// nothing.
+///
+/// The path is walked one component at a time from `/`, each opened `O_PATH | O_NOFOLLOW`
+/// beneath the one before and examined with `fstat`. A symbolic link is followed only when
+/// root made it in a directory only root can change (`/var/run -> /run`); any other link is
+/// refused (exit 6): whoever planted it chooses where root writes. A directory that another
+/// user could change (not root-owned, or writable by group or others without the sticky bit;
+/// for the last component the sticky bit does not help) makes the directory *untrusted*:
+/// refused with exit 6 unless the caller allows it (`--allow-untrusted-target`). A missing
+/// tail is created (mode 0700, `mkdirat` beneath the held parent) when asked.
+#[derive(Debug)]
+pub struct HeldDir {
+    fd: OwnedFd,
+    /// The path as given, for messages.
+    shown: PathBuf,
+    /// The first component another user could change (path, owner, mode), if any.
+    pub untrusted: Option<(PathBuf, u32, u32)>,
+    /// How many components were created.
+    pub created: usize,
+}
+
+impl HeldDir {
+    /// Open `path` (absolute). `create`: make missing components. `allow_untrusted`: accept
+    /// a directory another user could change (links are never followed through one).
+    pub fn open(path: &Path, create: bool, allow_untrusted: bool) -> Result<HeldDir> {
+        let h = HeldDir::walk(path, create)?;
+        if let Some((at, uid, mode)) = &h.untrusted {
+            if !allow_untrusted {
+                return Err(Failure::Security(format!(
+                    "{} is not a safe place for root to write: {} (owner uid {uid}, mode {:04o}) \
+                     can be changed by another user, who could swap what lies below it (for a \
+                     link to /etc) while e2ebackup works; choose a directory whose every \
+                     component is root-owned and not group- or world-writable, or pass \
+                     --allow-untrusted-target if you trust that user",
+                    path.display(),
+                    at.display(),
+                    mode & 0o7777
+                ))
+                .into());
+            }
+        }
+        Ok(h)
+    }
+
+    fn walk(path: &Path, create: bool) -> Result<HeldDir> {
+        use std::ffi::OsString;
+        use std::path::Component;
+        if !path.is_absolute() {
+            bail!("{} is not an absolute path", path.display());
+        }
+        let dir_flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let root = nix::fcntl::open("/", dir_flags | OFlag::O_DIRECTORY, Mode::empty())
+            .context("opening /")?;
+        // The directories walked so far (a `..` steps back one), each with its trust.
+        let mut chain: Vec<(OwnedFd, PathBuf, bool)> = Vec::new();
+        let st = nix::sys::stat::fstat(&root).context("examining /")?;
+        let mut untrusted = None;
+        let trusted = root_only(st.st_uid, st.st_mode, true);
+        if !trusted {
+            untrusted = Some((PathBuf::from("/"), st.st_uid, st.st_mode));
+        }
+        chain.push((root, PathBuf::from("/"), trusted));
+        let mut todo: std::collections::VecDeque<OsString> = path
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.to_os_string()),
+                Component::ParentDir => Some(OsString::from("..")),
+                _ => None,
+            })
+            .collect();
+        let mut links = 0;
+        let mut created = 0;
+        while let Some(name) = todo.pop_front() {
+            if name == ".." {
+                if chain.len() > 1 {
+                    chain.pop();
+                }
+                continue;
+            }
+            let (cur, cur_at, cur_trusted) = chain.last().expect("never empty");
+            let at = cur_at.join(&name);
+            let fd = match nix::fcntl::openat(cur, name.as_os_str(), dir_flags, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(nix::errno::Errno::ENOENT) if create => {
+                    match nix::sys::stat::mkdirat(
+                        cur,
+                        name.as_os_str(),
+                        Mode::from_bits_truncate(0o700),
+                    ) {
+                        Ok(()) => created += 1,
+                        Err(nix::errno::Errno::EEXIST) => {}
+                        Err(e) => {
+                            return Err(e)
+                                .with_context(|| format!("creating directory {}", at.display()))
+                        }
+                    }
+                    nix::fcntl::openat(cur, name.as_os_str(), dir_flags, Mode::empty())
+                        .with_context(|| format!("opening {}", at.display()))?
+                }
+                Err(nix::errno::Errno::ENOENT) => {
+                    return Err(crate::error::usage(format!(
+                        "{} does not exist (in {})",
+                        at.display(),
+                        path.display()
+                    )))
+                }
+                Err(e) => return Err(e).with_context(|| format!("opening {}", at.display())),
+            };
+            let st = nix::sys::stat::fstat(&fd)
+                .with_context(|| format!("examining {}", at.display()))?;
+            let kind = st.st_mode & SFlag::S_IFMT.bits();
+            if kind == SFlag::S_IFLNK.bits() {
+                // Followed only when nobody but root could have put it there or change it.
+                if !(*cur_trusted && st.st_uid == 0) {
+                    return Err(Failure::Security(format!(
+                        "{} is a symbolic link (owner uid {}) in a directory another user can \
+                         change: e2ebackup does not follow it, since whoever placed it chooses \
+                         where root would write; give the directory it should lead to instead",
+                        at.display(),
+                        st.st_uid
+                    ))
+                    .into());
+                }
+                links += 1;
+                if links > MAX_LINKS {
+                    bail!("{}: too many levels of symbolic links", path.display());
+                }
+                let dest = nix::fcntl::readlinkat(cur, name.as_os_str())
+                    .with_context(|| format!("reading the link {}", at.display()))?;
+                let dest = PathBuf::from(dest);
+                if dest.is_absolute() {
+                    chain.truncate(1);
+                }
+                for c in dest.components().rev() {
+                    match c {
+                        Component::Normal(n) => todo.push_front(n.to_os_string()),
+                        Component::ParentDir => todo.push_front(OsString::from("..")),
+                        _ => {}
+                    }
+                }
+                continue;
+            }
+            if kind != SFlag::S_IFDIR.bits() {
+                return Err(crate::error::usage(format!(
+                    "{} is a {}, not a directory",
+                    at.display(),
+                    kind_word(st.st_mode)
+                )));
+            }
+            let last = todo.is_empty();
+            let ok = *cur_trusted && root_only(st.st_uid, st.st_mode, !last);
+            if !ok && untrusted.is_none() {
+                untrusted = Some((at.clone(), st.st_uid, st.st_mode));
+            }
+            chain.push((fd, at, ok));
+        }
+        let (fd, _, _) = chain.pop().expect("never empty");
+        Ok(HeldDir {
+            fd,
+            shown: path.to_path_buf(),
+            untrusted,
+            created,
+        })
+    }
+
+    /// The held descriptor (O_PATH: for `*at` calls and the mount API).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// The path as given (for messages).
+    pub fn shown(&self) -> &Path {
+        &self.shown
+    }
+
+    /// A path that leads to the held directory itself, whatever happens to the path it was
+    /// opened by: `/proc/PID/fd/N`, for a program started by this process (rsync), valid as
+    /// long as this [`HeldDir`] lives.
+    pub fn proc_path(&self) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            self.fd.as_raw_fd()
+        ))
+    }
+
+    /// Whether the directory holds no entry.
+    pub fn is_empty(&self) -> Result<bool> {
+        let mut d = std::fs::read_dir(self.proc_path())
+            .with_context(|| format!("reading {}", self.shown.display()))?;
+        Ok(d.next().is_none())
+    }
+
+    /// Replace the file `name` in this directory with `data`, mode `mode`, never through a
+    /// link: a new file under a random name (`O_CREAT | O_EXCL | O_NOFOLLOW`, so a link or
+    /// anything else planted at that name makes the open fail instead of being written
+    /// through), `fchmod`, fsync, then `renameat` over `name` (which replaces a planted link
+    /// itself, never what it points to). On any error the temporary file is removed.
+    pub fn replace_file(&self, name: &str, data: &[u8], mode: u32) -> Result<()> {
+        check_component(name)?;
+        let at = self.shown.join(name);
+        // The O_PATH descriptor serves as the directory for *at calls.
+        for _ in 0..8 {
+            let tmp = format!(".{name}.{}{TEMP_MARK}{}", random_hex(8), std::process::id());
+            let fd = match nix::fcntl::openat(
+                self.fd.as_fd(),
+                tmp.as_str(),
+                OFlag::O_WRONLY
+                    | OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC
+                    | OFlag::O_NOCTTY
+                    | OFlag::O_NONBLOCK,
+                Mode::from_bits_truncate(0o600),
+            ) {
+                Ok(fd) => fd,
+                Err(nix::errno::Errno::EEXIST) => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("creating a temporary file beside {}", at.display())
+                    })
+                }
+            };
+            let mut f = File::from(fd);
+            let r = nix::sys::stat::fchmod(&f, Mode::from_bits_truncate(mode))
+                .map_err(anyhow::Error::from)
+                .and_then(|()| f.write_all(data).map_err(Into::into))
+                .and_then(|()| f.sync_all().map_err(Into::into))
+                .and_then(|()| {
+                    nix::fcntl::renameat(self.fd.as_fd(), tmp.as_str(), self.fd.as_fd(), name)
+                        .map_err(Into::into)
+                })
+                .with_context(|| format!("writing {}", at.display()));
+            if r.is_err() {
+                let _ = nix::unistd::unlinkat(
+                    self.fd.as_fd(),
+                    tmp.as_str(),
+                    nix::unistd::UnlinkatFlags::NoRemoveDir,
+                );
+            }
+            return r;
+        }
+        bail!("no free temporary name beside {}", at.display())
+    }
+}
+
+/// `n` random bytes from the kernel, in hex.
+pub fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    if let Ok(mut f) = File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// Replace the local file `path` with `data` atomically: a temporary file in the same
 /// directory (O_EXCL, mode 0600), fsync, rename over `path`, fsync of the directory. A crash
 /// at any point leaves the old content or the new one.
@@ -916,6 +1186,177 @@ mod tests {
         assert!(is_temp_name(t.file_name().unwrap()), "{t:?}");
         assert!(!is_temp_name(f.file_name().unwrap()));
         assert_eq!(std::fs::read(&f).unwrap(), b"2\n", "not renamed");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A directory that only root can change, for the HeldDir tests: under the repository's
+    /// target/ (root-owned when tests run as root), not /tmp, whose sticky bit is fine for
+    /// an ancestor but whose other entries belong to anyone.
+    fn root_dir() -> PathBuf {
+        let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("target")
+            .join(format!(
+                "e2eb-held-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        d
+    }
+
+    /// Whether every ancestor of `d` is root-only (a checkout under a user's home is not:
+    /// then the trust assertions below do not apply and are skipped).
+    fn all_root_only(d: &Path) -> bool {
+        HeldDir::walk(d, false).unwrap().untrusted.is_none()
+    }
+
+    const NOBODY: u32 = 65534;
+
+    #[test]
+    fn held_dir_refuses_untrusted_components_and_foreign_links() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (chown)");
+            return;
+        }
+        let root = root_dir();
+        if !all_root_only(&root) {
+            eprintln!(
+                "skipped: {} is under a directory others can change",
+                root.display()
+            );
+            return;
+        }
+        // Created when missing, 0700, held.
+        let t = root.join("a/b");
+        let h = HeldDir::open(&t, true, false).unwrap();
+        assert_eq!(h.created, 2);
+        assert!(h.is_empty().unwrap());
+        assert_eq!(
+            std::fs::metadata(&t).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        // Without create, a missing one is a usage error.
+        assert_eq!(
+            exit_for(&HeldDir::open(&root.join("nope"), false, false).unwrap_err()),
+            Exit::Usage
+        );
+        // A component owned by another user: refused (exit 6, naming it) unless allowed.
+        let user = root.join("user");
+        std::fs::create_dir(&user).unwrap();
+        std::os::unix::fs::chown(&user, Some(NOBODY), Some(NOBODY)).unwrap();
+        std::fs::create_dir(user.join("in")).unwrap();
+        for t in [user.clone(), user.join("in")] {
+            let e = HeldDir::open(&t, false, false).unwrap_err();
+            assert_eq!(exit_for(&e), Exit::Security, "{e:#}");
+            assert!(
+                format!("{e:#}").contains(&format!("{} (owner uid {NOBODY}", user.display())),
+                "{e:#}"
+            );
+            assert!(
+                format!("{e:#}").contains("--allow-untrusted-target"),
+                "{e:#}"
+            );
+            assert!(HeldDir::open(&t, false, true).unwrap().untrusted.is_some());
+        }
+        // World-writable: refused; sticky helps an ancestor, not the target itself.
+        let open = root.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        std::fs::create_dir(open.join("mine")).unwrap();
+        std::fs::set_permissions(open.join("mine"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        assert!(HeldDir::open(&open.join("mine"), false, false).is_ok());
+        assert_eq!(
+            exit_for(&HeldDir::open(&open, false, false).unwrap_err()),
+            Exit::Security
+        );
+        // A link another user could have planted (in their directory, or theirs in a sticky
+        // one) is never followed, allowed or not; root's own link in root's directory is.
+        let victim = root.join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::os::unix::fs::symlink(&victim, user.join("link")).unwrap();
+        std::os::unix::fs::symlink(&victim, open.join("link")).unwrap();
+        nix::unistd::fchownat(
+            AT_FDCWD_BORROW,
+            &open.join("link"),
+            Some(nix::unistd::Uid::from_raw(NOBODY)),
+            None,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
+        for l in [user.join("link"), open.join("link")] {
+            for allow in [false, true] {
+                let e = HeldDir::open(&l.join("x"), true, allow).unwrap_err();
+                assert_eq!(exit_for(&e), Exit::Security, "{e:#}");
+                assert!(format!("{e:#}").contains("symbolic link"), "{e:#}");
+            }
+        }
+        assert!(
+            std::fs::read_dir(&victim).unwrap().next().is_none(),
+            "nothing created through a link"
+        );
+        std::os::unix::fs::symlink("victim", root.join("rootlink")).unwrap();
+        let h = HeldDir::open(&root.join("rootlink"), false, false).unwrap();
+        assert!(h.untrusted.is_none());
+        h.replace_file("f", b"via link", 0o644).unwrap();
+        assert_eq!(std::fs::read(victim.join("f")).unwrap(), b"via link");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    const AT_FDCWD_BORROW: std::os::fd::BorrowedFd<'static> =
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(libc::AT_FDCWD) };
+
+    /// The swap the held descriptor stops: TARGET opened, then renamed away and replaced by
+    /// a link to a victim directory; writes still land in the original directory.
+    #[test]
+    fn held_dir_stays_on_the_directory_it_opened() {
+        let root = tmp();
+        let t = root.join("target");
+        let h = HeldDir::open(&t, true, true).unwrap();
+        let victim = root.join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::fs::rename(&t, root.join("moved")).unwrap();
+        std::os::unix::fs::symlink(&victim, &t).unwrap();
+        h.replace_file("x", b"1", 0o600).unwrap();
+        std::fs::write(h.proc_path().join("y"), b"2").unwrap();
+        assert!(std::fs::read_dir(&victim).unwrap().next().is_none());
+        assert_eq!(std::fs::read(root.join("moved/x")).unwrap(), b"1");
+        assert_eq!(std::fs::read(root.join("moved/y")).unwrap(), b"2");
+        assert!(!h.is_empty().unwrap());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// The textfile attack: links planted at the final name (and at the names a writer of
+    /// the old kind used) leave what they point to untouched; the file is replaced, mode
+    /// 0644, and no temporary file is left.
+    #[test]
+    fn replace_file_never_writes_through_a_link() {
+        let root = tmp();
+        let dir = root.join("textfiles");
+        std::fs::create_dir(&dir).unwrap();
+        let victim = root.join("shadow");
+        std::fs::write(&victim, b"root:secret\n").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("m.prom")).unwrap();
+        for pid in std::process::id().saturating_sub(3)..std::process::id() + 3 {
+            std::os::unix::fs::symlink(&victim, dir.join(format!(".m.prom.{pid}.tmp"))).unwrap();
+        }
+        let h = HeldDir::open(&dir, false, true).unwrap();
+        h.replace_file("m.prom", b"metric 1\n", 0o644).unwrap();
+        h.replace_file("m.prom", b"metric 2\n", 0o644).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"root:secret\n");
+        let md = std::fs::symlink_metadata(dir.join("m.prom")).unwrap();
+        assert!(md.file_type().is_file());
+        assert_eq!(md.permissions().mode() & 0o777, 0o644);
+        assert_eq!(std::fs::read(dir.join("m.prom")).unwrap(), b"metric 2\n");
+        let left = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| is_temp_name(&e.file_name()))
+            .count();
+        assert_eq!(left, 0);
+        assert!(h.replace_file("../escape", b"x", 0o644).is_err());
         let _ = std::fs::remove_dir_all(&root);
     }
 

@@ -158,16 +158,20 @@ pub fn textfile(p: &Profile, r: &LastRun) -> String {
     out
 }
 
-/// Rewrite the textfile atomically (node-exporter may read it at any moment).
+/// Rewrite the textfile atomically (node-exporter may read it at any moment), never through
+/// a link: its directory may belong to another user (node-exporter's), who could plant
+/// links at any name there, so the directory is held open without following an untrusted
+/// link and the file is written through [`crate::fsutil::HeldDir::replace_file`] (a new
+/// file under a random name, `O_EXCL | O_NOFOLLOW`, renamed over the textfile). Such a
+/// directory is accepted: root only ever creates new files in it and renames them.
 pub fn write_textfile(path: &Path, text: &str) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/"));
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{} has no file name", path.display()))?;
+    let held = crate::fsutil::HeldDir::open(dir, false, true)?;
+    held.replace_file(name, text.as_bytes(), 0o644)
 }
 
 /// Everything that reports a finished run: the textfile, then the ping.

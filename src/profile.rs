@@ -571,6 +571,9 @@ const WHAT_A_PROFILE_IS: &str = "a profile is a YAML mapping with the sections `
     `container:` and `backup:` (and optionally `retention:`, `hooks:`, `monitoring:`); \
     start from profiles/example.yaml (docs/profile.md explains every key)";
 
+/// A profile is a page of YAML; anything larger is not one.
+const PROFILE_MAX_BYTES: u64 = 1 << 20;
+
 /// Minimum container: the LUKS2 header (2 MiB) plus room for an ext4 journal and data.
 pub const MIN_SIZE: u64 = 64 << 20;
 
@@ -582,7 +585,44 @@ impl Profile {
         } else {
             Path::new(PROFILE_DIR).join(format!("{arg}.yaml"))
         };
-        Profile::load(&path)
+        Profile::load_private(&path)
+    }
+
+    /// [`Profile::load`] for a profile that root is about to act on: the file must be owned
+    /// by root (this user) and neither readable nor writable by group or others, as ssh
+    /// requires of a private key. A profile holds `monitoring.healthcheck_url` (whoever reads
+    /// it can report success for ever) and says what root backs up and where; another user
+    /// who could change it could have root run hooks of their choosing. Otherwise a usage
+    /// error (exit 2) naming the file, its owner and mode, and the commands that fix it.
+    /// Owner and mode are those of the file that was opened and read (no second lookup).
+    pub fn load_private(path: &Path) -> Result<Profile> {
+        use std::os::unix::fs::MetadataExt;
+        let (bytes, md) = crate::fsutil::read_local_bounded(path, PROFILE_MAX_BYTES)
+            .map_err(|e| usage(format!("cannot read profile {}: {e:#}", path.display())))?;
+        let me = nix::unistd::geteuid().as_raw();
+        if md.uid() != me || md.mode() & 0o077 != 0 {
+            return Err(usage(format!(
+                "profile {} is owned by uid {} with mode {:04o}: a profile must be owned by \
+                 {} and not accessible by group or others (it names the keyfile and holds the \
+                 healthcheck URL; another user could read or change it). Fix it with: \
+                 chown {}:{} {} && chmod 0600 {}",
+                path.display(),
+                md.uid(),
+                md.mode() & 0o7777,
+                if me == 0 {
+                    "root".to_string()
+                } else {
+                    format!("uid {me}")
+                },
+                me,
+                nix::unistd::getegid().as_raw(),
+                path.display(),
+                path.display()
+            )));
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|_| usage(format!("profile {} is not UTF-8 text", path.display())))?;
+        Profile::parse(path, &text)
     }
 
     pub fn load(path: &Path) -> Result<Profile> {

@@ -616,19 +616,20 @@ impl<'p> Session<'p> {
         }))
     }
 
-    /// Bind the mounted container's snapshots read-only at `dir` (`e2ebackup mount`).
-    pub fn bind_snapshots(&mut self, dir: &Path) -> Result<()> {
+    /// Bind the mounted container's snapshots read-only at the held directory `dir`
+    /// (`e2ebackup mount`), by descriptor ([`mount::bind_readonly_held`]).
+    pub fn bind_snapshots(&mut self, dir: &crate::fsutil::HeldDir) -> Result<()> {
         signals::check()?;
         let root = self
             .fs_root
             .clone()
             .context("the container is not mounted")?;
-        mount::bind_readonly(
+        mount::bind_readonly_held(
             &mut self.stack,
             &root.join(crate::snapshots::SNAPSHOTS),
             dir,
         )
-        .with_context(|| format!("showing the snapshots at {}", dir.display()))
+        .with_context(|| format!("showing the snapshots at {}", dir.shown().display()))
     }
 
     /// How much is acquired now; [`Session::close_to`] releases what comes after.

@@ -50,6 +50,13 @@ pub enum Undo {
     RemoveFile { path: PathBuf },
     /// Ensure the NBD device is disconnected.
     DisconnectNbd { device: PathBuf },
+    /// Ensure the mount `id` (`e2ebackup mount`'s bind of the snapshots, first shown at
+    /// `target`) is gone: found by its identity, never by the path, which a user may have
+    /// swapped since.
+    UnmountHeld {
+        target: PathBuf,
+        id: crate::stack::mount::MountIdentity,
+    },
     /// Ensure a process we started (the ssh tunnel carrying the remote NBD server) has
     /// exited; `start` (clock ticks after boot) tells it apart from a recycled pid.
     StopProcess { pid: u32, start: u64, what: String },
@@ -74,6 +81,9 @@ impl std::fmt::Display for Undo {
             }
             Undo::RemoveFile { path } => write!(f, "remove unfinished {}", path.display()),
             Undo::DisconnectNbd { device } => write!(f, "disconnect {}", device.display()),
+            Undo::UnmountHeld { target, id } => {
+                write!(f, "unmount {} (mount id {})", target.display(), id.mnt_id)
+            }
             Undo::StopProcess { pid, what, .. } => write!(f, "stop {what} (pid {pid})"),
         }
     }
@@ -90,6 +100,10 @@ impl Undo {
             Undo::UnmountSshfs { target, .. } => format!("fusermount3 -u {}", target.display()),
             Undo::RemoveFile { path } => format!("rm {}", path.display()),
             Undo::DisconnectNbd { device } => format!("nbd-client -d {}", device.display()),
+            Undo::UnmountHeld { id, .. } => format!(
+                "umount \"$(awk '$1 == {} {{print $5}}' /proc/self/mountinfo)\"",
+                id.mnt_id
+            ),
             Undo::StopProcess { pid, .. } => format!("kill {pid}"),
         }
     }

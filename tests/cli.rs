@@ -30,6 +30,9 @@ backup:
 fn write_profile(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(format!("{name}.yaml"));
     std::fs::write(&p, text).unwrap();
+    // Root's own, 0600: the binary refuses a profile others can read or write.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
 }
 
@@ -81,6 +84,53 @@ fn validate_bad_value_exits_2_naming_line_and_key() {
     let out = bin().arg("validate").arg(&p).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
     assert!(stderr(&out).contains("path"), "{}", show(&out));
+}
+
+/// A profile others can read (it holds the healthcheck URL) or that another user owns is
+/// refused as ssh refuses such a key: exit 2, naming the file, its owner and mode, and the
+/// commands that fix it; 0600 and ours is accepted.
+#[test]
+fn profile_others_can_read_or_own_exits_2() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let p = write_profile(
+        d.path(),
+        "loose",
+        &format!("{PROFILE}monitoring:\n  healthcheck_url: https://hc.example/ping/x\n"),
+    );
+    let out = bin().arg("validate").arg(&p).output().unwrap();
+    // Accepted: validate goes on to the (missing) files the profile names.
+    assert!(
+        stderr(&out).contains("server.identity_file"),
+        "0600: {}",
+        show(&out)
+    );
+    assert!(!stderr(&out).contains("chmod 0600"), "0600: {}", show(&out));
+    for mode in [0o644, 0o640, 0o602] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = bin().arg("validate").arg(&p).output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{mode:o}: {}", show(&out));
+        assert!(err.contains(&*p.to_string_lossy()), "{err}");
+        assert!(err.contains(&format!("mode {mode:04o}")), "{err}");
+        assert!(
+            err.contains(&format!("chmod 0600 {}", p.display())),
+            "{err}"
+        );
+        assert!(!err.contains("hc.example"), "the URL leaks: {err}");
+    }
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::chown(&p, Some(65534), None).unwrap();
+        let out = bin().arg("validate").arg(&p).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+        assert!(
+            stderr(&out).contains("owned by uid 65534"),
+            "{}",
+            show(&out)
+        );
+        assert!(stderr(&out).contains("chown 0:"), "{}", show(&out));
+    }
 }
 
 #[test]

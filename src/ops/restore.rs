@@ -142,7 +142,14 @@ fn resolve(root: &Path, which: &str) -> Result<SnapshotId> {
     Ok(id)
 }
 
-pub fn restore(p: &Profile, which: &str, target: &Path, paths: &[PathBuf], force: bool) -> Exit {
+pub fn restore(
+    p: &Profile,
+    which: &str,
+    target: &Path,
+    paths: &[PathBuf],
+    force: bool,
+    allow_untrusted: bool,
+) -> Exit {
     if !target.is_absolute() {
         return fail(usage(format!(
             "TARGET {} must be an absolute path",
@@ -160,12 +167,14 @@ pub fn restore(p: &Profile, which: &str, target: &Path, paths: &[PathBuf], force
             )));
         }
     }
-    if target.exists()
-        && !force
-        && std::fs::read_dir(target)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
+    // Opened once, before the connection, and used only through its descriptor from here
+    // on: a user who swaps TARGET (or a directory above it) for a link during the connect
+    // changes nothing (fsutil::HeldDir).
+    let held = match open_target(target, allow_untrusted) {
+        Ok(h) => h,
+        Err(e) => return fail(e),
+    };
+    if !force && !held.is_empty().unwrap_or(false) {
         return fail(usage(format!(
             "TARGET {} is not empty; restore into an empty directory, or pass --force to merge into it",
             target.display()
@@ -174,7 +183,6 @@ pub fn restore(p: &Profile, which: &str, target: &Path, paths: &[PathBuf], force
     let (code, _) = with_readonly(p, "restore", |s, root| {
         let id = resolve(root, which)?;
         let snap = snapshots::path_of(root, id);
-        std::fs::create_dir_all(target)?;
         for q in paths {
             let inside = snap.join(q.strip_prefix("/").unwrap_or(q));
             if std::fs::symlink_metadata(&inside).is_err() {
@@ -187,20 +195,32 @@ pub fn restore(p: &Profile, which: &str, target: &Path, paths: &[PathBuf], force
             crate::debug!("bulk read-ahead not available: {e:#}");
             None
         });
-        snapshots::copy_out(&snap, paths, target, warm.as_ref())?;
+        snapshots::copy_out(&snap, paths, &held.proc_path(), warm.as_ref())?;
         info!("restore of {id} complete");
         Ok(())
     });
     code
 }
 
-pub fn mount_cmd(p: &Profile, dir: &Path) -> Exit {
-    if !dir.is_absolute() || !dir.is_dir() {
+/// The restore TARGET, created if missing, held open (see [`crate::fsutil::HeldDir`]).
+fn open_target(target: &Path, allow_untrusted: bool) -> Result<crate::fsutil::HeldDir> {
+    crate::fsutil::HeldDir::open(target, true, allow_untrusted)
+        .with_context(|| format!("TARGET {}", target.display()))
+}
+
+pub fn mount_cmd(p: &Profile, dir: &Path, allow_untrusted: bool) -> Exit {
+    if !dir.is_absolute() {
         return fail(usage(format!(
             "DIR {} must be an existing absolute directory",
             dir.display()
         )));
     }
+    // Held before the connection; the snapshots are attached to this very directory
+    // (move_mount on its descriptor), whatever its path leads to by then.
+    let held = match crate::fsutil::HeldDir::open(dir, false, allow_untrusted) {
+        Ok(h) => h,
+        Err(e) => return fail(e.context(format!("DIR {}", dir.display()))),
+    };
     let mut s = match Session::begin(p, "mount") {
         Ok(s) => s,
         Err(e) => return fail(e),
@@ -208,7 +228,7 @@ pub fn mount_cmd(p: &Profile, dir: &Path) -> Exit {
     let r = (|| -> Result<()> {
         s.open_all("mount", true)?;
         // A read-only bind of snapshots/ at DIR: the user browses snapshot ids directly.
-        s.bind_snapshots(dir)
+        s.bind_snapshots(&held)
     })();
     match r {
         Ok(()) => {

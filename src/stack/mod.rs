@@ -44,6 +44,7 @@ impl Undoer for Real {
                 sshfs::ensure_unmounted(target, daemon.as_ref())
             }
             Undo::DisconnectNbd { device } => nbd::ensure_disconnected(device),
+            Undo::UnmountHeld { target, id } => mount::ensure_unmounted_held(target, id),
             Undo::StopProcess { pid, start, .. } => crate::cmd::Proc {
                 pid: *pid,
                 start: *start,

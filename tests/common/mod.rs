@@ -234,6 +234,9 @@ impl Sshd {
         );
         let p = self.path("profiles").join(format!("{name}.yaml"));
         std::fs::write(&p, text).unwrap();
+        // Root's own, 0600: the binary refuses a profile others can read or write.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         p
     }
 

@@ -115,6 +115,7 @@ check changed-host-key-exits-6 bash -c "$E2E_BIN run $P; [ \$? = 6 ]"
 check changed-host-key-no-leftovers assert_no_leftovers
 server_restore_hostkey
 sed 's/^  host:/  hots:/' "$PROFILE" > /etc/e2ebackup/profiles/typo.yaml
+chmod 0600 /etc/e2ebackup/profiles/typo.yaml
 check typo-exits-2-naming-line bash -c "$E2E_BIN validate typo 2>&1 | tee /dev/stderr | grep -q 'line 4'; [ \${PIPESTATUS[0]} = 2 ]"
 check status-runs E2E status $P
 check no-key-in-output python3 - "$DEMO_DIR/container.key" "$E2E_OUT" <<'PY'

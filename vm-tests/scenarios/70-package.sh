@@ -62,7 +62,7 @@ check docs bash -c 'ls /usr/share/doc/e2ebackup/README.md /usr/share/doc/e2eback
 check example-profile-parses bash -c 'install -m 0600 /usr/share/doc/e2ebackup/examples/example.yaml /etc/e2ebackup/profiles/pkgex.yaml &&
   e2ebackup schedule pkgex >/dev/null'
 check dir-etc mode_is 755 /etc/e2ebackup
-check dir-profiles mode_is 755 /etc/e2ebackup/profiles
+check dir-profiles mode_is 700 /etc/e2ebackup/profiles
 check dir-keys mode_is 700 /etc/e2ebackup/keys
 check dir-state mode_is 700 /var/lib/e2ebackup
 
