@@ -111,7 +111,8 @@ fn main() -> anyhow::Result<()> {
         e2ebackup::logging::set_level(2);
     }
     let t = Instant::now();
-    let taken = e2ebackup::snapshots::take(&profile, &root, args.get(2).map(PathBuf::as_path))?;
+    let taken =
+        e2ebackup::snapshots::take(&profile, &root, args.get(2).map(PathBuf::as_path), None)?;
     // `run` makes the renames durable with its generation commit; one sync stands in for it.
     e2ebackup::stack::mount::syncfs(&root)?;
     println!(

@@ -45,6 +45,11 @@ pub fn hash_file(p: &Path) -> Result<String> {
     Ok(hex(&digest))
 }
 
+/// SHA-256 (hex) of everything `r` reads.
+pub fn hash_reader(mut r: impl Read) -> Result<String> {
+    Ok(hex(&digest_of(&mut r)?))
+}
+
 /// SHA-256 of everything `r` reads, in 1 MiB reads; a signal ends it between two of them.
 fn digest_of(r: &mut impl Read) -> Result<[u8; 32]> {
     let mut h = Sha256::new();
@@ -155,6 +160,19 @@ impl Fresh {
             }
             _ => Hashed::Passed,
         }
+    }
+
+    /// [`Fresh::hash`], keeping the hash only when it is `want` (hex): otherwise `Passed`.
+    /// A resumed snapshot's files left by an earlier run are kept with the hash of their
+    /// source file this way (snapshots::resume).
+    pub fn hash_expecting(&mut self, p: &Path, want: &str) -> Hashed {
+        let n = self.taken.len();
+        let r = self.hash(p);
+        if r == Hashed::Now && hex(&self.taken[n].1) != want {
+            self.taken.truncate(n);
+            return Hashed::Passed;
+        }
+        r
     }
 
     /// Ready for lookups: sorted by inode, the newest hash of each kept.

@@ -274,6 +274,15 @@ pub struct Backup {
     /// Do not cross file system boundaries below each source (rsync -x).
     #[serde(default)]
     pub one_file_system: bool,
+    /// A run finds what an interrupted run of this profile left under `.partial/` and
+    /// continues it, unless it was started longer ago than this (then it is discarded,
+    /// and the log says so). Default 7 days.
+    #[serde(default = "default_resume_max_age")]
+    pub resume_max_age: Duration,
+}
+
+fn default_resume_max_age() -> Duration {
+    Duration(7 * 86400)
 }
 
 /// A length of time written as `90s`, `15m`, `26h`, `7d` or plain seconds.

@@ -45,6 +45,22 @@ pub struct LastRun {
     /// How many `run`s in a row ended skipped by a `before` hook (0 after any other run).
     #[serde(default)]
     pub consecutive_skips: u64,
+    /// `run` failed because the container's filesystem was full (ENOSPC inside it): the
+    /// bytes rsync still had to write by the estimate of its progress (0: unknown). The
+    /// next run's `auto_grow` grows by at least this, whatever the free-space threshold.
+    #[serde(default)]
+    pub container_full_needed: Option<u64>,
+    /// A failed `run` that left an interrupted snapshot: the next run resumes it.
+    #[serde(default)]
+    pub partial_left: bool,
+    /// A `run` that completed an interrupted snapshot: the id its first attempt gave it,
+    /// and the bytes already there of all the sources' bytes.
+    #[serde(default)]
+    pub resumed_from: Option<String>,
+    #[serde(default)]
+    pub resumed_bytes: Option<u64>,
+    #[serde(default)]
+    pub resumed_total_bytes: Option<u64>,
 }
 
 pub fn result_word(code: Exit) -> &'static str {

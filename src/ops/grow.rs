@@ -187,7 +187,10 @@ pub fn enlarge_open(
 }
 
 /// `container.auto_grow` during `run`: when the mounted filesystem's free space is under the
-/// threshold, grow by `step`, up to `max_size`, before the snapshot is taken.
+/// threshold, grow by `step`, up to `max_size`, before the snapshot is taken. When the last
+/// run failed because the filesystem was full (the client's last-run record says so, with
+/// what it still needed), grow whatever the threshold says, by what it needed (at least
+/// `step`): its snapshot is kept under `.partial/` and resumed, but the rest must fit.
 pub fn auto_grow(p: &Profile, s: &mut Session<'_>, root: &std::path::Path) -> Result<()> {
     let Some(ag) = &p.container.auto_grow else {
         return Ok(());
@@ -195,14 +198,19 @@ pub fn auto_grow(p: &Profile, s: &mut Session<'_>, root: &std::path::Path) -> Re
     let st = nix::sys::statvfs::statvfs(root)?;
     let total = st.blocks() * st.fragment_size();
     let free = st.blocks_available() * st.fragment_size();
-    if !ag.when_free_below.is_below(free, total) {
+    let full_last_time = crate::state::read_last_run(p)
+        .filter(|l| l.command == "run")
+        .and_then(|l| l.container_full_needed);
+    let below = ag.when_free_below.is_below(free, total);
+    if !below && full_last_time.is_none() {
         return Ok(());
     }
     let current = s
         .server_dir()?
         .len(&p.container.file.0)?
         .context("the container file is gone")?;
-    let target = (current + ag.step.0).min(ag.max_size.0);
+    let by = growth_after_full(full_last_time, free, ag.step.0);
+    let target = current.saturating_add(by).min(ag.max_size.0);
     if target <= current {
         warn!(
             "the container has {} free of {} and is at its auto_grow.max_size {}: grow it by hand or prune",
@@ -221,16 +229,41 @@ pub fn auto_grow(p: &Profile, s: &mut Session<'_>, root: &std::path::Path) -> Re
             return Ok(());
         }
     }
-    info!(
-        "auto_grow: {} free of {} is below {}; growing the container to {}",
-        Size(free),
-        Size(total),
-        ag.when_free_below,
-        Size(target)
-    );
+    match full_last_time {
+        Some(needed) => info!(
+            "auto_grow: the last run failed with the container's filesystem full{} ({} free now); \
+             growing the container to {}",
+            if needed > 0 {
+                format!(", needing about {} more", Size(needed))
+            } else {
+                String::new()
+            },
+            Size(free),
+            Size(target)
+        ),
+        None => info!(
+            "auto_grow: {} free of {} is below {}; growing the container to {}",
+            Size(free),
+            Size(total),
+            ag.when_free_below,
+            Size(target)
+        ),
+    }
     let mapper = s.mapper()?;
     enlarge_open(p, s, &mapper, target)?;
     report(root)
+}
+
+/// How much `auto_grow` adds: `step`, or after a run that failed for space and still needed
+/// `needed` bytes (0: unknown), that plus a tenth and 64 MiB for metadata, less what is
+/// free now, if that is more than `step`. Whole MiB, as `grow` wants.
+pub fn growth_after_full(needed: Option<u64>, free: u64, step: u64) -> u64 {
+    let want = match needed {
+        Some(n) if n > 0 => (n + n / 10 + (64 << 20)).saturating_sub(free),
+        _ => 0,
+    };
+    let mib = 1u64 << 20;
+    want.max(step).div_ceil(mib) * mib
 }
 
 fn report(root: &std::path::Path) -> Result<()> {
@@ -244,6 +277,19 @@ fn report(root: &std::path::Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn growth_after_a_full_container_covers_what_was_needed() {
+        const M: u64 = 1 << 20;
+        // No failure, or an unknown need: one step.
+        assert_eq!(growth_after_full(None, 0, 64 * M), 64 * M);
+        assert_eq!(growth_after_full(Some(0), 0, 64 * M), 64 * M);
+        // 500 MiB still needed, 10 MiB free: 500 + 50 + 64 - 10 = 604 MiB.
+        assert_eq!(growth_after_full(Some(500 * M), 10 * M, 64 * M), 604 * M);
+        // A small need is at least a step; odd bytes round up to whole MiB.
+        assert_eq!(growth_after_full(Some(M), 0, 64 * M), 66 * M);
+        assert_eq!(growth_after_full(Some(M), 100 * M, 64 * M), 64 * M);
+    }
 
     #[test]
     fn specs_and_targets() {

@@ -29,7 +29,8 @@ pub fn prune(p: &Profile, dry_run: bool, json: bool) -> Exit {
     let mut decisions = None;
     let r = s.open_all("prune", dry_run).and_then(|root| {
         if !dry_run {
-            snapshots::remove_partials(&root)?;
+            // An interrupted snapshot the next run can resume stays (snapshots::resume).
+            snapshots::settle_partials(p, &root)?;
         }
         if p.retention.is_empty() {
             info!("the profile has no retention rules: every snapshot is kept");

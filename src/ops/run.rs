@@ -56,6 +56,13 @@ pub fn run(p: &Profile) -> Exit {
     let result = work(p, &mut s, &mut figures).map_err(|e| no_space::explain(p, e));
     let (code, complete) = finish(s, &result);
     let err = result.as_ref().err().map(|e| format!("{e:#}"));
+    if let Err(e) = &result {
+        figures.container_full = e
+            .downcast_ref::<snapshots::ContainerFull>()
+            .map(|c| c.still_needed.unwrap_or(0));
+    } else {
+        figures.partial_left = false;
+    }
     let mut o = Outcome::new(code, err, complete);
     o.figures = figures;
     conclude(p, &started, clock, o, pinger.as_ref())
@@ -88,6 +95,10 @@ struct Figures {
     taken: Option<Taken>,
     container_size: Option<u64>,
     snapshot_count: Option<u64>,
+    /// The run failed with the container's filesystem full: what it still needed (0: unknown).
+    container_full: Option<u64>,
+    /// A snapshot was being written under `.partial/` (kept for the next run if this fails).
+    partial_left: bool,
 }
 
 /// After the teardown: `after`/`failed` and `finally` hooks, the record, the textfile, the
@@ -141,6 +152,15 @@ fn conclude(
             duration_seconds: Some((clock.elapsed().as_secs_f64() * 10.0).round() / 10.0),
             container_size: o.figures.container_size,
             snapshot_count: o.figures.snapshot_count,
+            container_full_needed: o.figures.container_full,
+            partial_left: o.figures.partial_left && o.code != Exit::Ok && o.code != Exit::Warnings,
+            resumed_from: t
+                .and_then(|t| t.resumed.as_ref())
+                .map(|r| r.first_id.clone()),
+            resumed_bytes: t.and_then(|t| t.resumed.as_ref()).map(|r| r.bytes),
+            resumed_total_bytes: t
+                .and_then(|t| t.resumed.as_ref())
+                .and_then(|r| r.total_bytes),
             ..Default::default()
         },
     );
@@ -162,10 +182,12 @@ fn conclude(
 
 fn work(p: &Profile, s: &mut Session<'_>, f: &mut Figures) -> Result<Exit> {
     let root = s.open_all("run", false)?;
-    snapshots::remove_partials(&root)?;
+    // An interrupted snapshot of this profile is continued; anything else left is removed.
+    let resume = snapshots::settle_partials(p, &root)?;
     super::grow::auto_grow(p, s, &root)?;
     no_space::check_before(p, &root)?;
-    let t = snapshots::take(p, &root, Some(&s.mapper()?))?;
+    f.partial_left = true;
+    let t = snapshots::take(p, &root, Some(&s.mapper()?), resume)?;
     let warnings = t.vanished_files;
     f.taken = Some(t);
     crate::signals::check()?;

@@ -129,6 +129,32 @@ pub fn status(p: &Profile, json: bool) -> Exit {
             if let Some(e) = &l.error {
                 println!("last error:     {e}");
             }
+            if let Some(first) = &l.resumed_from {
+                let size = |b: Option<u64>| {
+                    b.map(|b| crate::profile::Size(b).to_string())
+                        .unwrap_or_else(|| "?".into())
+                };
+                println!(
+                    "resumed:        an interrupted backup (first started {first}): {} of {} already there",
+                    size(l.resumed_bytes),
+                    size(l.resumed_total_bytes)
+                );
+            }
+            if l.partial_left {
+                println!(
+                    "interrupted:    the next run resumes this run's snapshot (kept for up to backup.resume_max_age)"
+                );
+            }
+            if l.container_full_needed.is_some() {
+                println!(
+                    "container full: the last run ran out of room inside the container; {}",
+                    if p.container.auto_grow.is_some() {
+                        "the next run grows it (auto_grow)"
+                    } else {
+                        "grow it (`e2ebackup grow`) or set container.auto_grow"
+                    }
+                );
+            }
         }
         None => println!("last run:       never"),
     }

@@ -2,6 +2,7 @@
 //! one back out. One file per concern:
 //! - [`layout`]: the directories of a container, listing, new ids, pruning;
 //! - [`rsync`]: the argv of a snapshot's rsync (exclusions) and what its output says;
+//! - [`resume`]: continuing a snapshot an interrupted run left under `.partial/`;
 //! - [`take`]: taking a snapshot, with its helper threads (metadata read-ahead,
 //!   write-behind, hash-behind);
 //! - [`copy_out`]: restore's copy, paced read-ahead and bulk read of the container;
@@ -13,7 +14,8 @@
 //!   snapshots/<id>/<absolute path>  complete snapshots, <id> = UTC time 20261122T123005Z
 //!   manifests/<id>                  SHA-256 of every file of snapshot <id> (for `verify`)
 //!   STATE                           authenticated generation counter (see generation.rs)
-//!   .partial/<id>/...               a snapshot being written
+//!   .partial/<id>/...               a snapshot being written (or interrupted: resumed)
+//!   .partial/<id>.resume            what the next run needs to resume it
 //! ```
 //! A snapshot is written under `.partial/` and renamed into `snapshots/` only after rsync
 //! succeeded and the filesystem was synced, so a run that is interrupted, killed or fails
@@ -23,6 +25,7 @@
 
 pub mod copy_out;
 pub mod layout;
+pub mod resume;
 pub mod rsync;
 pub mod take;
 pub mod walk;
@@ -32,6 +35,7 @@ pub use layout::{
     check_layout, create_layout, list, new_id, path_of, prune, remove_partials, remove_tree,
     FORMAT_LINE, PARTIAL, SNAPSHOTS,
 };
+pub use resume::{settle as settle_partials, Resumable};
 pub use rsync::{always_excluded, rsync_command, PSEUDO_DIRS};
-pub use take::{take, Taken};
+pub use take::{take, ContainerFull, Resumed, Taken};
 pub use walk::prefetch_metadata;

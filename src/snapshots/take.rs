@@ -8,10 +8,10 @@ use anyhow::{bail, Context, Result};
 
 use crate::profile::Profile;
 use crate::snapid::SnapshotId;
-use crate::stack::mount;
 use crate::{info, warn};
 
 use super::layout::{list, new_id, path_of, PARTIAL};
+use super::resume::Resumable;
 use super::rsync::{rsync_command, stat_number, wrote, WROTE};
 use super::walk::{
     mem_available, prefetch_metadata, read_metadata_ahead, PREFETCH_BYTES_PER_FILE,
@@ -27,6 +27,60 @@ pub struct Taken {
     pub files_transferred: Option<u64>,
     pub bytes_transferred: Option<u64>,
     pub link_dest: Option<String>,
+    /// Set when this run completed an interrupted snapshot (snapshots::resume).
+    pub resumed: Option<Resumed>,
+}
+
+/// The context of a snapshot that failed because the container's filesystem is full
+/// (rsync: "No space left on device"): what rsync had copied, and what it still had to
+/// copy by the estimate of its progress line (its percentage is of the files found so far,
+/// so this can fall short; `auto_grow` grows again after the next such run).
+#[derive(Debug, Clone, Copy)]
+pub struct ContainerFull {
+    pub copied: u64,
+    pub still_needed: Option<u64>,
+}
+
+impl std::fmt::Display for ContainerFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::profile::Size;
+        write!(
+            f,
+            "the container's filesystem is full ({} copied by this run",
+            Size(self.copied)
+        )?;
+        if let Some(n) = self.still_needed {
+            write!(f, ", about {} more needed", Size(n))?;
+        }
+        write!(
+            f,
+            "); what was copied is kept and the next run resumes it. Fix: grow the container \
+             (`e2ebackup grow`, or container.auto_grow, which then grows by what is needed)"
+        )
+    }
+}
+
+/// What rsync still had to copy when it stopped, from its last progress line.
+fn still_needed(last: Option<(u64, u8)>) -> Option<u64> {
+    match last {
+        Some((bytes, pct)) if (1..100).contains(&pct) => {
+            Some((bytes as u128 * 100 / pct as u128) as u64 - bytes)
+        }
+        _ => None,
+    }
+}
+
+/// What a resumed snapshot found already there.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Resumed {
+    /// The id the first attempt gave it, and the runs before this one that wrote to it.
+    pub first_id: String,
+    pub attempts: u32,
+    /// Files and bytes already there, the same as the source.
+    pub files: u64,
+    pub bytes: u64,
+    /// The size of every file of the sources (rsync's count at the end).
+    pub total_bytes: Option<u64>,
 }
 
 /// [`take`]'s metadata read-ahead, on a thread of its own from `take`'s first step: the
@@ -95,25 +149,24 @@ const WRITE_BEHIND_EVERY: u64 = 4 << 20;
 /// The write-behind thread of [`take`]: `flush` (a syncfs of the container) whenever rsync's
 /// progress (bytes copied, newest first: reports that queued up while a flush ran count as
 /// one) has grown by [`WRITE_BEHIND_EVERY`] since the last flush, until `progress` closes.
-/// An error ends it quietly: the syncfs after rsync reports it. Returns the flushes made.
+/// A failed flush ends it with that error, which fails the snapshot: the kernel reports a
+/// writeback error once to each open file description (errseq), so the final syncfs on the
+/// same descriptor would not see it again. Returns the flushes made.
 fn write_behind(
     progress: std::sync::mpsc::Receiver<u64>,
     mut flush: impl FnMut() -> Result<()>,
-) -> usize {
+) -> Result<usize> {
     let (mut written, mut flushes) = (0, 0);
     while let Ok(mut copied) = progress.recv() {
         while let Ok(later) = progress.try_recv() {
             copied = later;
         }
         if copied >= written + WRITE_BEHIND_EVERY {
-            if let Err(e) = flush() {
-                crate::debug!("write-behind stopped: {e:#}");
-                break;
-            }
+            flush()?;
             (written, flushes) = (copied, flushes + 1);
         }
     }
-    flushes
+    Ok(flushes)
 }
 
 /// A file rsync named is retried this many times (once per later name) while it is not
@@ -126,9 +179,12 @@ const HASH_WAITING: usize = 1024;
 /// `fresh` right after rsync wrote it, while its data is still in memory. rsync names a
 /// file just before it renames it into place, so a name not there yet is tried again after
 /// the next one, and once more when `names` closes.
-fn hash_behind(names: std::sync::mpsc::Receiver<PathBuf>, dest: &Path) -> crate::manifest::Fresh {
+fn hash_behind(
+    names: std::sync::mpsc::Receiver<PathBuf>,
+    dest: &Path,
+    mut fresh: crate::manifest::Fresh,
+) -> crate::manifest::Fresh {
     use crate::manifest::Hashed;
-    let mut fresh = crate::manifest::Fresh::default();
     let mut waiting = std::collections::VecDeque::new();
     while let Ok(p) = names.recv() {
         for _ in 0..waiting.len() {
@@ -150,8 +206,19 @@ fn hash_behind(names: std::sync::mpsc::Receiver<PathBuf>, dest: &Path) -> crate:
 }
 
 /// Take a snapshot of the profile's sources into the mounted container at `root`, whose
-/// filesystem is on `device` (for the metadata read-ahead; `None` goes without it).
-pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Taken> {
+/// filesystem is on `device` (for the metadata read-ahead; `None` goes without it), or
+/// complete the interrupted one `resume` (from [`super::resume::settle`]).
+pub fn take(
+    profile: &Profile,
+    root: &Path,
+    device: Option<&Path>,
+    resume: Option<Resumable>,
+) -> Result<Taken> {
+    // One descriptor on the container's filesystem for every syncfs of this snapshot,
+    // opened before anything is written: a writeback error is reported once to each open
+    // file description, so a descriptor opened per syncfs could miss one that an earlier
+    // syncfs (or the kernel's own writeback) already consumed.
+    let fs = std::fs::File::open(root).with_context(|| format!("opening {}", root.display()))?;
     let ahead = device.map(MetadataAhead::start);
     // The new snapshot's directories are born from now on (whole seconds, as ext4 keeps them).
     let started = SnapshotId::now().unix().max(0) as u64;
@@ -162,8 +229,12 @@ pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Tak
     }
     let existing = list(root)?;
     let (id, prev) = new_id(&existing, SnapshotId::now());
-    let partial = root.join(PARTIAL).join(id.to_string());
+    let partial = match &resume {
+        Some(r) => r.dir.clone(),
+        None => root.join(PARTIAL).join(id.to_string()),
+    };
     std::fs::create_dir_all(&partial)?;
+    super::resume::mark(profile, &partial, resume.as_ref())?;
     let link = prev.map(|l| path_of(root, l));
     info!(
         "snapshot {id}: rsync {} {}",
@@ -182,6 +253,12 @@ pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Tak
             None => "(first snapshot: full copy)".into(),
         }
     );
+    if resume.is_some() {
+        info!(
+            "snapshot {id} continues the interrupted {} (what is there is not sent again)",
+            partial.display()
+        );
+    }
     // The previous manifest's size bounds how much metadata the prefetch would pull into
     // memory; its hashes are reused below, read alongside, never held whole.
     let prev_files = match prev {
@@ -208,20 +285,50 @@ pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Tak
             _ => crate::debug!("metadata prefetch skipped ({files} files, memory)"),
         }
     }
+    // What earlier attempts left is checked against the sources before rsync looks at it.
+    let (start_fresh, mut resumed) = match &resume {
+        Some(r) => {
+            let t = std::time::Instant::now();
+            info!(
+                "resuming an interrupted backup (snapshot {} first started; {} earlier run{}): \
+                 checking what is already there against the sources",
+                r.first_id,
+                r.attempts,
+                if r.attempts == 1 { "" } else { "s" }
+            );
+            let l = super::resume::check_leftovers(&partial, link.as_deref())?;
+            info!(
+                "resuming an interrupted backup: {} (checked in {:.1} s)",
+                l.describe(),
+                t.elapsed().as_secs_f64()
+            );
+            let resumed = Resumed {
+                first_id: r.first_id.clone(),
+                attempts: r.attempts,
+                files: l.files,
+                bytes: l.bytes,
+                total_bytes: None,
+            };
+            (l.fresh, Some(resumed))
+        }
+        None => (Default::default(), None),
+    };
     let mut meter = crate::progress::Meter::new(std::time::Duration::from_secs(60));
     let rsync = rsync_command(profile, &partial, link.as_deref())?;
     let t = std::time::Instant::now();
-    let (done, fresh) = std::thread::scope(|scope| {
+    let mut last = None;
+    let (done, fresh, behind) = std::thread::scope(|scope| {
         // Bounded: while a syncfs waits on a slow server, rsync's reports (one per file) are
         // dropped rather than queued; the next one that fits carries the newer count.
         let (copied, progress) = std::sync::mpsc::sync_channel(64);
-        scope.spawn(|| write_behind(progress, || mount::syncfs(root)));
+        let writer = scope.spawn(|| write_behind(progress, || syncfs(&fs, root)));
         // Bounded too, and never waited on: a name dropped here is hashed by the manifest.
         let (wrote_tx, names) = std::sync::mpsc::sync_channel(4096);
-        let hasher = scope.spawn(|| hash_behind(names, &partial));
+        let hasher = scope.spawn(|| hash_behind(names, &partial, start_fresh));
         let done = rsync.run_streaming(|line| {
             if let Some(r) = crate::progress::parse(line) {
                 let _ = copied.try_send(r.bytes);
+                last = Some((r.bytes, r.percent));
                 meter.update(r);
                 return false;
             }
@@ -234,10 +341,28 @@ pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Tak
             true
         });
         drop((copied, wrote_tx));
-        (done, hasher.join())
+        let behind = writer
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the write-behind thread panicked")));
+        (done, hasher.join(), behind)
     });
     meter.finish();
-    let done = done?;
+    // A write that never reached the server fails the snapshot, whatever rsync says.
+    if let Err(e) = behind {
+        return Err(e.context("writing to the server failed (nothing is committed)"));
+    }
+    let done = done.map_err(|e| {
+        if format!("{e:#}").contains("No space left on device") {
+            let (copied, _) = last.unwrap_or_default();
+            let still_needed = still_needed(last);
+            e.context(ContainerFull {
+                copied,
+                still_needed,
+            })
+        } else {
+            e
+        }
+    })?;
     let fresh = fresh.unwrap_or_else(|_| {
         crate::debug!("the hash-behind thread panicked; every new file is hashed after rsync");
         Default::default()
@@ -263,7 +388,24 @@ pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Tak
         files_transferred: stat_number(&done.stdout, "Number of regular files transferred"),
         bytes_transferred: stat_number(&done.stdout, "Total transferred file size"),
         link_dest: prev.map(|l| l.to_string()),
+        resumed: resumed.take().map(|mut r| {
+            r.total_bytes = stat_number(&done.stdout, "Total file size");
+            r
+        }),
     };
+    if let Some(r) = &taken.resumed {
+        info!(
+            "resumed an interrupted backup: {} of {} already there; {} sent by this run",
+            crate::profile::Size(r.bytes),
+            r.total_bytes
+                .map(|b| crate::profile::Size(b).to_string())
+                .unwrap_or_else(|| "?".into()),
+            taken
+                .bytes_transferred
+                .map(|b| crate::profile::Size(b).to_string())
+                .unwrap_or_else(|| "?".into()),
+        );
+    }
     if taken.vanished_files {
         warn!("some files vanished while rsync copied them (rsync exit 24); the snapshot is committed");
     }
@@ -304,14 +446,20 @@ pub fn take(profile: &Profile, root: &Path, device: Option<&Path>) -> Result<Tak
     // the journal transaction they are in, and jbd2 commits transactions in order, so
     // nothing done after them (prune's removals) can reach the disk without them. One
     // journal commit, a few round trips to the server, less than a sync of its own.
-    mount::syncfs(root)?;
+    syncfs(&fs, root).context("writing to the server failed (nothing is committed)")?;
     crate::signals::check()?;
     manifest.publish()?;
     let fin = path_of(root, id);
     std::fs::rename(&partial, &fin)
         .with_context(|| format!("committing {} as {}", partial.display(), fin.display()))?;
+    super::resume::unmark(&partial);
     crate::debug!("synced and renamed in {:.2} s", t.elapsed().as_secs_f64());
     Ok(taken)
+}
+
+/// syncfs through the snapshot's one descriptor `fs` on the filesystem at `root`.
+fn syncfs(fs: &std::fs::File, root: &Path) -> Result<()> {
+    nix::unistd::syncfs(fs).with_context(|| format!("syncfs {}", root.display()))
 }
 
 impl Taken {
@@ -341,7 +489,7 @@ mod tests {
         (0..1000).for_each(|_| tx.send(0).unwrap());
         drop(tx);
         assert_eq!(
-            write_behind(rx, || panic!("flushed with nothing copied")),
+            write_behind(rx, || panic!("flushed with nothing copied")).unwrap(),
             0
         );
         // Reports that queued up while a flush ran count as the newest one.
@@ -350,7 +498,7 @@ mod tests {
             tx.send(b).unwrap();
         }
         drop(tx);
-        assert_eq!(write_behind(rx, || Ok(())), 1);
+        assert_eq!(write_behind(rx, || Ok(())).unwrap(), 1);
         // One report at a time: a flush each time WRITE_BEHIND_EVERY more was copied.
         let (tx, rx) = channel();
         let feeder = std::thread::spawn(move || {
@@ -363,18 +511,19 @@ mod tests {
         let n = write_behind(rx, || {
             *seen.lock().unwrap() += 1;
             Ok(())
-        });
+        })
+        .unwrap();
         feeder.join().unwrap();
         assert!(
             n >= 1 && n as u64 <= 40 * M / WRITE_BEHIND_EVERY,
             "{n} flushes"
         );
         assert_eq!(n, *seen.lock().unwrap());
-        // A failed flush ends it; the rest of the progress is not waited for.
+        // A failed flush ends it with its error; the rest of the progress is not waited for.
         let (tx, rx) = channel();
         tx.send(100 * M).unwrap();
-        let n = write_behind(rx, || anyhow::bail!("EIO"));
-        assert_eq!(n, 0);
+        let e = write_behind(rx, || anyhow::bail!("EIO")).unwrap_err();
+        assert_eq!(format!("{e}"), "EIO");
         assert!(
             tx.send(200 * M).is_err(),
             "the receiver is gone once it stopped"
@@ -419,7 +568,7 @@ mod tests {
         let rsync = rsync_command_for(&profile, &dest, None, &[]).unwrap();
         let (tx, names_rx) = std::sync::mpsc::channel();
         let fresh = std::thread::scope(|scope| {
-            let hasher = scope.spawn(|| hash_behind(names_rx, &dest));
+            let hasher = scope.spawn(|| hash_behind(names_rx, &dest, Default::default()));
             let mut seen = 0;
             rsync
                 .run_streaming(|line| {

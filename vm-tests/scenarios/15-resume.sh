@@ -1,0 +1,127 @@
+#!/bin/bash
+# timeout: 1200
+# Issues 28 (resume) and 29 item 6 (a full container grows): a backup that cannot finish in
+# one go is continued by the next run, not started again.
+# - A first backup of 64 MiB (incompressible) is cut by `kill -9` of the run (and its rsync)
+#   after about half reached the server; a source file is deleted; the next run resumes:
+#   the server's disk writes (/sys/block/vda/stat, the server's own disk) during it are at
+#   most 60% of the data set.
+# - 64 MiB more is added and that run is cut by a dropped link (the sshfs process killed);
+#   the next run resumes it, again at most 60% of the new data written on the server.
+# - Both snapshots equal the source (rsync -naHAXci prints nothing), the deleted file is
+#   absent, `verify` is clean, nothing is left behind.
+# - A 64M container with auto_grow gets the same source: the run fills it (ENOSPC inside the
+#   container, exit 1, said so); the next run grows it because of that failure (by what it
+#   needed), resumes, and commits.
+source "$(dirname "$0")/../lib/common.sh"
+
+P=resume
+PF=resumefull
+C=$SERVER_DIR/$P.luks
+SRC=/var/tmp/resume-src
+E2E() { "$E2E_BIN" "$@"; }
+LOG=$E2E_OUT/15-resume
+MIB=$((1 << 20))
+
+setup() {
+  rm -rf "$SRC"; mkdir -p "$SRC/first"
+  local i; for i in $(seq -w 1 64); do head -c $MIB /dev/urandom > "$SRC/first/f$i"; done
+  scenario_profile $P 512M "$SRC"
+}
+written() { awk '{print $7 * 512}' /sys/block/vda/stat; }   # bytes written to the server's disk
+ids() { "$E2E_BIN" snapshots "$1" 2>/dev/null | grep -oE '[0-9]{8}T[0-9]{6}Z' | sort -u; }
+
+# cut_run HOW BYTES: start `run`, and once the container file on the server has grown by
+# BYTES, cut it: HOW=kill (SIGKILL to the run and its rsync) or link (SIGKILL to its sshfs).
+cut_run() {
+  local how=$1 bytes=$2 base i pid kids
+  base=$(alloc_bytes "$C")
+  setsid "$E2E_BIN" run $P > "$LOG.cut-$how.log" 2>&1 &
+  pid=$!
+  for i in $(seq 1 1500); do
+    [ $(( $(alloc_bytes "$C") - base )) -ge "$bytes" ] && break
+    kill -0 $pid 2>/dev/null || { echo "the run ended before the cut"; cat "$LOG.cut-$how.log"; return 1; }
+    sleep 0.2
+  done
+  metric "cut_${how}_server_bytes" $(( $(alloc_bytes "$C") - base ))
+  if [ "$how" = kill ]; then
+    kids=$(pgrep -g $pid | grep -vx $pid | tr '\n' ' ')
+    echo "kill -9 run $pid and its group: $kids"
+    kill -9 -- -$pid
+    wait $pid; echo "the run exited $? (killed)"
+  else
+    local s; s=$(pgrep -x sshfs | while read -r q; do grep -qa "/run/e2ebackup/$P/" /proc/$q/cmdline && echo $q; done)
+    [ -n "$s" ] || { echo "no sshfs of $P"; return 1; }
+    echo "link dropped: kill -9 sshfs $s"
+    kill -9 $s
+    wait $pid; local rc=$?; echo "the run exited $rc"; tail -5 "$LOG.cut-$how.log"
+    [ $rc != 0 ] || return 1
+    [ $rc != 5 ] || E2E cleanup $P
+  fi
+}
+
+# resumed_run NAME DATA: the next run, with the server's disk writes measured around it
+# (everything still in flight flushed first); they must be at most 60% of DATA bytes.
+resumed_run() {
+  local name=$1 data=$2 w0 w1 rc
+  sync; w0=$(written)
+  E2E run $P > "$LOG.$name.log" 2>&1; rc=$?
+  sync; w1=$(written)
+  grep -E 'resum|snapshot .* committed' "$LOG.$name.log"
+  metric "${name}_server_bytes_written" $((w1 - w0))
+  metric "${name}_percent_of_data" $(( (w1 - w0) * 100 / data ))
+  [ $rc = 0 ] && grep -q 'resuming an interrupted backup: ' "$LOG.$name.log" &&
+    [ $(( (w1 - w0) * 100 )) -le $(( data * 60 )) ]
+}
+
+same() { # same SNAPSHOT-DIR [rsync options]: the snapshot equals the source
+  local d=$1; shift
+  local out; out=$(rsync -naHAXci --numeric-ids --delete "$@" "$SRC/" "$d$SRC/")
+  [ -z "$out" ] || { echo "differences:"; echo "$out" | head -20; return 1; }
+}
+compare() {
+  local a b ok=0
+  a=$(ids $P | sed -n 1p); b=$(ids $P | sed -n 2p)
+  [ -n "$a" ] && [ -n "$b" ] || { echo "snapshots: $(ids $P)"; return 1; }
+  mkdir -p /mnt/resume && E2E mount $P /mnt/resume || return 1
+  same "/mnt/resume/$a" --exclude=/more/ && same "/mnt/resume/$b" &&
+    [ ! -e "/mnt/resume/$a$SRC/first/f01" ] && [ ! -e "/mnt/resume/$b$SRC/first/f01" ] || ok=1
+  E2E umount $P; return $ok
+}
+
+check setup setup
+check init E2E init $P
+check first-backup-cut-by-kill-9 cut_run kill $((36 * MIB))
+rm "$SRC/first/f01"
+check resume-after-kill resumed_run resume_after_kill $((64 * MIB))
+mkdir -p "$SRC/more"
+for i in $(seq -w 1 64); do head -c $MIB /dev/urandom > "$SRC/more/m$i"; done
+check backup-cut-by-dropped-link cut_run link $((37 * MIB))
+check resume-after-dropped-link resumed_run resume_after_link $((64 * MIB))
+check snapshots-equal-source compare
+check verify-clean E2E verify $P
+check no-leftovers assert_no_leftovers
+
+# A container too small for the source: ENOSPC inside it, then auto_grow by what it needed.
+full_profile() {
+  scenario_profile $PF 64M "$SRC"
+  sed -i "s#^  keyfile: .*#&\n  auto_grow: {when_free_below: 1%, step: 16M, max_size: 512M}#" /etc/e2ebackup/profiles/$PF.yaml
+}
+fills() {
+  E2E run $PF > "$LOG.full.log" 2>&1; local rc=$?
+  tail -4 "$LOG.full.log"; echo "exit $rc"
+  [ $rc = 1 ] && grep -q "container's filesystem is full" "$LOG.full.log" &&
+    E2E status $PF | grep -E 'container full|interrupted'
+}
+grows() {
+  E2E run $PF > "$LOG.grow.log" 2>&1; local rc=$?
+  grep -E 'auto_grow|resum|committed|filesystem now' "$LOG.grow.log"; echo "exit $rc"
+  [ $rc = 0 ] && grep -q 'auto_grow: the last run failed with the container' "$LOG.grow.log" &&
+    grep -q 'resuming an interrupted backup: ' "$LOG.grow.log"
+}
+check full-profile full_profile
+check full-init E2E init $PF
+check run-fills-the-container fills
+check next-run-grows-and-resumes grows
+check full-verify-clean E2E verify $PF
+check final-no-leftovers assert_no_leftovers
