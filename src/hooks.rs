@@ -65,6 +65,8 @@ pub struct RunContext {
     pub exit: Option<Exit>,
     pub result: Option<String>,
     pub error: Option<String>,
+    /// How many source files the run could not read, and the file that lists them.
+    pub unread: Option<(usize, std::path::PathBuf)>,
 }
 
 /// How a `before` hook ended.
@@ -146,6 +148,10 @@ fn env_for(p: &Profile, stage: Stage, ctx: &RunContext) -> Vec<(&'static str, St
     }
     if let Some(e) = &ctx.error {
         env.push(("E2EBACKUP_ERROR", e.clone()));
+    }
+    if let Some((n, list)) = &ctx.unread {
+        env.push(("E2EBACKUP_UNREAD_FILES", n.to_string()));
+        env.push(("E2EBACKUP_UNREAD_LIST", list.display().to_string()));
     }
     env
 }

@@ -145,6 +145,16 @@ pub fn textfile(p: &Profile, r: &LastRun) -> String {
         "Complete snapshots in the container.",
         f(r.snapshot_count),
     );
+    metric(
+        "last_unread_files",
+        "Source files the last run could not read (committed without them).",
+        Some(r.unread_files.len() as f64),
+    );
+    metric(
+        "last_skipped_large_files",
+        "Files the last run skipped for backup.max_file_size.",
+        Some(r.skipped_large_files.len() as f64),
+    );
     out
 }
 

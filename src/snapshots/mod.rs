@@ -2,6 +2,8 @@
 //! one back out. One file per concern:
 //! - [`layout`]: the directories of a container, listing, new ids, pruning;
 //! - [`rsync`]: the argv of a snapshot's rsync (exclusions) and what its output says;
+//! - [`guard`]: what a snapshot must pass before it commits (mounted, not emptied, not
+//!   shrunk);
 //! - [`take`]: taking a snapshot, with its helper threads (metadata read-ahead,
 //!   write-behind, hash-behind);
 //! - [`copy_out`]: restore's copy, paced read-ahead and bulk read of the container;
@@ -22,16 +24,18 @@
 //! snapshot is a full tree while only changed files take space.
 
 pub mod copy_out;
+pub mod guard;
 pub mod layout;
 pub mod rsync;
 pub mod take;
 pub mod walk;
 
 pub use copy_out::{copy_out, warm_snapshot, Pace, Warm, Warmed};
+pub use guard::Guard;
 pub use layout::{
     check_layout, create_layout, list, new_id, path_of, prune, remove_partials, remove_tree,
     FORMAT_LINE, PARTIAL, SNAPSHOTS,
 };
 pub use rsync::{always_excluded, rsync_command, PSEUDO_DIRS};
-pub use take::{take, Taken};
+pub use take::{take, take_guarded, Taken};
 pub use walk::prefetch_metadata;
