@@ -247,6 +247,25 @@ mod tests {
         Profile::parse(&dir.join("hooked.yaml"), &text).unwrap()
     }
 
+    #[test]
+    fn unread_files_are_in_the_environment() {
+        let d = tempfile::tempdir().unwrap();
+        let p = profile("", d.path());
+        let ctx = RunContext {
+            unread: Some((2, d.path().join("unread-files"))),
+            ..Default::default()
+        };
+        let env = env_for(&p, Stage::After, &ctx);
+        let get = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("E2EBACKUP_UNREAD_FILES").as_deref(), Some("2"));
+        assert_eq!(
+            get("E2EBACKUP_UNREAD_LIST"),
+            Some(d.path().join("unread-files").display().to_string())
+        );
+        let env = env_for(&p, Stage::After, &RunContext::default());
+        assert!(!env.iter().any(|(n, _)| n.starts_with("E2EBACKUP_UNREAD")));
+    }
+
     fn log_cmd(log: &std::path::Path) -> String {
         format!(
             "echo \"$E2EBACKUP_HOOK profile=$E2EBACKUP_PROFILE snap=${{E2EBACKUP_SNAPSHOT-}} \

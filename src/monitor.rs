@@ -301,6 +301,7 @@ mod tests {
             bytes_transferred: Some(4096),
             container_size: Some(1 << 30),
             snapshot_count: Some(3),
+            unread_files: vec!["/home/a/x".into(), "/home/b/y".into()],
             ..Default::default()
         };
         report(&p, &r, None);
@@ -311,6 +312,8 @@ mod tests {
             "e2ebackup_last_duration_seconds{profile=\"mon\"} 12.5\n",
             "e2ebackup_container_size_bytes{profile=\"mon\"} 1073741824\n",
             "e2ebackup_snapshots{profile=\"mon\"} 3\n",
+            "e2ebackup_last_unread_files{profile=\"mon\"} 2\n",
+            "e2ebackup_last_skipped_large_files{profile=\"mon\"} 0\n",
             "# TYPE e2ebackup_snapshots gauge\n",
         ] {
             assert!(t.contains(want), "missing {want:?} in\n{t}");
