@@ -52,6 +52,10 @@ pub enum Command {
     Run {
         #[command(flatten)]
         profile: ProfileArg,
+        /// Commit this once although a source is empty or shrank by more than
+        /// backup.max_shrink since the last snapshot (an intended clean-up)
+        #[arg(long)]
+        allow_shrink: bool,
     },
     /// Check a profile and the local prerequisites without changing anything
     Validate {
@@ -221,7 +225,7 @@ impl Command {
     fn profile(&self) -> Option<&str> {
         let t = match self {
             Command::Init { profile }
-            | Command::Run { profile }
+            | Command::Run { profile, .. }
             | Command::Validate { profile, .. }
             | Command::Status { profile, .. }
             | Command::Cleanup { profile }
@@ -275,7 +279,7 @@ pub fn main() -> ExitCode {
     };
     let code = match &cli.command {
         Command::Init { .. } => ops::init::init(&profile),
-        Command::Run { .. } => ops::run::run(&profile),
+        Command::Run { allow_shrink, .. } => ops::run::run(&profile, *allow_shrink),
         Command::Validate { connect, json, .. } => {
             ops::maintenance::validate(&profile, *connect, *json)
         }

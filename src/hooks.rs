@@ -65,6 +65,8 @@ pub struct RunContext {
     pub exit: Option<Exit>,
     pub result: Option<String>,
     pub error: Option<String>,
+    /// How many source files the run could not read, and the file that lists them.
+    pub unread: Option<(usize, std::path::PathBuf)>,
 }
 
 /// How a `before` hook ended.
@@ -150,6 +152,10 @@ fn env_for(p: &Profile, stage: Stage, ctx: &RunContext) -> Vec<(&'static str, St
     }
     if let Some(e) = &ctx.error {
         env.push(("E2EBACKUP_ERROR", e.clone()));
+    }
+    if let Some((n, list)) = &ctx.unread {
+        env.push(("E2EBACKUP_UNREAD_FILES", n.to_string()));
+        env.push(("E2EBACKUP_UNREAD_LIST", list.display().to_string()));
     }
     env
 }
@@ -243,6 +249,25 @@ mod tests {
              backup:\n  sources: [/etc]\nhooks:\n{hooks}"
         );
         Profile::parse(&dir.join("hooked.yaml"), &text).unwrap()
+    }
+
+    #[test]
+    fn unread_files_are_in_the_environment() {
+        let d = tempfile::tempdir().unwrap();
+        let p = profile("", d.path());
+        let ctx = RunContext {
+            unread: Some((2, d.path().join("unread-files"))),
+            ..Default::default()
+        };
+        let env = env_for(&p, Stage::After, &ctx);
+        let get = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("E2EBACKUP_UNREAD_FILES").as_deref(), Some("2"));
+        assert_eq!(
+            get("E2EBACKUP_UNREAD_LIST"),
+            Some(d.path().join("unread-files").display().to_string())
+        );
+        let env = env_for(&p, Stage::After, &RunContext::default());
+        assert!(!env.iter().any(|(n, _)| n.starts_with("E2EBACKUP_UNREAD")));
     }
 
     fn log_cmd(log: &std::path::Path) -> String {

@@ -155,6 +155,16 @@ pub fn textfile(p: &Profile, r: &LastRun) -> String {
         "1 when consecutive_skips reached monitoring.max_skips: as bad as a failed run.",
         Some(f64::from(u8::from(skip_alarm(p, Some(r)).is_some()))),
     );
+    metric(
+        "last_unread_files",
+        "Source files the last run could not read (committed without them).",
+        Some(r.unread_files.len() as f64),
+    );
+    metric(
+        "last_skipped_large_files",
+        "Files the last run skipped for backup.max_file_size.",
+        Some(r.skipped_large_files.len() as f64),
+    );
     out
 }
 
@@ -326,6 +336,7 @@ mod tests {
             bytes_transferred: Some(4096),
             container_size: Some(1 << 30),
             snapshot_count: Some(3),
+            unread_files: vec!["/home/a/x".into(), "/home/b/y".into()],
             ..Default::default()
         };
         report(&p, &r, None);
@@ -336,6 +347,8 @@ mod tests {
             "e2ebackup_last_duration_seconds{profile=\"mon\"} 12.5\n",
             "e2ebackup_container_size_bytes{profile=\"mon\"} 1073741824\n",
             "e2ebackup_snapshots{profile=\"mon\"} 3\n",
+            "e2ebackup_last_unread_files{profile=\"mon\"} 2\n",
+            "e2ebackup_last_skipped_large_files{profile=\"mon\"} 0\n",
             "# TYPE e2ebackup_snapshots gauge\n",
         ] {
             assert!(t.contains(want), "missing {want:?} in\n{t}");

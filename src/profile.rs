@@ -279,10 +279,61 @@ pub struct Backup {
     /// and the log says so). Default 7 days.
     #[serde(default = "default_resume_max_age")]
     pub resume_max_age: Duration,
+    /// Sources (or directories above one) that must be mount points: a run refuses, before
+    /// it copies anything, when one is not mounted (an external disk or a network share
+    /// whose empty mount point would otherwise be backed up as an empty source).
+    #[serde(default)]
+    pub require_mount: Vec<AbsPath>,
+    /// A run refuses (exit 1, nothing committed or pruned) when the number of entries rsync
+    /// counts in the sources fell by more than this share since the last committed snapshot
+    /// (`run --allow-shrink` lets one run through). `100%` turns the check off.
+    #[serde(default = "default_max_shrink")]
+    pub max_shrink: Share,
+    /// Files rsync could not read (permission denied, I/O error, another user's mount) are
+    /// listed and the snapshot commits with exit 3; more than this many fail the run instead.
+    #[serde(default = "default_max_unreadable")]
+    pub max_unreadable: u64,
+    /// Files larger than this are skipped (rsync --max-size), each named in a warning.
+    #[serde(default)]
+    pub max_file_size: Option<Size>,
 }
 
 fn default_resume_max_age() -> Duration {
     Duration(7 * 86400)
+}
+
+fn default_max_shrink() -> Share {
+    Share(50)
+}
+
+fn default_max_unreadable() -> u64 {
+    100
+}
+
+/// A share written as a percentage, `1%` to `100%` (`backup.max_shrink`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "serde_yaml::Value")]
+pub struct Share(pub u8);
+
+impl TryFrom<serde_yaml::Value> for Share {
+    type Error = String;
+    fn try_from(v: serde_yaml::Value) -> Result<Self, String> {
+        let s = match &v {
+            serde_yaml::Value::String(s) => s.clone(),
+            serde_yaml::Value::Number(n) => n.to_string(),
+            _ => "?".to_string(),
+        };
+        match s.trim().strip_suffix('%').map(|n| n.trim().parse::<u8>()) {
+            Some(Ok(p)) if (1..=100).contains(&p) => Ok(Share(p)),
+            _ => Err(format!("`{s}`: a percentage from 1% to 100%")),
+        }
+    }
+}
+
+impl fmt::Display for Share {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}%", self.0)
+    }
 }
 
 /// A length of time written as `90s`, `15m`, `26h`, `7d` or plain seconds.
@@ -751,6 +802,17 @@ impl Profile {
                 bad("backup.excludes: empty or multi-line pattern".into());
             }
         }
+        for m in &raw.backup.require_mount {
+            if !raw.backup.sources.iter().any(|s| s.0.starts_with(&m.0)) {
+                bad(format!(
+                    "backup.require_mount: `{}` is neither a source nor a directory above one",
+                    m.0.display()
+                ));
+            }
+        }
+        if raw.backup.max_file_size.is_some_and(|s| s.0 == 0) {
+            bad("backup.max_file_size: must be more than 0".into());
+        }
         let retention = raw.retention.unwrap_or_default();
         let monitoring = raw.monitoring.unwrap_or_default();
         if let Some(u) = &monitoring.healthcheck_url {
@@ -928,6 +990,32 @@ backup:
         assert!(e.contains("absolute"), "{e}");
         let e = err(&GOOD.replace("size: 2G", "size: 10M"));
         assert!(e.contains("too small"), "{e}");
+    }
+
+    #[test]
+    fn source_guards_validated_with_line_and_key() {
+        let p = parse(GOOD).unwrap();
+        assert_eq!(
+            (p.backup.max_shrink, p.backup.max_unreadable),
+            (Share(50), 100)
+        );
+        assert!(p.backup.require_mount.is_empty() && p.backup.max_file_size.is_none());
+        let p = parse(&format!(
+            "{GOOD}  require_mount: [/home]\n  max_shrink: 20%\n  max_unreadable: 0\n  max_file_size: 4G\n"
+        ))
+        .unwrap();
+        assert_eq!(p.backup.max_shrink, Share(20));
+        assert_eq!(p.backup.max_file_size, Some(Size(4 << 30)));
+        assert_eq!(p.backup.require_mount[0].0, Path::new("/home"));
+        let e = err(&format!("{GOOD}  require_mount: [/mnt/disk]\n"));
+        assert!(e.contains("line 14: backup.require_mount"), "{e}");
+        assert!(e.contains("neither a source"), "{e}");
+        let e = err(&format!("{GOOD}  max_shrink: 150%\n"));
+        assert!(e.contains("line 14: backup.max_shrink"), "{e}");
+        let e = err(&format!("{GOOD}  max_shrink: 50\n"));
+        assert!(e.contains("line 14: backup.max_shrink"), "{e}");
+        let e = err(&format!("{GOOD}  max_file_size: 0\n"));
+        assert!(e.contains("line 14: backup.max_file_size"), "{e}");
     }
 
     #[test]

@@ -190,6 +190,9 @@ pub enum Reason {
     Future,
     /// The policy has no rule: everything is kept.
     NoPolicy,
+    /// The newest snapshot in which a source has entries, while every newer one has that
+    /// source empty: kept although no rule kept it (`snapshots::layout::keep_last_data`).
+    LastData,
 }
 
 impl fmt::Display for Reason {
@@ -206,6 +209,7 @@ impl fmt::Display for Reason {
             Reason::Newest => "newest",
             Reason::Future => "a snapshot is dated in the future",
             Reason::NoPolicy => "no retention policy",
+            Reason::LastData => "the last snapshot with a source's data",
         })
     }
 }

@@ -61,6 +61,36 @@ pub struct LastRun {
     pub resumed_bytes: Option<u64>,
     #[serde(default)]
     pub resumed_total_bytes: Option<u64>,
+    /// Entries rsync counted in the sources for the last committed snapshot (carried over
+    /// by runs that commit none): the next run's shrink check (`backup.max_shrink`).
+    #[serde(default)]
+    pub source_entries: Option<u64>,
+    /// Source files this run could not read (committed without them, exit 3), as rsync
+    /// names them (control characters escaped as `\#ooo`). Also in [`UNREAD_LIST`].
+    #[serde(default)]
+    pub unread_files: Vec<String>,
+    /// Files this run skipped for `backup.max_file_size`, as rsync names them.
+    #[serde(default)]
+    pub skipped_large_files: Vec<String>,
+}
+
+/// The file in the state directory that lists the last run's unread files, one a line
+/// (rewritten by every run; empty when it read everything): `E2EBACKUP_UNREAD_LIST`.
+pub const UNREAD_LIST: &str = "unread-files";
+
+/// Write the last run's list of unread files; returns its path.
+pub fn write_unread_list(p: &Profile, files: &[String]) -> Option<std::path::PathBuf> {
+    let path = p.state_dir().join(UNREAD_LIST);
+    let text: String = files.iter().map(|f| format!("{f}\n")).collect();
+    let r = crate::fsutil::private_dir(&p.state_dir())
+        .and_then(|_| crate::fsutil::write_atomic(&path, text.as_bytes()));
+    match r {
+        Ok(()) => Some(path),
+        Err(e) => {
+            crate::warn!("cannot write {}: {e:#}", path.display());
+            None
+        }
+    }
 }
 
 pub fn result_word(code: Exit) -> &'static str {
@@ -88,6 +118,9 @@ pub fn record_last_run(p: &Profile, rec: &LastRun) -> LastRun {
         rec.consecutive_skips = prev.as_ref().map_or(0, |p| p.consecutive_skips) + 1;
     } else if rec.command != "run" {
         rec.consecutive_skips = prev.as_ref().map_or(0, |p| p.consecutive_skips);
+    }
+    if rec.source_entries.is_none() || !ok {
+        rec.source_entries = prev.as_ref().and_then(|r| r.source_entries);
     }
     if ok && rec.result != SKIPPED {
         rec.last_success = Some(rec.finished.clone());

@@ -12,7 +12,9 @@ use crate::{hooks, info, monitor, warn};
 
 mod no_space;
 
-pub fn run(p: &Profile) -> Exit {
+/// `allow_shrink`: `run --allow-shrink`, commit a source that emptied or shrank
+/// (snapshots::guard).
+pub fn run(p: &Profile, allow_shrink: bool) -> Exit {
     let started = super::now();
     let clock = std::time::Instant::now();
     let pinger = monitor::Pinger::new(p);
@@ -53,7 +55,7 @@ pub fn run(p: &Profile) -> Exit {
         pg.start();
     }
     let mut figures = Figures::default();
-    let result = work(p, &mut s, &mut figures).map_err(|e| no_space::explain(p, e));
+    let result = work(p, &mut s, &mut figures, allow_shrink).map_err(|e| no_space::explain(p, e));
     let (code, complete) = finish(s, &result);
     let err = result.as_ref().err().map(|e| format!("{e:#}"));
     if let Err(e) = &result {
@@ -112,6 +114,12 @@ fn conclude(
 ) -> Exit {
     let t = o.figures.taken.as_ref();
     let snapshot = t.map(|t| t.id.clone());
+    let unread = t.map(|t| t.unread.clone()).unwrap_or_default();
+    let unread_list = if o.skipped {
+        None
+    } else {
+        state::write_unread_list(p, &unread)
+    };
     let result = if o.skipped {
         state::SKIPPED
     } else {
@@ -122,6 +130,9 @@ fn conclude(
         exit: Some(o.code),
         result: Some(result.to_string()),
         error: o.error.clone(),
+        unread: unread_list
+            .filter(|_| !unread.is_empty())
+            .map(|l| (unread.len(), l)),
     };
     let code = if o.skipped {
         if let Err(e) = hooks::run_stage(p, hooks::Stage::Finally, &ctx) {
@@ -161,6 +172,9 @@ fn conclude(
             resumed_total_bytes: t
                 .and_then(|t| t.resumed.as_ref())
                 .and_then(|r| r.total_bytes),
+            source_entries: t.and_then(|t| t.entries),
+            unread_files: unread,
+            skipped_large_files: t.map(|t| t.skipped_large.clone()).unwrap_or_default(),
             ..Default::default()
         },
     );
@@ -180,15 +194,19 @@ fn conclude(
     code
 }
 
-fn work(p: &Profile, s: &mut Session<'_>, f: &mut Figures) -> Result<Exit> {
+fn work(p: &Profile, s: &mut Session<'_>, f: &mut Figures, allow_shrink: bool) -> Result<Exit> {
     let root = s.open_all("run", false)?;
     // An interrupted snapshot of this profile is continued; anything else left is removed.
     let resume = snapshots::settle_partials(p, &root)?;
     super::grow::auto_grow(p, s, &root)?;
     no_space::check_before(p, &root)?;
     f.partial_left = true;
-    let t = snapshots::take(p, &root, Some(&s.mapper()?), resume)?;
-    let warnings = t.vanished_files;
+    let guard = snapshots::Guard {
+        allow_shrink,
+        previous_entries: state::read_last_run(p).and_then(|r| r.source_entries),
+    };
+    let t = snapshots::take_guarded(p, &root, Some(&s.mapper()?), resume, &guard)?;
+    let warnings = t.has_warnings();
     f.taken = Some(t);
     crate::signals::check()?;
     snapshots::prune(p, &root, false)?;

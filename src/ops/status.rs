@@ -155,6 +155,24 @@ pub fn status(p: &Profile, json: bool) -> Exit {
                     }
                 );
             }
+            if !l.unread_files.is_empty() {
+                println!(
+                    "not read:       {} files (not in the snapshot)",
+                    l.unread_files.len()
+                );
+                for f in &l.unread_files {
+                    println!("  - {f}");
+                }
+            }
+            if !l.skipped_large_files.is_empty() {
+                println!(
+                    "skipped:        {} files over backup.max_file_size",
+                    l.skipped_large_files.len()
+                );
+                for f in &l.skipped_large_files {
+                    println!("  - {f}");
+                }
+            }
         }
         None => println!("last run:       never"),
     }

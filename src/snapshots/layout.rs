@@ -144,7 +144,8 @@ pub fn prune(p: &Profile, root: &Path, dry_run: bool) -> Result<Vec<crate::reten
     use crate::retention;
     let ids = list(root)?;
     let now = crate::snapid::SnapshotId::now().unix();
-    let decisions = retention::select(&ids, &p.retention, now);
+    let mut decisions = retention::select(&ids, &p.retention, now);
+    keep_last_data(p, root, &mut decisions);
     if p.retention.is_empty() {
         return Ok(decisions);
     }
@@ -176,6 +177,37 @@ pub fn prune(p: &Profile, root: &Path, dry_run: bool) -> Result<Vec<crate::reten
     // Not synced here: the generation commit that follows makes the removals durable
     // (its fsync commits their journal transactions), one journal commit less.
     Ok(decisions)
+}
+
+/// The newest snapshot in which a source had entries is never removed only because newer
+/// snapshots exist in which it is empty (a disk or share that was not mounted, committed with
+/// `run --allow-shrink` or before `backup.max_shrink` existed): for each source, if the
+/// newest snapshots have it empty and the newest one that holds its data is to be removed,
+/// that one is kept ([`crate::retention::Reason::LastData`]). A source that is
+/// empty in the newest snapshot costs a directory read per snapshot back to its data.
+/// `decisions` are newest first.
+pub fn keep_last_data(p: &Profile, root: &Path, decisions: &mut [crate::retention::Decision]) {
+    let has_entries = |id: SnapshotId, src: &Path| {
+        let d = path_of(root, id).join(src.strip_prefix("/").unwrap_or(src));
+        std::fs::read_dir(d)
+            .map(|mut e| e.next().is_some())
+            .unwrap_or(false)
+    };
+    for s in &p.backup.sources {
+        let Some(i) = decisions.iter().position(|d| has_entries(d.id, &s.0)) else {
+            continue;
+        };
+        let d = &mut decisions[i];
+        if i > 0 && d.removed() {
+            warn!(
+                "keeping snapshot {}: the newer snapshots have {} empty, and it is the last that \
+                 holds its data",
+                d.id,
+                s.0.display()
+            );
+            d.keep.push(crate::retention::Reason::LastData);
+        }
+    }
 }
 
 /// The id of a new snapshot taken at `now`, given the `existing` ones (oldest first), and
@@ -243,6 +275,48 @@ mod tests {
         // Consecutive collisions.
         let ex = [i("20260101T000000Z"), i("20260101T000001Z")];
         assert_eq!(new_id(&ex, i("20260101T000000Z")).0, i("20260101T000002Z"));
+    }
+
+    /// keep_last 1: the two newer snapshots have /data empty; the one before them, the last
+    /// with its data, stays, the oldest goes.
+    #[test]
+    fn the_last_snapshot_with_a_sources_data_is_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        create_layout(r).unwrap();
+        let ids = [
+            "20260101T000000Z",
+            "20260102T000000Z",
+            "20260103T000000Z",
+            "20260104T000000Z",
+        ];
+        for (i, id) in ids.iter().enumerate() {
+            let data = r.join(SNAPSHOTS).join(id).join("data");
+            std::fs::create_dir_all(&data).unwrap();
+            std::fs::create_dir_all(r.join(SNAPSHOTS).join(id).join("etc/x")).unwrap();
+            if i < 2 {
+                std::fs::write(data.join("f"), b"x").unwrap();
+            }
+        }
+        let p = Profile::parse(
+            Path::new("t.yaml"),
+            "server: {host: h, user: u, identity_file: /k, known_hosts: /kh, path: /srv}\n\
+             container: {file: c.luks, size: 1G, keyfile: /key}\n\
+             backup: {sources: [/data, /etc]}\nretention: {keep_last: 1}\n",
+        )
+        .unwrap();
+        let decisions = prune(&p, r, false).unwrap();
+        let kept: Vec<String> = decisions
+            .iter()
+            .filter(|d| !d.removed())
+            .map(|d| format!("{} {:?}", d.id, d.keep))
+            .collect();
+        assert_eq!(
+            kept,
+            ["20260104T000000Z [Last]", "20260102T000000Z [LastData]"]
+        );
+        let left: Vec<String> = list(r).unwrap().iter().map(|i| i.to_string()).collect();
+        assert_eq!(left, ["20260102T000000Z", "20260104T000000Z"]);
     }
 
     #[test]

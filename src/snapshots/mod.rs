@@ -3,6 +3,8 @@
 //! - [`layout`]: the directories of a container, listing, new ids, pruning;
 //! - [`rsync`]: the argv of a snapshot's rsync (exclusions) and what its output says;
 //! - [`resume`]: continuing a snapshot an interrupted run left under `.partial/`;
+//! - [`guard`]: what a snapshot must pass before it commits (mounted, not emptied, not
+//!   shrunk);
 //! - [`take`]: taking a snapshot, with its helper threads (metadata read-ahead,
 //!   write-behind, hash-behind);
 //! - [`copy_out`]: restore's copy, paced read-ahead and bulk read of the container;
@@ -24,6 +26,7 @@
 //! snapshot is a full tree while only changed files take space.
 
 pub mod copy_out;
+pub mod guard;
 pub mod layout;
 pub mod resume;
 pub mod rsync;
@@ -31,11 +34,12 @@ pub mod take;
 pub mod walk;
 
 pub use copy_out::{copy_out, warm_snapshot, Pace, Warm, Warmed};
+pub use guard::Guard;
 pub use layout::{
     check_layout, create_layout, list, new_id, path_of, prune, remove_partials, remove_tree,
     FORMAT_LINE, PARTIAL, SNAPSHOTS,
 };
 pub use resume::{settle as settle_partials, Resumable};
 pub use rsync::{always_excluded, rsync_command, PSEUDO_DIRS};
-pub use take::{take, ContainerFull, Resumed, Taken};
+pub use take::{take, take_guarded, ContainerFull, Resumed, Taken};
 pub use walk::prefetch_metadata;

@@ -10,10 +10,19 @@ use crate::cmd::Cmd;
 use crate::profile::Profile;
 use crate::stack::mount::{self, MountEntry};
 
-/// The rsync argv for one snapshot, with the mounts of this moment.
+/// The rsync argv for one snapshot, with the mounts of this moment. Warns about each other
+/// user's FUSE mount below a source, which it leaves out ([`foreign_fuse`]).
 pub fn rsync_command(profile: &Profile, dest: &Path, link_dest: Option<&Path>) -> Result<Cmd> {
     // No mount table (no /proc) leaves only the fixed exclusions.
     let mounts = mount::mounts().unwrap_or_default();
+    for (m, uid) in foreign_fuse(&profile.backup.sources, &mounts) {
+        crate::warn!(
+            "skipping {}: a {} mount of user {uid}, which root cannot read; \
+             it is not in this snapshot",
+            m.target.display(),
+            m.fstype
+        );
+    }
     rsync_command_for(profile, dest, link_dest, &mounts)
 }
 
@@ -36,8 +45,16 @@ pub(super) fn rsync_command_for(
         // A line for each item written, after its data (%b): the files are hashed as they
         // arrive (`hash_behind`).
         .arg(format!("--out-format={WROTE}%b:%n"))
-        // rsync 24 = vanished source files: normal on a live system.
-        .ok_codes(&[0, 24]);
+        // Holes stay holes: a user's `truncate -s 4T` file costs no space in the container.
+        .arg("--sparse")
+        // rsync 24 = vanished source files: normal on a live system. 23 = some files or
+        // attributes not transferred: `take` reads stderr to tell files it could not read
+        // (a warning) from anything else (a failure), see [`complaints`].
+        .ok_codes(&[0, 23, 24]);
+    if let Some(max) = profile.backup.max_file_size {
+        // `--info=skip1` names each file skipped for its size ([`over_max_size`]).
+        c = c.arg(format!("--max-size={}", max.0)).arg("--info=skip1");
+    }
     if profile.backup.one_file_system {
         c = c.arg("--one-file-system");
     }
@@ -148,6 +165,8 @@ fn contents_pattern(dir: &Path) -> String {
 ///   `e2ebackup mount` put it),
 /// - [`PSEUDO_DIRS`] and every mount of a [`PSEUDO_FS`] type,
 ///
+/// and, last, each other user's FUSE mount below a source, itself ([`foreign_fuse`]),
+///
 /// each only where a source contains it. A pseudo directory named as a source itself (say
 /// `/run/foo` or `/dev/shm`) is the user's explicit wish and is not excluded, but the run
 /// dir always is.
@@ -186,7 +205,119 @@ pub fn always_excluded(sources: &[crate::profile::AbsPath], mounts: &[MountEntry
             add(mp.clone(), &mut dirs);
         }
     }
-    dirs.iter().map(|d| contents_pattern(d)).collect()
+    let mut patterns: Vec<String> = dirs.iter().map(|d| contents_pattern(d)).collect();
+    for (m, _) in foreign_fuse(sources, mounts) {
+        if !dirs.iter().any(|d| m.target.starts_with(d)) {
+            patterns.push(literal_pattern(&m.target));
+        }
+    }
+    patterns
+}
+
+/// FUSE mounts (`fuse`, `fuse.*`, `fuseblk`) strictly below a source whose owner (`user_id=`
+/// in the filesystem's options) is not root, with that owner. Any local user can mount one
+/// (`fusermount3` is setuid root), and without `allow_other` root gets EACCES on it: rsync
+/// would then exit 23 on every run. They are left out of every snapshot, mount point and all.
+pub fn foreign_fuse<'a>(
+    sources: &[crate::profile::AbsPath],
+    mounts: &'a [MountEntry],
+) -> Vec<(&'a MountEntry, u32)> {
+    mounts
+        .iter()
+        .filter(|m| m.fstype == "fuse" || m.fstype == "fuseblk" || m.fstype.starts_with("fuse."))
+        .filter(|m| {
+            sources
+                .iter()
+                .any(|s| m.target.starts_with(&s.0) && m.target != s.0)
+        })
+        .filter_map(|m| {
+            let uid = m
+                .super_options
+                .split(',')
+                .find_map(|o| o.strip_prefix("user_id="))?
+                .parse::<u32>()
+                .ok()?;
+            (uid != 0).then_some((m, uid))
+        })
+        .collect()
+}
+
+/// An rsync pattern that matches `p` itself. Without a wildcard rsync takes a backslash
+/// literally; with one, it escapes.
+fn literal_pattern(p: &Path) -> String {
+    let s = p.to_string_lossy();
+    if !s.contains(['*', '?', '[']) {
+        return s.into_owned();
+    }
+    let mut out = String::new();
+    for ch in s.chars() {
+        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// The file named by one of the lines `--info=skip1` prints for a file over `--max-size`
+/// (`home/u/big is over max-size`), as rsync prints names (escaped, see [`WROTE`]), with
+/// the leading slash of its source path.
+pub(super) fn over_max_size(line: &str) -> Option<String> {
+    let name = line.strip_suffix(" is over max-size")?;
+    (!name.is_empty()).then(|| format!("/{}", name.trim_start_matches('/')))
+}
+
+/// What rsync's stderr says went wrong in a run that exited 23 or 24.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Complaints {
+    /// Source files (or directories) the sender could not read, as rsync names them (its
+    /// escapes kept: one line each, safe to log).
+    pub unread: Vec<String>,
+    /// Files that vanished while rsync copied them.
+    pub vanished: usize,
+    /// Every other error line: anything on the receiving side (writes into the container)
+    /// or that this does not know. Any such line fails the run.
+    pub other: Vec<String>,
+}
+
+/// Sort rsync's stderr lines into [`Complaints`]. Only the sender's errors about a source
+/// path (`rsync: [sender] opendir "..." failed`, `send_files failed to open "..."`,
+/// `readlink_stat("...") failed`, `read errors mapping "..."`, ...) are files not read; the
+/// generator and receiver write into the container, and their errors stay failures. rsync
+/// prints names with control characters escaped, so a file name cannot forge a line.
+pub fn complaints(stderr: &str) -> Complaints {
+    let mut c = Complaints::default();
+    let quoted = |l: &str| {
+        let (a, b) = (l.find('"')?, l.rfind('"')?);
+        (b > a + 1).then(|| l[a + 1..b].to_string())
+    };
+    let read_error = stderr.contains("rsync: [sender] read errors mapping ");
+    for line in stderr.lines().map(str::trim_end) {
+        if line.is_empty()
+            || line.starts_with("rsync error: some files/attrs were not transferred")
+            || line.starts_with("rsync warning: some files vanished")
+        {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("rsync: [sender] ") {
+            match quoted(rest) {
+                Some(name) if !c.unread.contains(&name) => c.unread.push(name),
+                Some(_) => {}
+                None => c.other.push(line.to_string()),
+            }
+        } else if line.starts_with("file has vanished: ") {
+            c.vanished += 1;
+        } else if read_error
+            && (line.starts_with("WARNING: ") || line.starts_with("ERROR: "))
+            && line.contains(" failed verification -- update ")
+        {
+            // The receiver's check of data the sender could not read (it sends zeros): the
+            // file is already listed by its read error, and discarded.
+        } else {
+            c.other.push(line.to_string());
+        }
+    }
+    c
 }
 
 pub(super) fn stat_number(stats: &str, label: &str) -> Option<u64> {
@@ -261,6 +392,9 @@ mod tests {
 43 22 0:21 / /home/jail/proc rw shared:2 - proc proc rw
 44 22 8:2 / /home/odd\\040[dir]* rw shared:9 - tmpfs tmpfs rw
 45 22 8:3 / /data rw shared:10 - ext4 /dev/sdb1 rw
+46 22 0:60 / /home/attacker/mnt rw,nosuid,nodev shared:30 - fuse.sshfs attacker@127.0.0.1:/ rw,user_id=1001,group_id=1001
+47 22 0:61 / /home/me/own rw shared:31 - fuse.sshfs x@y:/ rw,user_id=0,group_id=0
+48 22 0:62 / /home/odd\\040[dir]*/x rw shared:32 - fuse.bindfs bindfs rw,user_id=1002,group_id=1002
 ";
 
     fn argv_excludes(sources: &str) -> Vec<String> {
@@ -300,17 +434,24 @@ mod tests {
                 "/home/me/browse/*",
                 "/home/jail/proc/*",
                 "/home/odd \\[dir\\]\\*/*",
+                "/home/attacker/mnt",
             ]
         );
-        // /home: only what is under it.
+        // /home: only what is under it; another user's FUSE mount itself (root's own stays,
+        // and one inside an excluded directory is covered).
         assert_eq!(
             argv_excludes("[/home]"),
             [
                 "/home/me/browse/*",
                 "/home/jail/proc/*",
-                "/home/odd \\[dir\\]\\*/*"
+                "/home/odd \\[dir\\]\\*/*",
+                "/home/attacker/mnt",
             ]
         );
+        // A FUSE mount named as the source itself is the user's wish.
+        assert!(argv_excludes("[/home/attacker/mnt]").is_empty());
+        assert_eq!(literal_pattern(Path::new("/a\\b[1]")), "/a\\\\b\\[1\\]");
+        assert_eq!(literal_pattern(Path::new("/a\\b")), "/a\\b");
         // Nothing of the kind under /data or /etc.
         assert!(argv_excludes("[/data, /etc]").is_empty());
         // A pseudo dir named as a source is the user's wish, but the run dir is not.
@@ -319,11 +460,56 @@ mod tests {
         assert_eq!(argv_excludes("[/run/e2ebackup/home]"), ["/run/e2ebackup/*"]);
     }
 
+    /// rsync 3.5's own lines (as root can't be refused on a local file, these were taken
+    /// from rsync run as nobody, and a receiver that cannot write).
+    #[test]
+    fn sender_read_errors_are_told_from_receiver_errors() {
+        let sender = "\
+rsync: [sender] opendir \"/src/d\" failed: Permission denied (13)
+rsync: [sender] send_files failed to open \"/src/se\"cret\": Permission denied (13)
+rsync: [sender] readlink_stat(\"/home/attacker/mnt\") failed: Permission denied (13)
+rsync: [sender] read errors mapping \"/src/bad\\#012name\": Input/output error (5)
+WARNING: src/bad\\#012name failed verification -- update retained (will try again).
+ERROR: src/bad\\#012name failed verification -- update discarded.
+file has vanished: \"/src/gone\"
+rsync error: some files/attrs were not transferred (see previous errors) (code 23) at main.c(1394) [sender=3.5.0]
+";
+        let c = complaints(sender);
+        assert_eq!(
+            c.unread,
+            [
+                "/src/d",
+                "/src/se\"cret",
+                "/home/attacker/mnt",
+                "/src/bad\\#012name"
+            ]
+        );
+        assert_eq!((c.vanished, c.other.len()), (1, 0));
+        let receiver = "\
+rsync: [sender] opendir \"/src/d\" failed: Permission denied (13)
+rsync: [generator] recv_generator: mkdir \"/m/.partial/X/src\" failed: No space left on device (28)
+*** Skipping any contents from this failed directory ***
+rsync: [receiver] write failed on \"/m/.partial/X/src/f\": Input/output error (5)
+rsync: [sender] write error: Broken pipe (32)
+ERROR: src/f failed verification -- update discarded.
+rsync error: some files/attrs were not transferred (see previous errors) (code 23) at main.c(1394) [sender=3.5.0]
+";
+        let c = complaints(receiver);
+        assert_eq!(c.unread, ["/src/d"]);
+        assert_eq!(c.other.len(), 5, "{:?}", c.other);
+        assert_eq!(
+            over_max_size("home/u/big is over max-size").as_deref(),
+            Some("/home/u/big")
+        );
+        assert_eq!(over_max_size("e2ebackup-wrote:0:/home/u/x"), None);
+    }
+
     #[test]
     fn mountinfo_parsing() {
         use mount::parse_mountinfo;
         let m = parse_mountinfo(MOUNTINFO);
-        assert_eq!(m.len(), 13);
+        assert_eq!(m.len(), 16);
+        assert_eq!(m[13].super_options, "rw,user_id=1001,group_id=1001");
         assert_eq!(
             (
                 m[11].target.as_path(),
@@ -346,7 +532,7 @@ mod tests {
             Path::new("/etc/e2ebackup/profiles/t.yaml"),
             "server: {host: h, user: u, identity_file: /k, known_hosts: /kh, path: /srv}\n\
              container: {file: c.luks, size: 1G, keyfile: /key}\n\
-             backup: {sources: [/home, /etc], excludes: ['*.tmp', '/home/*/.cache'], one_file_system: true}\n",
+             backup: {sources: [/home, /etc], excludes: ['*.tmp', '/home/*/.cache'], one_file_system: true, max_file_size: 1M}\n",
         )
         .unwrap();
         let c = rsync_command_for(
@@ -368,11 +554,15 @@ mod tests {
                 "--stats",
                 "--info=progress2",
                 "--out-format=e2ebackup-wrote:%b:%n",
+                "--sparse",
+                "--max-size=1048576",
+                "--info=skip1",
                 "--one-file-system",
                 "--link-dest=/m/snapshots/W",
                 "--exclude=/home/me/browse/*",
                 "--exclude=/home/jail/proc/*",
                 "--exclude=/home/odd \\[dir\\]\\*/*",
+                "--exclude=/home/attacker/mnt",
                 "--exclude=*.tmp",
                 "--exclude=/home/*/.cache",
                 "/home",

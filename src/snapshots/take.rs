@@ -10,9 +10,10 @@ use crate::profile::Profile;
 use crate::snapid::SnapshotId;
 use crate::{info, warn};
 
+use super::guard::{self, Guard};
 use super::layout::{list, new_id, path_of, PARTIAL};
 use super::resume::Resumable;
-use super::rsync::{rsync_command, stat_number, wrote, WROTE};
+use super::rsync::{complaints, over_max_size, rsync_command, stat_number, wrote, WROTE};
 use super::walk::{
     mem_available, prefetch_metadata, read_metadata_ahead, PREFETCH_BYTES_PER_FILE,
     PREFETCH_THREADS,
@@ -27,6 +28,14 @@ pub struct Taken {
     pub files_transferred: Option<u64>,
     pub bytes_transferred: Option<u64>,
     pub link_dest: Option<String>,
+    /// Entries rsync counted in the sources (`Number of files:`), for the next run's
+    /// shrink check ([`guard::shrink`]).
+    pub entries: Option<u64>,
+    /// Source files rsync could not read (rsync exit 23 with only the sender's read
+    /// errors, at most `backup.max_unreadable`), as rsync names them: committed, exit 3.
+    pub unread: Vec<String>,
+    /// Files skipped for `backup.max_file_size`, as rsync names them: committed, exit 3.
+    pub skipped_large: Vec<String>,
     /// Set when this run completed an interrupted snapshot (snapshots::resume).
     pub resumed: Option<Resumed>,
 }
@@ -81,6 +90,13 @@ pub struct Resumed {
     pub bytes: u64,
     /// The size of every file of the sources (rsync's count at the end).
     pub total_bytes: Option<u64>,
+}
+
+impl Taken {
+    /// Whether the snapshot is committed with warnings (exit 3).
+    pub fn has_warnings(&self) -> bool {
+        self.vanished_files || !self.unread.is_empty() || !self.skipped_large.is_empty()
+    }
 }
 
 /// [`take`]'s metadata read-ahead, on a thread of its own from `take`'s first step: the
@@ -214,6 +230,17 @@ pub fn take(
     device: Option<&Path>,
     resume: Option<Resumable>,
 ) -> Result<Taken> {
+    take_guarded(profile, root, device, resume, &Guard::default())
+}
+
+/// [`take`], refusing (before anything is committed) what [`guard`] refuses.
+pub fn take_guarded(
+    profile: &Profile,
+    root: &Path,
+    device: Option<&Path>,
+    resume: Option<Resumable>,
+    guard: &Guard,
+) -> Result<Taken> {
     // One descriptor on the container's filesystem for every syncfs of this snapshot,
     // opened before anything is written: a writeback error is reported once to each open
     // file description, so a descriptor opened per syncfs could miss one that an earlier
@@ -222,6 +249,7 @@ pub fn take(
     let ahead = device.map(MetadataAhead::start);
     // The new snapshot's directories are born from now on (whole seconds, as ext4 keeps them).
     let started = SnapshotId::now().unix().max(0) as u64;
+    guard::mounted(profile, &crate::stack::mount::mounts().unwrap_or_default())?;
     for s in &profile.backup.sources {
         if !s.0.exists() {
             bail!("backup source {} does not exist", s.0.display());
@@ -229,6 +257,9 @@ pub fn take(
     }
     let existing = list(root)?;
     let (id, prev) = new_id(&existing, SnapshotId::now());
+    let (prev_name, prev_dir) = (prev.map(|l| l.to_string()), prev.map(|l| path_of(root, l)));
+    let previous = prev_name.as_deref().zip(prev_dir.as_deref());
+    guard::before(profile, previous, guard)?;
     let partial = match &resume {
         Some(r) => r.dir.clone(),
         None => root.join(PARTIAL).join(id.to_string()),
@@ -314,6 +345,7 @@ pub fn take(
         None => (Default::default(), None),
     };
     let mut meter = crate::progress::Meter::new(std::time::Duration::from_secs(60));
+    let mut skipped_large = Vec::new();
     let rsync = rsync_command(profile, &partial, link.as_deref())?;
     let t = std::time::Instant::now();
     let mut last = None;
@@ -338,6 +370,10 @@ pub fn take(
                 }
                 return false;
             }
+            if let Some(big) = over_max_size(line) {
+                skipped_large.push(big);
+                return false;
+            }
             true
         });
         drop((copied, wrote_tx));
@@ -351,8 +387,9 @@ pub fn take(
     if let Err(e) = behind {
         return Err(e.context("writing to the server failed (nothing is committed)"));
     }
-    let done = done.map_err(|e| {
-        if format!("{e:#}").contains("No space left on device") {
+    // The container's filesystem ran full: say so, with what is still needed (auto_grow).
+    let full = |e: anyhow::Error, said: &str| {
+        if said.contains("No space left on device") {
             let (copied, _) = last.unwrap_or_default();
             let still_needed = still_needed(last);
             e.context(ContainerFull {
@@ -362,7 +399,42 @@ pub fn take(
         } else {
             e
         }
+    };
+    let done = done.map_err(|e| {
+        let said = format!("{e:#}");
+        full(e, &said)
     })?;
+    let said = if done.code == 0 {
+        Default::default()
+    } else {
+        complaints(&done.stderr)
+    };
+    if done.code == 23 && (!said.other.is_empty() || said.unread.is_empty()) {
+        return Err(full(
+            anyhow::anyhow!(
+                "rsync failed with exit status 23 (some files or attributes not written into the \
+                 container): {}",
+                crate::cmd::tail(&done.stderr, 12)
+            ),
+            &done.stderr,
+        ));
+    }
+    let max_unread = profile.backup.max_unreadable;
+    if said.unread.len() as u64 > max_unread {
+        bail!(
+            "rsync could not read {} source files, more than backup.max_unreadable {max_unread} \
+             (first: {}); nothing was committed",
+            said.unread.len(),
+            said.unread
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let entries = stat_number(&done.stdout, "Number of files");
+    guard::shrink(profile, entries, guard)?;
     let fresh = fresh.unwrap_or_else(|_| {
         crate::debug!("the hash-behind thread panicked; every new file is hashed after rsync");
         Default::default()
@@ -384,7 +456,7 @@ pub fn take(
     let t = std::time::Instant::now();
     let taken = Taken {
         id: id.to_string(),
-        vanished_files: done.code == 24,
+        vanished_files: done.code == 24 || said.vanished > 0,
         files_transferred: stat_number(&done.stdout, "Number of regular files transferred"),
         bytes_transferred: stat_number(&done.stdout, "Total transferred file size"),
         link_dest: prev.map(|l| l.to_string()),
@@ -392,6 +464,9 @@ pub fn take(
             r.total_bytes = stat_number(&done.stdout, "Total file size");
             r
         }),
+        entries,
+        unread: said.unread,
+        skipped_large,
     };
     if let Some(r) = &taken.resumed {
         info!(
@@ -408,6 +483,19 @@ pub fn take(
     }
     if taken.vanished_files {
         warn!("some files vanished while rsync copied them (rsync exit 24); the snapshot is committed");
+    }
+    for f in &taken.unread {
+        warn!("not read (rsync could not read it; not in this snapshot): {f}");
+    }
+    for f in &taken.skipped_large {
+        warn!(
+            "skipped, larger than backup.max_file_size {}: {f}",
+            profile
+                .backup
+                .max_file_size
+                .map(|m| m.to_string())
+                .unwrap_or_default()
+        );
     }
     // The manifest (content hashes for `verify`) is written before the snapshot is visible,
     // so every complete snapshot has one.

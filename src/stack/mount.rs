@@ -22,6 +22,8 @@ pub struct MountEntry {
     pub fstype: String,
     pub source: String,
     pub options: String,
+    /// The filesystem's own options (after the source): a FUSE mount's `user_id=` is its owner.
+    pub super_options: String,
 }
 
 /// Undo the octal escapes (`\040` for space) of /proc/self/mountinfo.
@@ -56,6 +58,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
                 options: pre.get(5)?.to_string(),
                 fstype: post.first()?.to_string(),
                 source: unescape(post.get(1)?),
+                super_options: post.get(2).map(|o| o.to_string()).unwrap_or_default(),
             })
         })
         .collect()
