@@ -66,17 +66,19 @@ pub fn before(profile: &Profile, previous: Option<(&str, &Path)>, guard: &Guard)
     let Some((prev_id, prev)) = previous else {
         return Ok(());
     };
+    // A directory that cannot be listed counts as holding entries here: rsync names it
+    // as not read.
+    let has_entries = |p: &Path, unlistable: bool| {
+        std::fs::read_dir(p)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(unlistable)
+    };
     for s in &profile.backup.sources {
-        let has_entries = |p: &Path| {
-            std::fs::read_dir(p)
-                .map(|mut d| d.next().is_some())
-                .unwrap_or(false)
-        };
-        if !s.0.is_dir() || has_entries(&s.0) {
+        if !s.0.is_dir() || has_entries(&s.0, true) {
             continue;
         }
         let before = prev.join(s.0.strip_prefix("/").unwrap_or(&s.0));
-        if has_entries(&before) {
+        if has_entries(&before, false) {
             bail!(
                 "backup source {} is empty, but the previous snapshot {prev_id} holds files \
                  there: is its disk or share mounted? Nothing was committed or pruned; {OVERRIDE}",
