@@ -1,17 +1,18 @@
 #!/bin/bash
-# timeout: 1200
+# timeout: 1800
 # Issues 28 (resume) and 29 item 6 (a full container grows): a backup that cannot finish in
 # one go is continued by the next run, not started again.
-# - A first backup of 64 MiB (incompressible) is cut by `kill -9` of the run (and its rsync)
-#   after about half reached the server; a source file is deleted; the next run resumes:
-#   the server's disk writes (/sys/block/vda/stat, the server's own disk) during it are at
-#   most 60% of the data set.
-# - 64 MiB more is added and that run is cut by a dropped link (the sshfs process killed);
-#   the next run resumes it, again at most 60% of the new data written on the server.
+# - A first backup of 48 MiB (incompressible) is cut by `kill -9` of the run (and its rsync)
+#   once rsync has written half of the files; a source file is deleted; the next run
+#   resumes: the server's disk writes (/sys/block/vda/stat, the server's own disk) during it
+#   are at most 60% of the data set.
+# - 48 MiB more is added and that run is cut by a dropped link (the sshfs process killed)
+#   once half of it reached the server (what was only in the client's cache is lost); the
+#   next run resumes it, again at most 60% of the new data written on the server.
 # - Both snapshots equal the source (rsync -naHAXci prints nothing), the deleted file is
 #   absent, `verify` is clean, nothing is left behind.
 # - A 64M container with auto_grow gets the same source: the run fills it (ENOSPC inside the
-#   container, exit 1, said so); the next run grows it because of that failure (by what it
+#   container, exit 1, said so; the 48 MiB do not fit in it); the next run grows it because of that failure (by what it
 #   needed), resumes, and commits.
 source "$(dirname "$0")/../lib/common.sh"
 
@@ -25,24 +26,34 @@ MIB=$((1 << 20))
 
 setup() {
   rm -rf "$SRC"; mkdir -p "$SRC/first"
-  local i; for i in $(seq -w 1 64); do head -c $MIB /dev/urandom > "$SRC/first/f$i"; done
+  local i; for i in $(seq -w 1 48); do head -c $MIB /dev/urandom > "$SRC/first/f$i"; done
   scenario_profile $P 512M "$SRC"
 }
 written() { awk '{print $7 * 512}' /sys/block/vda/stat; }   # bytes written to the server's disk
 ids() { "$E2E_BIN" snapshots "$1" 2>/dev/null | grep -oE '[0-9]{8}T[0-9]{6}Z' | sort -u; }
 
-# cut_run HOW BYTES: start `run`, and once the container file on the server has grown by
-# BYTES, cut it: HOW=kill (SIGKILL to the run and its rsync) or link (SIGKILL to its sshfs).
+# cut_run kill DIR N: start `run`, and once rsync has written N files of DIR (client side,
+# in the partial snapshot), SIGKILL the run and its rsync (what the kernel holds still
+# reaches the server). cut_run link BYTES: once the container file on the server has grown
+# by BYTES, SIGKILL its sshfs (what had not reached the server is lost).
+reached() {
+  if [ "$1" = kill ]; then
+    [ "$(ls /run/e2ebackup/$P/fs/.partial/*/"$SRC/$2" 2>/dev/null | grep -c '^[fm][0-9]*$')" -ge "$3" ]
+  else
+    [ $(( $(alloc_bytes "$C") - base )) -ge "$2" ]
+  fi
+}
 cut_run() {
-  local how=$1 bytes=$2 base i pid kids
+  local how=$1 base i pid kids
   base=$(alloc_bytes "$C")
   setsid "$E2E_BIN" run $P > "$LOG.cut-$how.log" 2>&1 &
   pid=$!
   for i in $(seq 1 1500); do
-    [ $(( $(alloc_bytes "$C") - base )) -ge "$bytes" ] && break
+    reached "$@" && break
     kill -0 $pid 2>/dev/null || { echo "the run ended before the cut"; cat "$LOG.cut-$how.log"; return 1; }
     sleep 0.2
   done
+  [ "$how" != kill ] || metric cut_kill_files_written "$(ls /run/e2ebackup/$P/fs/.partial/*/"$SRC/$2" | grep -c '^f[0-9]*$')"
   metric "cut_${how}_server_bytes" $(( $(alloc_bytes "$C") - base ))
   if [ "$how" = kill ]; then
     kids=$(pgrep -g $pid | grep -vx $pid | tr '\n' ' ')
@@ -91,20 +102,20 @@ compare() {
 
 check setup setup
 check init E2E init $P
-check first-backup-cut-by-kill-9 cut_run kill $((36 * MIB))
+check first-backup-cut-by-kill-9 cut_run kill first 24
 rm "$SRC/first/f01"
-check resume-after-kill resumed_run resume_after_kill $((64 * MIB))
+check resume-after-kill resumed_run resume_after_kill $((48 * MIB))
 mkdir -p "$SRC/more"
-for i in $(seq -w 1 64); do head -c $MIB /dev/urandom > "$SRC/more/m$i"; done
-check backup-cut-by-dropped-link cut_run link $((37 * MIB))
-check resume-after-dropped-link resumed_run resume_after_link $((64 * MIB))
+for i in $(seq -w 1 48); do head -c $MIB /dev/urandom > "$SRC/more/m$i"; done
+check backup-cut-by-dropped-link cut_run link $((24 * MIB))
+check resume-after-dropped-link resumed_run resume_after_link $((48 * MIB))
 check snapshots-equal-source compare
 check verify-clean E2E verify $P
 check no-leftovers assert_no_leftovers
 
 # A container too small for the source: ENOSPC inside it, then auto_grow by what it needed.
 full_profile() {
-  scenario_profile $PF 64M "$SRC"
+  scenario_profile $PF 64M "$SRC/first"
   sed -i "s#^  keyfile: .*#&\n  auto_grow: {when_free_below: 1%, step: 16M, max_size: 512M}#" /etc/e2ebackup/profiles/$PF.yaml
 }
 fills() {
