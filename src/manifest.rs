@@ -122,12 +122,20 @@ impl Fresh {
     /// Hash the regular file at `p`: never through a link at its end, never opening
     /// anything but a regular file.
     pub fn hash(&mut self, p: &Path) -> Hashed {
+        self.hash_up_to(p, Self::MOST)
+    }
+
+    /// What a resume keeps of the files an earlier run left, checked against their source
+    /// ([`Fresh::hash_expecting`]): 64 MiB of hashes for a million files, the rest sent again.
+    pub const MOST_CHECKED: usize = 1 << 20;
+
+    fn hash_up_to(&mut self, p: &Path, most: usize) -> Hashed {
         let m = match std::fs::symlink_metadata(p) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Hashed::Missing,
             Err(_) => return Hashed::Passed,
         };
-        if !m.file_type().is_file() || self.taken.len() >= Self::MOST {
+        if !m.file_type().is_file() || self.taken.len() >= most {
             return Hashed::Passed;
         }
         let taken = (|| -> Result<Option<(Stamp, [u8; 32])>> {
@@ -147,12 +155,8 @@ impl Fresh {
         match taken {
             Ok(Some(t)) => {
                 if self.taken.capacity() == self.taken.len() {
-                    // Grow by doubling up to MOST, never past it.
-                    let more = self
-                        .taken
-                        .len()
-                        .max(1024)
-                        .min(Self::MOST - self.taken.len());
+                    // Grow by doubling up to `most`, never past it.
+                    let more = self.taken.len().max(1024).min(most - self.taken.len());
                     self.taken.reserve_exact(more);
                 }
                 self.taken.push(t);
@@ -167,7 +171,7 @@ impl Fresh {
     /// source file this way (snapshots::resume).
     pub fn hash_expecting(&mut self, p: &Path, want: &str) -> Hashed {
         let n = self.taken.len();
-        let r = self.hash(p);
+        let r = self.hash_up_to(p, Self::MOST_CHECKED);
         if r == Hashed::Now && hex(&self.taken[n].1) != want {
             self.taken.truncate(n);
             return Hashed::Passed;
