@@ -1,9 +1,15 @@
 //! Which snapshots to keep: the `retention:` rules of a profile, with restic's `forget`
 //! semantics.
 //!
+//! Order: [`select`] takes the snapshots in commit order (the container's authenticated
+//! `STATE` list, see [`crate::generation`]); "newest" below means the last committed, and
+//! the caller passes as `now` the clock corrected for a jump since the last commit
+//! ([`crate::generation::trusted_now`]). With a clock that only moves forward, commit order
+//! is date order and everything below reads as restic's.
+//!
 //! Rules (each one independent; a snapshot is kept if any rule keeps it, and its
 //! [`Decision`] lists every rule that did):
-//! - `keep_last N`: the N newest snapshots.
+//! - `keep_last N`: the N last committed snapshots.
 //! - `keep_hourly/daily/weekly/monthly/yearly N`: walking from newest to oldest, the newest
 //!   snapshot of each of the N most recent hours (days, ISO weeks, months, years) that have
 //!   snapshots at all. Empty periods do not count: a laptop backed up on three days last month
@@ -38,9 +44,8 @@
 //!   rather than calendar arithmetic, so a duration is a plain number of seconds that can be
 //!   compared and printed. `keep_within` is inclusive where restic's is strict: a snapshot
 //!   exactly D older than the newest is kept; at the boundary we err towards keeping.
-//! - Input is deduplicated and sorted here rather than required sorted: callers list directory
-//!   names in whatever order `readdir` gives, and one decision per distinct id is what a
-//!   pruner can act on.
+//! - Input is in commit order (not sorted here: the order is the information); a duplicate
+//!   id gets one decision, where it was committed last.
 //!
 //! [`select`] is a pure function, so it is tested exhaustively here (including against an
 //! independent brute-force model on random inputs); deleting is elsewhere.
