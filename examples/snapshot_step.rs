@@ -111,8 +111,15 @@ fn main() -> anyhow::Result<()> {
         e2ebackup::logging::set_level(2);
     }
     let t = Instant::now();
-    let taken =
-        e2ebackup::snapshots::take(&profile, &root, args.get(2).map(PathBuf::as_path), None)?;
+    // No STATE here: the directory's snapshots, by date, stand in for the committed list.
+    let committed = e2ebackup::snapshots::list(&root)?;
+    let taken = e2ebackup::snapshots::take(
+        &profile,
+        &root,
+        args.get(2).map(PathBuf::as_path),
+        None,
+        &committed,
+    )?;
     // `run` makes the renames durable with its generation commit; one sync stands in for it.
     e2ebackup::stack::mount::syncfs(&root)?;
     println!(

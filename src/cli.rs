@@ -178,10 +178,14 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Accept a container older than this client's record (after restoring the server on purpose)
+    /// Accept a container older than this client's record, or missing snapshots (after restoring the server on purpose); also `accept-loss`
+    #[command(visible_alias = "accept-loss")]
     AcceptRollback {
         #[command(flatten)]
         profile: ProfileArg,
+        /// Accept it even if `e2fsck -fn` finds the filesystem damaged (or mid-transaction)
+        #[arg(long)]
+        force: bool,
     },
     /// Give space freed by deleted snapshots back to the server (NBD + fstrim over SSH)
     Trim {
@@ -236,7 +240,7 @@ impl Command {
             | Command::Prune { profile, .. }
             | Command::Grow { profile, .. }
             | Command::Trim { profile }
-            | Command::AcceptRollback { profile }
+            | Command::AcceptRollback { profile, .. }
             | Command::Verify { profile, .. }
             | Command::Schedule { profile, .. }
             | Command::RecoverKey { profile, .. }
@@ -332,7 +336,7 @@ pub fn main() -> ExitCode {
         Command::Verify {
             read_data, json, ..
         } => ops::verify::verify(&profile, *read_data, *json),
-        Command::AcceptRollback { .. } => ops::prune::accept_rollback(&profile),
+        Command::AcceptRollback { force, .. } => ops::prune::accept_rollback(&profile, *force),
         Command::Prune { dry_run, json, .. } => ops::prune::prune(&profile, *dry_run, *json),
         Command::GenerateAssets { .. } => Exit::Usage,
     };

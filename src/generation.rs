@@ -16,6 +16,22 @@
 //! image shows the committed generation, not the one before (tests/host_crash_noload.rs).
 //! After a deliberate restore of the server from an older
 //! backup, `e2ebackup accept-rollback PROFILE` lowers the client's record to the container's.
+//!
+//! The snapshot list (issue 27 item 2, issue 29 items 2 and 7):
+//! - STATE lists the snapshots in the order they were committed (oldest first). "Latest",
+//!   `keep_last` and `keep_within`'s reference follow that order, not the clock's id. A STATE
+//!   written before this order was kept lists them by id, which was the commit order as long
+//!   as the clock never jumped back.
+//! - Every open ([`check`]) requires each listed snapshot to be in `snapshots/`; a missing one
+//!   is refused (exit 6) and named: a server that replays an older block of the `snapshots/`
+//!   directory hides the newer snapshots without breaking any ext4 checksum. Entries of
+//!   `snapshots/` that STATE does not name are reported and never used.
+//! - [`commit`] writes the list the command computed (the authenticated list, plus the
+//!   snapshot it took, minus what its retention removed), never the directory's listing.
+//! - The client keeps the same list ([`ClientRecord`], `snapshots.json` beside `generation`),
+//!   and notes before a rename or a removal what it is about to add or remove (`adding`,
+//!   `gone`): a crash between those and the commit is then recognised as this client's own
+//!   unfinished work, not as tampering. `accept-rollback` uses the list to say what was lost.
 
 use std::path::Path;
 
@@ -26,6 +42,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::Failure;
 use crate::profile::Profile;
+use crate::snapid::SnapshotId;
 use crate::stack::luks::Key;
 use crate::warn;
 
@@ -129,9 +146,182 @@ pub fn judge(container: Option<u64>, client: Option<u64>) -> Result<u64, String>
     }
 }
 
-/// Check the mounted container against the client's record; returns its generation.
-/// With `accept_any`, only the MAC is checked (`accept-rollback`).
-pub fn check(p: &Profile, root: &Path, key: &Key, accept_any: bool) -> Result<u64> {
+/// What the client keeps about the container besides the generation number:
+/// `/var/lib/e2ebackup/NAME/snapshots.json`. Trusted (the client's own disk); missing for a
+/// client that never committed with a version that writes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientRecord {
+    /// The generation this list was committed with.
+    pub generation: u64,
+    /// The snapshots of that generation, in commit order (oldest first).
+    pub snapshots: Vec<String>,
+    /// A snapshot this client put into `snapshots/` and has not committed yet (a crash or
+    /// a failure between the rename and the commit).
+    #[serde(default)]
+    pub adding: Vec<String>,
+    /// Snapshots this client removed (retention), or accepted as lost (`accept-rollback`),
+    /// that the container's STATE may still list.
+    #[serde(default)]
+    pub gone: Vec<String>,
+    /// The clocks at that commit, to notice a wall clock that jumped since ([`trusted_now`]).
+    #[serde(default)]
+    pub clock: Option<ClockMark>,
+}
+
+/// The wall clock (as corrected by [`corrected_now`]) and the boot clock at a commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockMark {
+    /// `/proc/sys/kernel/random/boot_id`: the boot clock only compares within one boot.
+    pub boot_id: String,
+    /// CLOCK_BOOTTIME, seconds (counts suspend, never jumps).
+    pub boottime: i64,
+    /// The corrected wall clock then (unix seconds).
+    pub wall: i64,
+}
+
+/// How far the wall clock may run ahead of the boot clock between two commits of one boot
+/// before [`corrected_now`] corrects it: far more than NTP ever steps a synced clock.
+pub const CLOCK_JUMP: i64 = 86_400;
+
+/// The boot id and CLOCK_BOOTTIME now (None where they cannot be read).
+fn boot_clock() -> Option<(String, i64)> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+    Some((id.trim().to_string(), t.tv_sec()))
+}
+
+/// The time retention and the future-date checks use: the wall clock `wall`, unless the
+/// last commit (`mark`) was in this boot and the wall clock has since run ahead of the boot
+/// clock by more than [`CLOCK_JUMP`] (someone set it ahead, or it jumped): then the time
+/// that the boot clock says has passed since that commit. A clock set back is taken as it is
+/// (a lower time only keeps more). Pure, for tests.
+pub fn corrected_now(mark: Option<&ClockMark>, boot: Option<(&str, i64)>, wall: i64) -> i64 {
+    match (mark, boot) {
+        (Some(m), Some((id, bt))) if m.boot_id == id && bt >= m.boottime => {
+            let expected = m.wall.saturating_add(bt - m.boottime);
+            if wall > expected.saturating_add(CLOCK_JUMP) {
+                expected
+            } else {
+                wall
+            }
+        }
+        _ => wall,
+    }
+}
+
+/// [`corrected_now`] from this client's record and clocks; says so when they disagree.
+pub fn trusted_now(p: &Profile) -> i64 {
+    let wall = SnapshotId::now().unix();
+    let rec = read_client_record(p).ok().flatten();
+    let boot = boot_clock();
+    let t = corrected_now(
+        rec.as_ref().and_then(|r| r.clock.as_ref()),
+        boot.as_ref().map(|(i, b)| (i.as_str(), *b)),
+        wall,
+    );
+    if t != wall {
+        warn!(
+            "the clock reads {} but only {} s passed since this client's last commit (boot clock): \
+             it jumped ahead by about {} days; retention counts from {} instead (docs/operations.md, clock jumps)",
+            SnapshotId::from_unix(wall),
+            t - rec.and_then(|r| r.clock).map_or(t, |m| m.wall),
+            (wall - t) / 86_400,
+            SnapshotId::from_unix(t)
+        );
+    }
+    t
+}
+
+pub fn read_client_record(p: &Profile) -> Result<Option<ClientRecord>> {
+    let path = p.snapshot_record();
+    match std::fs::read(&path) {
+        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
+            format!("{} is not a snapshot record", path.display())
+        })?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn write_client_record(p: &Profile, rec: &ClientRecord) -> Result<()> {
+    crate::fsutil::private_dir(&p.state_dir())?;
+    crate::fsutil::write_atomic(&p.snapshot_record(), &serde_json::to_vec_pretty(rec)?)
+}
+
+/// Note, durably and before the container changes, that this client is about to put `add`
+/// into `snapshots/` or remove `remove` from it (see the module doc).
+pub fn note_pending(p: &Profile, add: Option<SnapshotId>, remove: &[SnapshotId]) -> Result<()> {
+    let mut rec = read_client_record(p)?.unwrap_or_default();
+    rec.adding.extend(add.map(|a| a.to_string()));
+    rec.gone.extend(remove.iter().map(|r| r.to_string()));
+    write_client_record(p, &rec)
+}
+
+/// What an open found ([`check`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checked {
+    pub generation: u64,
+    /// The authenticated snapshots, in commit order, as they are now.
+    pub snapshots: Vec<SnapshotId>,
+    /// Listed but missing (only with `accept_any`; otherwise they are refused).
+    pub missing: Vec<SnapshotId>,
+    /// In `snapshots/` but not in the authenticated list: never used.
+    pub unlisted: Vec<SnapshotId>,
+}
+
+/// The comparison of the authenticated list with the directory, separated from I/O.
+/// `listed`: STATE's list (commit order); `present`: the ids in `snapshots/`; `rec`: the
+/// client's record. Err names the missing snapshots.
+pub fn reconcile(
+    listed: &[SnapshotId],
+    present: &[SnapshotId],
+    rec: Option<&ClientRecord>,
+    accept_any: bool,
+) -> Result<Checked, Vec<SnapshotId>> {
+    let has = |v: &[String], id: &SnapshotId| v.iter().any(|s| *s == id.to_string());
+    let (adding, gone) = rec.map_or((&[][..], &[][..]), |r| (&r.adding[..], &r.gone[..]));
+    let mut out = Checked::default();
+    for id in listed {
+        if present.contains(id) {
+            out.snapshots.push(*id);
+        } else if !has(gone, id) {
+            out.missing.push(*id);
+        }
+    }
+    if !out.missing.is_empty() && !accept_any {
+        return Err(out.missing);
+    }
+    for id in present.iter().filter(|id| !listed.contains(id)) {
+        if has(adding, id) {
+            // This client's own snapshot, put in place by a run that did not commit.
+            out.snapshots.push(*id);
+        } else {
+            out.unlisted.push(*id);
+        }
+    }
+    Ok(out)
+}
+
+fn ids(list: &[String]) -> Result<Vec<SnapshotId>> {
+    list.iter()
+        .map(|s| {
+            s.parse::<SnapshotId>()
+                .map_err(|e| Failure::Security(format!("the container's STATE lists {e}")).into())
+        })
+        .collect()
+}
+
+fn joined(v: &[SnapshotId]) -> String {
+    v.iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Check the mounted container against the client's record: the generation (see [`judge`])
+/// and the snapshot list (see [`reconcile`]). With `accept_any`, only the MAC is checked and
+/// missing snapshots are returned instead of refused (`accept-rollback`).
+pub fn check(p: &Profile, root: &Path, key: &Key, accept_any: bool) -> Result<Checked> {
     let st = read_verified(root, key)?;
     let client = if accept_any {
         None
@@ -139,21 +329,41 @@ pub fn check(p: &Profile, root: &Path, key: &Key, accept_any: bool) -> Result<u6
         client_generation(p)?
     };
     let generation = judge(st.as_ref().map(|s| s.generation), client).map_err(Failure::Security)?;
-    for s in st.iter().flat_map(|st| &st.snapshots) {
-        if !root.join(crate::snapshots::SNAPSHOTS).join(s).is_dir() {
-            warn!("snapshot {s} is in the authenticated list but missing from the container (damaged?)");
-        }
+    let listed = ids(st.as_ref().map_or(&[][..], |s| &s.snapshots[..]))?;
+    let present = crate::snapshots::list(root)?;
+    let rec = read_client_record(p)?;
+    let mut c = reconcile(&listed, &present, rec.as_ref(), accept_any).map_err(|missing| {
+        Failure::Security(format!(
+            "snapshot(s) {} are in the container's authenticated list (generation {generation}) but \
+             missing from its snapshots/ directory: the server removed them, or handed back an older \
+             copy of that directory (a replayed block). Refusing to use the container. If you accept \
+             the loss, run `e2ebackup accept-rollback {}`",
+            joined(&missing),
+            p.name
+        ))
+    })?;
+    c.generation = generation;
+    if !c.unlisted.is_empty() {
+        warn!(
+            "snapshots/ holds {} that the container's authenticated list does not name \
+             (left by a run interrupted before its commit by another client or version, or put \
+             there by the server): not used, not restored as `latest`, not pruned",
+            joined(&c.unlisted)
+        );
     }
-    Ok(generation)
+    Ok(c)
 }
 
-/// Write generation `generation` with the current snapshot list, then the client's record.
-pub fn commit(p: &Profile, root: &Path, key: &Key, generation: u64) -> Result<()> {
-    let snapshots: Vec<String> = crate::snapshots::list(root)?
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let written = crate::snapid::SnapshotId::now().to_string();
+/// Write generation `generation` with `snapshots` (commit order), then the client's records.
+pub fn commit(
+    p: &Profile,
+    root: &Path,
+    key: &Key,
+    generation: u64,
+    snapshots: &[SnapshotId],
+) -> Result<()> {
+    let snapshots: Vec<String> = snapshots.iter().map(|s| s.to_string()).collect();
+    let written = SnapshotId::now().to_string();
     let mac = compute_mac(key, generation, &snapshots, &written);
     let st = State {
         generation,
@@ -162,6 +372,28 @@ pub fn commit(p: &Profile, root: &Path, key: &Key, generation: u64) -> Result<()
         mac,
     };
     store(root, &serde_json::to_vec_pretty(&st)?)?;
+    set_client_record(p, generation, &st.snapshots)
+}
+
+/// The client's side of a commit (and of `accept-rollback`): the list, then the number.
+pub fn set_client_record(p: &Profile, generation: u64, snapshots: &[String]) -> Result<()> {
+    let wall = SnapshotId::now().unix();
+    let old = read_client_record(p).ok().flatten().and_then(|r| r.clock);
+    let boot = boot_clock();
+    let clock = boot.as_ref().map(|(id, bt)| ClockMark {
+        boot_id: id.clone(),
+        boottime: *bt,
+        wall: corrected_now(old.as_ref(), Some((id.as_str(), *bt)), wall),
+    });
+    write_client_record(
+        p,
+        &ClientRecord {
+            generation,
+            snapshots: snapshots.to_vec(),
+            clock,
+            ..Default::default()
+        },
+    )?;
     set_client_generation(p, generation)
 }
 
@@ -232,5 +464,132 @@ mod tests {
         assert!(read_verified(root, &k).is_err());
         std::fs::write(root.join(STATE_FILE), b"{not json").unwrap();
         assert!(read_verified(root, &k).is_err());
+    }
+
+    fn id(s: &str) -> SnapshotId {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn reconcile_refuses_listed_snapshots_that_are_missing() {
+        let (a, b, c) = (
+            id("20260101T000000Z"),
+            id("20260102T000000Z"),
+            id("20260103T000000Z"),
+        );
+        // All there: the list as it is, in commit order (not the directory's order).
+        let ok = reconcile(&[b, a], &[a, b], None, false).unwrap();
+        assert_eq!(ok.snapshots, [b, a]);
+        // A replayed directory block hides c: refused, c named.
+        assert_eq!(reconcile(&[a, b, c], &[a, b], None, false), Err(vec![c]));
+        // accept-rollback: reported instead.
+        let acc = reconcile(&[a, b, c], &[a, b], None, true).unwrap();
+        assert_eq!((acc.snapshots, acc.missing), (vec![a, b], vec![c]));
+        // An entry STATE does not name is reported, never used (not "latest").
+        let r = reconcile(&[a, b], &[a, b, c], None, false).unwrap();
+        assert_eq!((r.snapshots, r.unlisted), (vec![a, b], vec![c]));
+    }
+
+    #[test]
+    fn reconcile_knows_this_clients_unfinished_work() {
+        let (a, b, c) = (
+            id("20260101T000000Z"),
+            id("20260102T000000Z"),
+            id("20260103T000000Z"),
+        );
+        // A run put c in place and removed a, then crashed before its commit.
+        let rec = ClientRecord {
+            generation: 4,
+            snapshots: vec![a.to_string(), b.to_string()],
+            adding: vec![c.to_string()],
+            gone: vec![a.to_string()],
+            clock: None,
+        };
+        let r = reconcile(&[a, b], &[b, c], Some(&rec), false).unwrap();
+        assert_eq!(r.snapshots, [b, c], "c adopted last, a accepted as removed");
+        assert!(r.missing.is_empty() && r.unlisted.is_empty());
+        // Removal noted but not done yet: a is still listed and used.
+        let r = reconcile(&[a, b], &[a, b], Some(&rec), false).unwrap();
+        assert_eq!(r.snapshots, [a, b]);
+        // What the client did not note is still refused.
+        assert_eq!(reconcile(&[a, b], &[a], Some(&rec), false), Err(vec![b]));
+    }
+
+    #[test]
+    fn corrected_now_follows_the_boot_clock_after_a_jump_ahead() {
+        let m = ClockMark {
+            boot_id: "boot-1".into(),
+            boottime: 1000,
+            wall: 1_800_000_000,
+        };
+        let year = 365 * 86_400;
+        // Same boot, a minute later by both clocks: the wall clock.
+        assert_eq!(
+            corrected_now(Some(&m), Some(("boot-1", 1060)), 1_800_000_060),
+            1_800_000_060
+        );
+        // Same boot, the wall clock a year ahead: what the boot clock says.
+        assert_eq!(
+            corrected_now(Some(&m), Some(("boot-1", 1060)), 1_800_000_060 + year),
+            1_800_000_060
+        );
+        // An NTP step of an hour is not a jump.
+        assert_eq!(
+            corrected_now(Some(&m), Some(("boot-1", 1060)), 1_800_003_660),
+            1_800_003_660
+        );
+        // Set back: taken as it is. Another boot, or no mark: the wall clock.
+        assert_eq!(
+            corrected_now(Some(&m), Some(("boot-1", 1060)), 1_700_000_000),
+            1_700_000_000
+        );
+        assert_eq!(
+            corrected_now(Some(&m), Some(("boot-2", 5)), 1_800_000_000 + year),
+            1_800_000_000 + year
+        );
+        assert_eq!(corrected_now(None, None, 7), 7);
+    }
+
+    /// Issue 29 item 2's story, with the decisions of retention and the time a run uses:
+    /// keep_last 1, keep_within 2d; two real runs, two with the clock a year ahead (same
+    /// boot), the clock put back, one more run. No real snapshot is lost, and the last
+    /// committed one is "latest".
+    #[test]
+    fn clock_a_year_ahead_for_two_runs_loses_no_real_snapshot() {
+        use crate::retention::{select, Policy};
+        let p = Policy {
+            keep_last: Some(1),
+            keep_within: Some(2 * 86_400),
+            ..Default::default()
+        };
+        let year = 365 * 86_400;
+        let t0 = 1_800_000_000;
+        let mut committed: Vec<SnapshotId> = Vec::new();
+        let mut mark: Option<ClockMark> = None;
+        // (wall clock, boot clock) of each run, a minute apart by the boot clock.
+        let runs = [
+            (t0, 100),
+            (t0 + 60, 160),
+            (t0 + 120 + year, 220),
+            (t0 + 180 + year, 280),
+            (t0 + 240, 340),
+        ];
+        for (wall, bt) in runs {
+            committed.push(SnapshotId::from_unix(wall));
+            let now = corrected_now(mark.as_ref(), Some(("b", bt)), wall);
+            let ds = select(&committed, &p, now);
+            committed.retain(|c| ds.iter().any(|d| d.id == *c && !d.removed()));
+            mark = Some(ClockMark {
+                boot_id: "b".into(),
+                boottime: bt,
+                wall: now,
+            });
+        }
+        assert!(
+            committed.contains(&SnapshotId::from_unix(t0))
+                && committed.contains(&SnapshotId::from_unix(t0 + 60)),
+            "{committed:?}"
+        );
+        assert_eq!(committed.last(), Some(&SnapshotId::from_unix(t0 + 240)));
     }
 }

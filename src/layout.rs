@@ -133,6 +133,12 @@ impl Profile {
         self.state_dir().join("generation")
     }
 
+    /// The snapshot list of the last generation this client committed, and what it was
+    /// about to add or remove ([`crate::generation::ClientRecord`]).
+    pub fn snapshot_record(&self) -> PathBuf {
+        self.state_dir().join("snapshots.json")
+    }
+
     /// The status file of the last command.
     pub fn last_run_path(&self) -> PathBuf {
         self.state_dir().join("last-run.json")

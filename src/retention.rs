@@ -1,9 +1,15 @@
 //! Which snapshots to keep: the `retention:` rules of a profile, with restic's `forget`
 //! semantics.
 //!
+//! Order: [`select`] takes the snapshots in commit order (the container's authenticated
+//! `STATE` list, see [`crate::generation`]); "newest" below means the last committed, and
+//! the caller passes as `now` the clock corrected for a jump since the last commit
+//! ([`crate::generation::trusted_now`]). With a clock that only moves forward, commit order
+//! is date order and everything below reads as restic's.
+//!
 //! Rules (each one independent; a snapshot is kept if any rule keeps it, and its
 //! [`Decision`] lists every rule that did):
-//! - `keep_last N`: the N newest snapshots.
+//! - `keep_last N`: the N last committed snapshots.
 //! - `keep_hourly/daily/weekly/monthly/yearly N`: walking from newest to oldest, the newest
 //!   snapshot of each of the N most recent hours (days, ISO weeks, months, years) that have
 //!   snapshots at all. Empty periods do not count: a laptop backed up on three days last month
@@ -38,9 +44,8 @@
 //!   rather than calendar arithmetic, so a duration is a plain number of seconds that can be
 //!   compared and printed. `keep_within` is inclusive where restic's is strict: a snapshot
 //!   exactly D older than the newest is kept; at the boundary we err towards keeping.
-//! - Input is deduplicated and sorted here rather than required sorted: callers list directory
-//!   names in whatever order `readdir` gives, and one decision per distinct id is what a
-//!   pruner can act on.
+//! - Input is in commit order (not sorted here: the order is the information); a duplicate
+//!   id gets one decision, where it was committed last.
 //!
 //! [`select`] is a pure function, so it is tested exhaustively here (including against an
 //! independent brute-force model on random inputs); deleting is elsewhere.
@@ -271,25 +276,36 @@ pub fn future(snapshots: &[SnapshotId], now: i64) -> Option<SnapshotId> {
         .filter(|n| n.unix() > now.saturating_add(CLOCK_SLACK))
 }
 
-/// Decide for every distinct snapshot, newest first, at the time `now` (unix seconds).
-pub fn select(snapshots: &[SnapshotId], policy: &Policy, now: i64) -> Vec<Decision> {
-    let mut ids = snapshots.to_vec();
-    ids.sort_unstable_by(|a, b| b.cmp(a));
-    ids.dedup();
-    let mut out: Vec<Decision> = ids
-        .into_iter()
-        .map(|id| Decision {
-            id,
-            keep: Vec::new(),
-        })
-        .collect();
+/// Every snapshot dated more than [`CLOCK_SLACK`] after `now`, in the order given: what
+/// `snapshots`, `status` and a suspended prune name.
+pub fn dated_in_future(snapshots: &[SnapshotId], now: i64) -> Vec<SnapshotId> {
+    snapshots
+        .iter()
+        .copied()
+        .filter(|n| n.unix() > now.saturating_add(CLOCK_SLACK))
+        .collect()
+}
+
+/// Decide for every distinct snapshot of `committed` (in commit order, oldest first, as the
+/// container's STATE lists them), last committed first, at the time `now` (unix seconds).
+/// A duplicate id counts where it was committed last.
+pub fn select(committed: &[SnapshotId], policy: &Policy, now: i64) -> Vec<Decision> {
+    let mut out: Vec<Decision> = Vec::with_capacity(committed.len());
+    for id in committed.iter().rev() {
+        if !out.iter().any(|d| d.id == *id) {
+            out.push(Decision {
+                id: *id,
+                keep: Vec::new(),
+            });
+        }
+    }
     if policy.is_empty() {
         for d in &mut out {
             d.keep.push(Reason::NoPolicy);
         }
         return out;
     }
-    if future(snapshots, now).is_some() {
+    if future(committed, now).is_some() {
         for d in &mut out {
             d.keep.push(Reason::Future);
         }
@@ -300,8 +316,8 @@ pub fn select(snapshots: &[SnapshotId], policy: &Policy, now: i64) -> Vec<Decisi
     out
 }
 
-/// Apply every rule to `out` (distinct ids, newest first). Rules run in [`Reason`] order, so
-/// each decision's reasons come out in that order without sorting.
+/// Apply every rule to `out` (distinct ids, last committed first). Rules run in [`Reason`]
+/// order, so each decision's reasons come out in that order without sorting.
 fn apply_rules(out: &mut [Decision], policy: &Policy, now: i64) {
     if let Some(n) = policy.keep_last {
         for d in out.iter_mut().take(n as usize) {
@@ -313,29 +329,29 @@ fn apply_rules(out: &mut [Decision], policy: &Policy, now: i64) {
         let Some(n) = period_count(policy, reason).filter(|n| *n > 0) else {
             continue;
         };
-        let mut left = n;
-        let mut last: Option<i64> = None;
+        let mut seen = std::collections::HashSet::new();
         for (d, c) in out.iter_mut().zip(&civil) {
-            if left == 0 {
+            if seen.len() == n as usize {
                 break;
             }
-            let k = key(d.id, c);
-            // Newest first: the first snapshot met in a period is that period's newest.
-            if last != Some(k) {
+            // Last committed first: the first snapshot met in a period is the one kept for it
+            // (with dates in commit order, that period's newest).
+            if seen.insert(key(d.id, c)) {
                 d.keep.push(reason);
-                last = Some(k);
-                left -= 1;
             }
         }
     }
     if let Some(w) = policy.keep_within.filter(|w| *w > 0) {
+        // The reference: the second-last committed snapshot (the last one that existed
+        // before the run that committed the newest), never later than now.
         let now = out
             .get(1)
             .or(out.first())
             .map_or(now, |d| d.id.unix().min(now));
         for d in out.iter_mut() {
             // abs_diff: no overflow for any pair of i64 times or any u64 duration. A snapshot
-            // up to CLOCK_SLACK ahead of now counts as within (select stops on anything later).
+            // dated after the reference (committed after it, or up to CLOCK_SLACK ahead of
+            // now) counts as within (select stops on anything later than that).
             if d.id.unix() >= now || now.abs_diff(d.id.unix()) <= w {
                 d.keep.push(Reason::Within);
             }
@@ -343,7 +359,7 @@ fn apply_rules(out: &mut [Decision], policy: &Policy, now: i64) {
     }
 }
 
-/// The safety net: never remove the newest snapshot (`out` is newest first).
+/// The safety net: never remove the last committed snapshot (`out` is last committed first).
 fn ensure_newest(out: &mut [Decision]) {
     if let Some(first) = out.first_mut() {
         if first.keep.is_empty() {
@@ -363,9 +379,17 @@ mod tests {
 
     /// `select` at the time of the newest snapshot (what the rules' own tests need: keep_within
     /// then measures from the newest, and nothing is in the future).
+    /// Committed in date order (a clock that only moves forward): most rules' tests.
     fn sel(s: &[SnapshotId], p: &Policy) -> Vec<Decision> {
         let now = s.iter().map(|i| i.unix()).max().unwrap_or(0);
-        select(s, p, now)
+        select(&in_date_order(s), p, now)
+    }
+
+    fn in_date_order(s: &[SnapshotId]) -> Vec<SnapshotId> {
+        let mut v = s.to_vec();
+        v.sort();
+        v.dedup();
+        v
     }
 
     fn at(s: &str) -> SnapshotId {
@@ -632,26 +656,37 @@ mod tests {
         }
     }
 
+    /// The rules follow the commit order, not the dates: after a clock went back, the last
+    /// committed snapshot is the newest for keep_last and the safety net, whatever its date.
     #[test]
-    fn unsorted_input_and_duplicates() {
-        let sorted = series("20260101T000000Z", 30, 5 * H);
-        let mut messy: Vec<SnapshotId> = sorted.iter().rev().copied().collect();
-        messy.swap(3, 17);
-        messy.swap(0, 29);
-        messy.extend_from_slice(&sorted[5..12]);
-        messy.push(sorted[0]);
-        let p = Policy {
-            keep_last: Some(2),
-            keep_daily: Some(3),
-            keep_within: Some(20 * 3600),
-            ..Default::default()
-        };
-        let d = sel(&messy, &p);
-        assert_eq!(d, sel(&sorted, &p));
-        assert_eq!(d.len(), 30, "one decision per distinct id");
-        assert!(d.windows(2).all(|w| w[0].id > w[1].id), "newest first");
-        let all = sel(&messy, &Policy::default());
-        assert_eq!(all.len(), 30);
+    fn commit_order_not_date_order() {
+        let c = ids(&[
+            "20260101T000000Z",
+            "20260102T000000Z",
+            "20260103T000000Z",
+            // the clock went back a day: committed last, dated before the one above
+            "20260102T120000Z",
+        ]);
+        let d = select(&c, &last(1), at("20260103T000000Z").unix());
+        assert_eq!(kept(&d), ["20260102T120000Z"]);
+        assert_eq!(d[0].keep, [Reason::Last]);
+        let d = select(&c, &last(2), at("20260103T000000Z").unix());
+        assert_eq!(kept(&d), ["20260102T120000Z", "20260103T000000Z"]);
+        // A daily period holds two snapshots out of order: the one committed last is kept.
+        let d = select(&c, &daily(2), at("20260103T000000Z").unix());
+        assert_eq!(kept(&d), ["20260102T120000Z", "20260103T000000Z"]);
+        // keep_within counts from the second-last committed (01-03), not the highest id.
+        let d = select(&c, &within(86_400), at("20260103T000000Z").unix());
+        assert_eq!(
+            kept(&d),
+            ["20260102T120000Z", "20260103T000000Z", "20260102T000000Z"]
+        );
+        // A duplicate counts where it was committed last; one decision per id.
+        let dup = [c[0], c[1], c[0]];
+        let d = select(&dup, &last(1), at("20260103T000000Z").unix());
+        assert_eq!(d.len(), 2);
+        assert_eq!(kept(&d), ["20260101T000000Z"]);
+        assert_eq!(select(&c, &Policy::default(), 0).len(), 4);
     }
 
     #[test]
@@ -1234,7 +1269,8 @@ mod tests {
                 2 => newest - r.below(spread as u64) as i64,
                 _ => newest + r.below(spread as u64) as i64,
             };
-            let d = select(&snaps, &p, now);
+            // Committed in date order (the model ranks by date).
+            let d = select(&in_date_order(&snaps), &p, now);
             let ctx = format!("round {round}: now {now} {p:?}");
 
             // Same answer as the model, reason lists included.
@@ -1271,13 +1307,6 @@ mod tests {
             ] {
                 assert!(by(reason) <= lim.unwrap_or(0) as usize, "{ctx}");
             }
-            // Order of the input does not matter.
-            let mut shuffled = snaps.clone();
-            for i in (1..shuffled.len()).rev() {
-                shuffled.swap(i, r.below(i as u64 + 1) as usize);
-            }
-            assert_eq!(select(&shuffled, &p, now), d, "{ctx}");
-
             // keep_last alone keeps exactly min(N, count).
             let k = r.below(12) as u32;
             let only_last = sel(&snaps, &last(k));

@@ -65,6 +65,11 @@ pub struct Session<'p> {
     unlocked_with: Option<PathBuf>,
     /// The container's authenticated generation, once checked (see [`crate::generation`]).
     generation: Option<u64>,
+    /// The authenticated snapshots in commit order (checked against the directory), as this
+    /// command changes them: what the next generation commit writes.
+    snapshots: Vec<crate::snapid::SnapshotId>,
+    /// `accept-rollback`: listed snapshots found missing, and unlisted entries.
+    checked: Option<crate::generation::Checked>,
     /// `accept-rollback` only: skip the comparison with the client's record.
     accept_any_generation: bool,
     /// Watches the sshfs connection for a hung server (see [`crate::watchdog`]), from the
@@ -150,6 +155,8 @@ impl<'p> Session<'p> {
             key: None,
             unlocked_with: None,
             generation: None,
+            snapshots: Vec::new(),
+            checked: None,
             accept_any_generation: false,
             watchdog: None,
         })
@@ -525,12 +532,10 @@ impl<'p> Session<'p> {
         let root = self.mount_fs_with(true, read_only)?;
         crate::snapshots::check_layout(&root)?;
         let key = self.key()?;
-        self.generation = Some(crate::generation::check(
-            self.profile,
-            &root,
-            key,
-            self.accept_any_generation,
-        )?);
+        let c = crate::generation::check(self.profile, &root, key, self.accept_any_generation)?;
+        self.generation = Some(c.generation);
+        self.snapshots = c.snapshots.clone();
+        self.checked = Some(c);
         if !read_only {
             signals::check()?;
             mount::remount_ext4(&root, false)?;
@@ -549,12 +554,10 @@ impl<'p> Session<'p> {
         let root = self.mount_fs_with(true, true)?;
         crate::snapshots::check_layout(&root)?;
         let key = self.key()?;
-        self.generation = Some(crate::generation::check(
-            self.profile,
-            &root,
-            key,
-            self.accept_any_generation,
-        )?);
+        let c = crate::generation::check(self.profile, &root, key, self.accept_any_generation)?;
+        self.generation = Some(c.generation);
+        self.snapshots = c.snapshots.clone();
+        self.checked = Some(c);
         // Read-only: nothing to sync before the unmount.
         self.fs_root = None;
         let r = self.stack.unwind_to(mark, &mut stack::Real);
@@ -574,10 +577,32 @@ impl<'p> Session<'p> {
             .context("the container's generation was not checked")?
             + 1;
         let key = self.key()?;
-        crate::generation::commit(self.profile, root, key, next)?;
+        crate::generation::commit(self.profile, root, key, next, &self.snapshots)?;
         self.generation = Some(next);
         self.fs_synced = true;
         Ok(next)
+    }
+
+    /// The authenticated snapshots in commit order, oldest first (after
+    /// [`Session::mount_checked`]); the last one is "latest".
+    pub fn snapshots(&self) -> &[crate::snapid::SnapshotId] {
+        &self.snapshots
+    }
+
+    /// What the open's check found (missing and unlisted snapshots: `accept-rollback`).
+    pub fn checked(&self) -> Option<&crate::generation::Checked> {
+        self.checked.as_ref()
+    }
+
+    /// A snapshot this command put in place: the next commit lists it last.
+    pub fn snapshot_added(&mut self, id: crate::snapid::SnapshotId) {
+        self.snapshots.retain(|s| *s != id);
+        self.snapshots.push(id);
+    }
+
+    /// Snapshots this command removed: the next commit no longer lists them.
+    pub fn snapshots_removed(&mut self, ids: &[crate::snapid::SnapshotId]) {
+        self.snapshots.retain(|s| !ids.contains(s));
     }
 
     /// The container's authenticated generation (after [`Session::mount_checked`]).

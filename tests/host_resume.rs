@@ -110,7 +110,7 @@ fn host_writeback_error_fails_the_snapshot() {
         std::fs::write(src.join(format!("f{i:02}")), noise(4 << 20, i + 1)).unwrap();
     }
     let p = profile(&src);
-    let e = snapshots::take(&p, &fs, Some(&l.device), None)
+    let e = snapshots::take(&p, &fs, Some(&l.device), None, &[])
         .expect_err("a snapshot whose data could not be written must fail");
     let msg = format!("{e:#}");
     eprintln!("take failed as it must: {msg}");
@@ -150,8 +150,8 @@ fn host_full_container_then_resume() {
     std::fs::write(src.join("small"), b"small\n").unwrap();
     let p = profile(&src);
 
-    let e =
-        snapshots::take(&p, &fs, Some(&l.device), None).expect_err("the container is too small");
+    let e = snapshots::take(&p, &fs, Some(&l.device), None, &[])
+        .expect_err("the container is too small");
     let full = e
         .downcast_ref::<snapshots::ContainerFull>()
         .unwrap_or_else(|| panic!("not reported as a full container: {e:#}"));
@@ -189,7 +189,7 @@ fn host_full_container_then_resume() {
     std::fs::remove_file(fs.join("filler")).unwrap();
 
     let first_id = resume.first_id.clone();
-    let t = snapshots::take(&p, &fs, Some(&l.device), Some(resume))
+    let t = snapshots::take(&p, &fs, Some(&l.device), Some(resume), &[])
         .unwrap_or_else(|e| panic!("resumed snapshot: {e:#}"));
     let r = t.resumed.as_ref().expect("the snapshot was resumed");
     eprintln!("resumed: {r:?}, transferred {:?}", t.bytes_transferred);

@@ -657,8 +657,8 @@ fn host_sshfs_loop_ext4_snapshots() {
     );
 
     // First snapshot: a full copy.
-    let t1 =
-        snapshots::take(&p, &fs, Some(&dev), None).unwrap_or_else(|e| panic!("snapshot 1: {e:#}"));
+    let t1 = snapshots::take(&p, &fs, Some(&dev), None, &[])
+        .unwrap_or_else(|e| panic!("snapshot 1: {e:#}"));
     assert_eq!(t1.link_dest, None);
     assert!(!t1.vanished_files);
     let in_snap = |id: &str| {
@@ -680,8 +680,8 @@ fn host_sshfs_loop_ext4_snapshots() {
     write(&s.join("a/new.txt"), b"new\n");
     std::fs::remove_file(s.join("a/delete.txt")).unwrap();
     let used_before = free_blocks_used(&fs);
-    let t2 =
-        snapshots::take(&p, &fs, Some(&dev), None).unwrap_or_else(|e| panic!("snapshot 2: {e:#}"));
+    let t2 = snapshots::take(&p, &fs, Some(&dev), None, &[t1.id.parse().unwrap()])
+        .unwrap_or_else(|e| panic!("snapshot 2: {e:#}"));
     let used_after = free_blocks_used(&fs);
     assert_eq!(t2.link_dest.as_deref(), Some(t1.id.as_str()));
     assert_eq!(

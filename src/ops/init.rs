@@ -176,7 +176,7 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     )?;
     let root = s.mount_fs(false)?;
     crate::snapshots::create_layout(&root)?;
-    crate::generation::commit(p, &root, s.key()?, 0)?;
+    crate::generation::commit(p, &root, s.key()?, 0, &[])?;
     mount::syncfs(&root)?;
     s.close_to(mark)
         .context("could not close the new container cleanly; it was not committed")?;

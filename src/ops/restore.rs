@@ -30,6 +30,12 @@ pub struct SnapshotInfo {
     pub total_bytes: u64,
     /// Bytes allocated only by this snapshot: freed if it alone is pruned (hard-link aware).
     pub unique_bytes: u64,
+    /// The last committed snapshot: what `restore latest` restores.
+    #[serde(default)]
+    pub latest: bool,
+    /// Dated after this client's clock (taken while a clock was ahead, or this clock is behind).
+    #[serde(default)]
+    pub future: bool,
 }
 
 /// Walk one snapshot: per inode, how many of its links are inside this snapshot.
@@ -71,6 +77,8 @@ fn measure(dir: &Path) -> Result<SnapshotInfo> {
         files,
         total_bytes: total,
         unique_bytes: unique,
+        latest: false,
+        future: false,
     })
 }
 
@@ -93,10 +101,19 @@ fn with_readonly<T>(
 }
 
 pub fn list(p: &Profile, json: bool) -> Exit {
-    let (code, infos) = with_readonly(p, "snapshots", |_, root| {
-        snapshots::list(root)?
-            .into_iter()
-            .map(|id| measure(&snapshots::path_of(root, id)))
+    let now = crate::generation::trusted_now(p);
+    // In commit order (oldest first), from the authenticated list.
+    let (code, infos) = with_readonly(p, "snapshots", |s, root| {
+        let committed = s.snapshots();
+        let future = crate::retention::dated_in_future(committed, now);
+        committed
+            .iter()
+            .map(|id| {
+                let mut i = measure(&snapshots::path_of(root, *id))?;
+                i.latest = Some(id) == committed.last();
+                i.future = future.contains(id);
+                Ok(i)
+            })
             .collect::<Result<Vec<_>>>()
     });
     if let Some(infos) = infos {
@@ -107,16 +124,40 @@ pub fn list(p: &Profile, json: bool) -> Exit {
             );
         } else {
             println!(
-                "{:<18} {:>9} {:>10} {:>10}",
+                "{:<18} {:>9} {:>10} {:>10}  NOTE (oldest committed first)",
                 "SNAPSHOT", "FILES", "SIZE", "UNIQUE"
             );
             for i in &infos {
+                let mut note = Vec::new();
+                if i.latest {
+                    note.push("latest".to_string());
+                }
+                if i.future {
+                    note.push(format!(
+                        "DATED IN THE FUTURE (this clock reads {})",
+                        SnapshotId::from_unix(now)
+                    ));
+                }
                 println!(
-                    "{:<18} {:>9} {:>10} {:>10}",
+                    "{:<18} {:>9} {:>10} {:>10}  {}",
                     i.id,
                     i.files,
                     Size(i.total_bytes).to_string(),
-                    Size(i.unique_bytes).to_string()
+                    Size(i.unique_bytes).to_string(),
+                    note.join(", ")
+                );
+            }
+            let future: Vec<&str> = infos
+                .iter()
+                .filter(|i| i.future)
+                .map(|i| i.id.as_str())
+                .collect();
+            if !future.is_empty() {
+                crate::warn!(
+                    "snapshot(s) {} are dated in the future: a clock was ahead when they were taken, \
+                     or this one is behind; `latest` is the last committed snapshot, and retention \
+                     is suspended until the clock passes them (docs/operations.md, clock jumps)",
+                    future.join(", ")
                 );
             }
         }
@@ -124,19 +165,19 @@ pub fn list(p: &Profile, json: bool) -> Exit {
     code
 }
 
-/// Resolve `latest` or an id to an existing snapshot.
-fn resolve(root: &Path, which: &str) -> Result<SnapshotId> {
-    let all = snapshots::list(root)?;
+/// Resolve `latest` (the last committed snapshot, whatever its date) or an id to a snapshot
+/// of `committed` (the authenticated list, in commit order).
+fn resolve(committed: &[SnapshotId], which: &str) -> Result<SnapshotId> {
     if which == "latest" {
-        return all
+        return committed
             .last()
             .copied()
             .ok_or_else(|| usage("the container holds no snapshot yet"));
     }
     let id: SnapshotId = which.parse().map_err(usage)?;
-    if !all.contains(&id) {
+    if !committed.contains(&id) {
         return Err(usage(format!(
-            "no snapshot {id} (see `e2ebackup snapshots`)"
+            "no snapshot {id} in the container's authenticated list (see `e2ebackup snapshots`)"
         )));
     }
     Ok(id)
@@ -181,7 +222,7 @@ pub fn restore(
         )));
     }
     let (code, _) = with_readonly(p, "restore", |s, root| {
-        let id = resolve(root, which)?;
+        let id = resolve(s.snapshots(), which)?;
         let snap = snapshots::path_of(root, id);
         for q in paths {
             let inside = snap.join(q.strip_prefix("/").unwrap_or(q));

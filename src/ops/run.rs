@@ -205,17 +205,26 @@ fn work(p: &Profile, s: &mut Session<'_>, f: &mut Figures, allow_shrink: bool) -
         allow_shrink,
         previous_entries: state::read_last_run(p).and_then(|r| r.source_entries),
     };
-    let t = snapshots::take_guarded(p, &root, Some(&s.mapper()?), resume, &guard)?;
+    let committed = s.snapshots().to_vec();
+    let t = snapshots::take_guarded(p, &root, Some(&s.mapper()?), resume, &committed, &guard)?;
     let warnings = t.has_warnings();
+    let id: crate::snapid::SnapshotId = t.id.parse().map_err(anyhow::Error::msg)?;
+    s.snapshot_added(id);
     f.taken = Some(t);
     crate::signals::check()?;
-    snapshots::prune(p, &root, false)?;
+    let committed = s.snapshots().to_vec();
+    let removed: Vec<_> = snapshots::prune(p, &root, &committed, false)?
+        .into_iter()
+        .filter(|d| d.removed())
+        .map(|d| d.id)
+        .collect();
+    s.snapshots_removed(&removed);
     let g = s.commit_generation(&root)?;
     crate::debug!("container generation {g}");
     if let Some(t) = &f.taken {
         t.report_committed();
     }
-    f.snapshot_count = snapshots::list(&root).ok().map(|l| l.len() as u64);
+    f.snapshot_count = Some(s.snapshots().len() as u64);
     f.container_size = s
         .server_dir()
         .ok()

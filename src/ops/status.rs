@@ -22,6 +22,13 @@ pub struct Status {
     pub stale: Option<String>,
     /// Set when `monitoring.max_skips` runs in a row were skipped by a `before` hook.
     pub skipped_too_often: Option<String>,
+    /// The last snapshot this client committed (commit order, from its own record): what
+    /// `restore latest` restores.
+    #[serde(default)]
+    pub latest_snapshot: Option<String>,
+    /// Committed snapshots dated after this clock (a clock was ahead when they were taken).
+    #[serde(default)]
+    pub future_snapshots: Vec<String>,
 }
 
 pub fn gather(p: &Profile) -> Status {
@@ -35,7 +42,18 @@ pub fn gather(p: &Profile) -> Status {
         .filter(|pid| lock::pid_start(*pid).is_some() && holder_has_lock(p));
     let journal = Journal::read(&p.journal_path()).ok().flatten();
     let last = crate::state::read_last_run(p);
+    let now = crate::generation::trusted_now(p);
+    let committed: Vec<crate::snapid::SnapshotId> = crate::generation::read_client_record(p)
+        .ok()
+        .flatten()
+        .map(|r| r.snapshots.iter().filter_map(|s| s.parse().ok()).collect())
+        .unwrap_or_default();
     Status {
+        latest_snapshot: committed.last().map(|s| s.to_string()),
+        future_snapshots: crate::retention::dated_in_future(&committed, now)
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         profile: p.name.clone(),
         lock_holder_pid: holder,
         sshfs_mounted: mount::mounted_at(&p.sshfs_dir()).ok().flatten().is_some(),
@@ -183,6 +201,22 @@ pub fn status(p: &Profile, json: bool) -> Exit {
         println!(
             "skipped:        the last {} run(s) in a row (before hook: target unavailable)",
             l.consecutive_skips
+        );
+    }
+    if let Some(l) = &st.latest_snapshot {
+        println!("latest:         {l} (last committed)");
+    }
+    if !st.future_snapshots.is_empty() {
+        println!(
+            "dated in future: {} (this clock reads {}; `latest` is the last committed)",
+            st.future_snapshots.join(", "),
+            crate::snapid::SnapshotId::now()
+        );
+        crate::warn!(
+            "{}: snapshot(s) {} are dated in the future: a clock was ahead when they were taken \
+             (docs/operations.md, clock jumps)",
+            p.name,
+            st.future_snapshots.join(", ")
         );
     }
     if let Some(w) = &st.stale {

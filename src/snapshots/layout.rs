@@ -91,7 +91,9 @@ pub fn readable_snapshots(root: &Path) -> String {
     )
 }
 
-/// Complete snapshots, oldest first. Entries that are not snapshot ids are reported, not used.
+/// The directory `snapshots/` as it is, sorted by id: NOT the authenticated list (that is
+/// [`crate::session::Session::snapshots`], in commit order); used to check against it and to
+/// pick an id no entry has. Entries that are not snapshot ids are reported, not used.
 pub fn list(root: &Path) -> Result<Vec<SnapshotId>> {
     let dir = root.join(SNAPSHOTS);
     let mut v = Vec::new();
@@ -137,41 +139,61 @@ pub fn remove_tree(p: &Path) -> Result<()> {
     std::fs::remove_dir_all(p).with_context(|| format!("removing {}", p.display()))
 }
 
-/// Apply the retention policy to the snapshots in the mounted container at `root`.
-/// Returns the decisions (newest first). With `dry_run` nothing is removed. The removals
-/// are not synced: the caller commits the generation next, which makes them durable.
-pub fn prune(p: &Profile, root: &Path, dry_run: bool) -> Result<Vec<crate::retention::Decision>> {
+/// Apply the retention policy to `committed` (the authenticated snapshots, in commit order)
+/// in the mounted container at `root`. Returns the decisions (last committed first). With
+/// `dry_run` nothing is removed. Before removing, the client notes what it removes
+/// ([`crate::generation::note_pending`]), so that a crash before the commit is not taken for
+/// tampering. The removals are not synced: the caller commits the generation next, which
+/// makes them durable.
+pub fn prune(
+    p: &Profile,
+    root: &Path,
+    committed: &[SnapshotId],
+    dry_run: bool,
+) -> Result<Vec<crate::retention::Decision>> {
     use crate::retention;
-    let ids = list(root)?;
-    let now = crate::snapid::SnapshotId::now().unix();
-    let mut decisions = retention::select(&ids, &p.retention, now);
+    // The clock, unless it jumped ahead since the last commit of this boot.
+    let now = crate::generation::trusted_now(p);
+    let mut decisions = retention::select(committed, &p.retention, now);
     keep_last_data(p, root, &mut decisions);
     if p.retention.is_empty() {
         return Ok(decisions);
     }
-    if let Some(f) = retention::future(&ids, now) {
+    if let Some(f) = retention::future(committed, now) {
         warn!(
-            "snapshot {f} is dated in the future (this clock reads {}; was it set ahead when that snapshot was taken?): \
-             retention is suspended and nothing is pruned until the clock passes {f}; \
-             if that snapshot's date is wrong, remove it by hand (docs/operations.md, clock jumps)",
+            "snapshot(s) {} dated in the future (this clock reads {}; was it set ahead when they were taken?): \
+             retention is suspended and nothing is pruned until the clock passes {f}; `latest` is the last \
+             committed snapshot, whatever its date; if those dates are wrong, see docs/operations.md (clock jumps)",
+            retention::dated_in_future(committed, now)
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
             crate::snapid::SnapshotId::from_unix(now)
         );
         return Ok(decisions);
     }
-    for d in &decisions {
-        if d.removed() && !dry_run {
-            crate::signals::check()?;
-            info!("pruning snapshot {}", d.id);
-            // Move out of snapshots/ first (atomic), so an interrupted delete never leaves
-            // a half-deleted tree that looks like a complete snapshot.
-            let from = path_of(root, d.id);
-            let to = root.join(PARTIAL).join(format!("{}.pruning", d.id));
-            std::fs::rename(&from, &to)?;
-            remove_tree(&to)?;
-            let m = crate::manifest::path_of(root, &d.id.to_string());
-            if m.exists() {
-                std::fs::remove_file(&m)?;
-            }
+    let removed: Vec<SnapshotId> = decisions
+        .iter()
+        .filter(|d| d.removed())
+        .map(|d| d.id)
+        .collect();
+    if dry_run || removed.is_empty() {
+        return Ok(decisions);
+    }
+    crate::generation::note_pending(p, None, &removed)?;
+    for id in removed {
+        crate::signals::check()?;
+        info!("pruning snapshot {id}");
+        // Move out of snapshots/ first (atomic), so an interrupted delete never leaves
+        // a half-deleted tree that looks like a complete snapshot.
+        let from = path_of(root, id);
+        let to = root.join(PARTIAL).join(format!("{id}.pruning"));
+        std::fs::rename(&from, &to)?;
+        remove_tree(&to)?;
+        let m = crate::manifest::path_of(root, &id.to_string());
+        if m.exists() {
+            std::fs::remove_file(&m)?;
         }
     }
     // Not synced here: the generation commit that follows makes the removals durable
@@ -185,7 +207,7 @@ pub fn prune(p: &Profile, root: &Path, dry_run: bool) -> Result<Vec<crate::reten
 /// newest snapshots have it empty and the newest one that holds its data is to be removed,
 /// that one is kept ([`crate::retention::Reason::LastData`]). A source that is
 /// empty in the newest snapshot costs a directory read per snapshot back to its data.
-/// `decisions` are newest first.
+/// `decisions` are last committed first.
 pub fn keep_last_data(p: &Profile, root: &Path, decisions: &mut [crate::retention::Decision]) {
     let has_entries = |id: SnapshotId, src: &Path| {
         let d = path_of(root, id).join(src.strip_prefix("/").unwrap_or(src));
@@ -210,28 +232,26 @@ pub fn keep_last_data(p: &Profile, root: &Path, decisions: &mut [crate::retentio
     }
 }
 
-/// The id of a new snapshot taken at `now`, given the `existing` ones (oldest first), and
-/// the snapshot to hard-link unchanged files to.
+/// The id of a new snapshot taken at `now`, given the ids in `snapshots/` (`existing`, sorted)
+/// and the authenticated snapshots in commit order (`committed`); and the snapshot to
+/// hard-link unchanged files to: the last one committed.
 ///
 /// The id is the clock's time, bumped only past an id that exists (two runs within one
 /// second). It is not bumped past the newest snapshot: after one run with a clock years
 /// ahead, every later id would otherwise be "newest + 1", dated in that future for good
-/// (retention stops while the newest is in the future, see retention::future). So after a
-/// clock jump back, ids are no longer in the order the runs happened; the previous snapshot
-/// is then the newest one not after `now` (the last run before the jump is the one taken
-/// last by any clock that only jumped once), or the newest if all are later.
-pub fn new_id(existing: &[SnapshotId], now: SnapshotId) -> (SnapshotId, Option<SnapshotId>) {
+/// (retention stops while a snapshot is in the future, see retention::future). So after a
+/// clock jump back, ids are no longer in the order the runs happened; the order that counts
+/// ("latest", the link target, retention) is the commit order that STATE records.
+pub fn new_id(
+    existing: &[SnapshotId],
+    committed: &[SnapshotId],
+    now: SnapshotId,
+) -> (SnapshotId, Option<SnapshotId>) {
     let mut id = now;
-    while existing.binary_search(&id).is_ok() {
+    while existing.binary_search(&id).is_ok() || committed.contains(&id) {
         id = SnapshotId::from_unix(id.unix() + 1);
     }
-    let prev = existing
-        .iter()
-        .rev()
-        .find(|e| **e < id)
-        .or(existing.last())
-        .copied();
-    (id, prev)
+    (id, committed.last().copied())
 }
 
 #[cfg(test)]
@@ -239,42 +259,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn new_ids_follow_the_clock_not_a_future_snapshot() {
+    fn new_ids_follow_the_clock_and_link_to_the_last_committed() {
         let i = |s: &str| s.parse::<SnapshotId>().unwrap();
         let none: [SnapshotId; 0] = [];
         assert_eq!(
-            new_id(&none, i("20260101T000000Z")),
+            new_id(&none, &none, i("20260101T000000Z")),
             (i("20260101T000000Z"), None)
         );
         let ex = [i("20260101T000000Z"), i("20260102T000000Z")];
         assert_eq!(
-            new_id(&ex, i("20260103T000000Z")),
+            new_id(&ex, &ex, i("20260103T000000Z")),
             (i("20260103T000000Z"), Some(i("20260102T000000Z")))
         );
-        // Same second as an existing one: bumped, linked to the one it collided with.
+        // Same second as an existing one: bumped.
         assert_eq!(
-            new_id(&ex, i("20260102T000000Z")),
+            new_id(&ex, &ex, i("20260102T000000Z")),
             (i("20260102T000001Z"), Some(i("20260102T000000Z")))
         );
         // A snapshot ten years ahead, clock back: the id is the clock's, not 2036 + 1 s,
-        // and unchanged files link to the newest snapshot before it.
+        // and unchanged files link to the last committed one, whatever its date.
         let ex = [
             i("20260101T000000Z"),
             i("20260102T000000Z"),
             i("20360102T000000Z"),
         ];
         assert_eq!(
-            new_id(&ex, i("20260103T000000Z")),
-            (i("20260103T000000Z"), Some(i("20260102T000000Z")))
+            new_id(&ex, &ex, i("20260103T000000Z")),
+            (i("20260103T000000Z"), Some(i("20360102T000000Z")))
         );
-        // Every snapshot later than the clock: link to the newest.
+        // After the clock went back, commit order and id order differ: the link target is
+        // the last committed one, not the highest id.
+        let committed = [ex[0], ex[2], ex[1]];
         assert_eq!(
-            new_id(&ex, i("20250101T000000Z")),
-            (i("20250101T000000Z"), Some(i("20360102T000000Z")))
+            new_id(&ex, &committed, i("20260103T000000Z")).1,
+            Some(i("20260102T000000Z"))
         );
-        // Consecutive collisions.
-        let ex = [i("20260101T000000Z"), i("20260101T000001Z")];
-        assert_eq!(new_id(&ex, i("20260101T000000Z")).0, i("20260101T000002Z"));
+        // An entry of snapshots/ that is not committed (unlisted) still takes its id.
+        let dir = [i("20260101T000000Z"), i("20260101T000001Z")];
+        assert_eq!(
+            new_id(&dir, &dir[..1], i("20260101T000000Z")),
+            (i("20260101T000002Z"), Some(i("20260101T000000Z")))
+        );
     }
 
     /// keep_last 1: the two newer snapshots have /data empty; the one before them, the last
@@ -305,7 +330,9 @@ mod tests {
              backup: {sources: [/data, /etc]}\nretention: {keep_last: 1}\n",
         )
         .unwrap();
-        let decisions = prune(&p, r, false).unwrap();
+        // A dry run: a real one notes its removals in the client's state directory
+        // (/var/lib/e2ebackup), which a unit test leaves alone.
+        let decisions = prune(&p, r, &list(r).unwrap(), true).unwrap();
         let kept: Vec<String> = decisions
             .iter()
             .filter(|d| !d.removed())
@@ -315,8 +342,7 @@ mod tests {
             kept,
             ["20260104T000000Z [Last]", "20260102T000000Z [LastData]"]
         );
-        let left: Vec<String> = list(r).unwrap().iter().map(|i| i.to_string()).collect();
-        assert_eq!(left, ["20260102T000000Z", "20260104T000000Z"]);
+        assert_eq!(list(r).unwrap().len(), 4, "a dry run removes nothing");
     }
 
     #[test]

@@ -224,13 +224,15 @@ fn hash_behind(
 /// Take a snapshot of the profile's sources into the mounted container at `root`, whose
 /// filesystem is on `device` (for the metadata read-ahead; `None` goes without it), or
 /// complete the interrupted one `resume` (from [`super::resume::settle`]).
+/// `committed`: the authenticated snapshots in commit order (the last one is the link target).
 pub fn take(
     profile: &Profile,
     root: &Path,
     device: Option<&Path>,
     resume: Option<Resumable>,
+    committed: &[SnapshotId],
 ) -> Result<Taken> {
-    take_guarded(profile, root, device, resume, &Guard::default())
+    take_guarded(profile, root, device, resume, committed, &Guard::default())
 }
 
 /// [`take`], refusing (before anything is committed) what [`guard`] refuses.
@@ -239,6 +241,7 @@ pub fn take_guarded(
     root: &Path,
     device: Option<&Path>,
     resume: Option<Resumable>,
+    committed: &[SnapshotId],
     guard: &Guard,
 ) -> Result<Taken> {
     // One descriptor on the container's filesystem for every syncfs of this snapshot,
@@ -256,7 +259,7 @@ pub fn take_guarded(
         }
     }
     let existing = list(root)?;
-    let (id, prev) = new_id(&existing, SnapshotId::now());
+    let (id, prev) = new_id(&existing, committed, SnapshotId::now());
     let (prev_name, prev_dir) = (prev.map(|l| l.to_string()), prev.map(|l| path_of(root, l)));
     let previous = prev_name.as_deref().zip(prev_dir.as_deref());
     guard::before(profile, previous, guard)?;
@@ -537,6 +540,9 @@ pub fn take_guarded(
     syncfs(&fs, root).context("writing to the server failed (nothing is committed)")?;
     crate::signals::check()?;
     manifest.publish()?;
+    // The client notes the snapshot it is about to put in place: after a crash before the
+    // commit, it is recognised as this client's own (crate::generation::reconcile).
+    crate::generation::note_pending(profile, Some(id), &[])?;
     let fin = path_of(root, id);
     std::fs::rename(&partial, &fin)
         .with_context(|| format!("committing {} as {}", partial.display(), fin.display()))?;
