@@ -293,6 +293,42 @@ fn validate_json_lists_every_problem() {
     }
 }
 
+/// Trap 4 of issue 28: `validate` said OK (or only warned) for a source that does not
+/// exist, a `.pub` as identity_file, a textfile directory that does not exist; it names each
+/// with its line, all at once.
+#[test]
+fn validate_refuses_what_run_would_fail_on() {
+    let d = tempfile::tempdir().unwrap();
+    let id = d.path().join("id");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&id)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let text = PROFILE
+        .replace("/nonexistent/id", &format!("{}.pub", id.display()))
+        .replace("[/etc]", &format!("[/etc, {}/gone]", d.path().display()))
+        + &format!(
+            "monitoring:\n  prometheus_textfile: {}/no-dir/e.prom\n",
+            d.path().display()
+        );
+    let p = write_profile(d.path(), &common::unique_name("trap4"), &text);
+    let out = bin().arg("validate").arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = stderr(&out);
+    for want in [
+        "is a public key".to_string(),
+        format!(
+            "line 12: backup.sources: backup source {}/gone does not exist",
+            d.path().display()
+        ),
+        "line 14: monitoring.prometheus_textfile: the directory".to_string(),
+    ] {
+        assert!(err.contains(&want), "{want:?} not in {err}");
+    }
+}
+
 /// Trap 2 of issue 28: `schedule ./p.yaml` wrote `run ./p.yaml` (systemd and cron run in
 /// `/`), and accepted any `--on-calendar`.
 #[test]
