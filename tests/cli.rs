@@ -329,6 +329,23 @@ fn validate_refuses_what_run_would_fail_on() {
     }
 }
 
+/// Trap 5 of issue 28: `run` before `init` said "opening keyfile ...: No such file or
+/// directory".
+#[test]
+fn run_before_init_says_to_init_first() {
+    let d = tempfile::tempdir().unwrap();
+    let name = common::unique_name("noinit");
+    let p = write_profile(d.path(), &name, PROFILE);
+    let out = bin().arg("run").arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        stderr(&out).contains(&format!("run `e2ebackup init {name}` first")),
+        "{}",
+        show(&out)
+    );
+    let _ = std::fs::remove_dir_all(Path::new(e2ebackup::layout::STATE_DIR).join(&name));
+}
+
 /// Trap 2 of issue 28: `schedule ./p.yaml` wrote `run ./p.yaml` (systemd and cron run in
 /// `/`), and accepted any `--on-calendar`.
 #[test]

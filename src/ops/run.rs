@@ -204,6 +204,16 @@ fn work(p: &Profile, s: &mut Session<'_>, f: &mut Figures, allow_shrink: bool) -
             missing.join("; ")
         );
     }
+    let kf = &p.container.keyfile.0;
+    if std::fs::symlink_metadata(kf).is_err() {
+        return Err(crate::error::usage(format!(
+            "container.keyfile {} does not exist: run `e2ebackup init {}` first (it creates \
+             the container and the keyfile; on another machine copy the keyfile, or use \
+             `e2ebackup recover-key`). Nothing was touched.",
+            kf.display(),
+            p.name
+        )));
+    }
     if let Some(w) = crate::localpaths::textfile_problem(p) {
         warn!("{w}: this run's figures cannot be written");
     }
