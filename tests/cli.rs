@@ -329,6 +329,31 @@ fn validate_refuses_what_run_would_fail_on() {
     }
 }
 
+/// Trap 7 of issue 28: the README never said how to get from a clone to the package that
+/// install.md told people to `apt install`. The path it gives must be the one build-deb.sh
+/// writes.
+#[test]
+fn readme_gives_the_path_from_a_clone_to_an_installed_package() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |f: &str| std::fs::read_to_string(root.join(f)).unwrap();
+    let script = read("scripts/build-deb.sh");
+    assert!(
+        script.contains("DEB=$(ls target/debian/e2ebackup_*.deb)"),
+        "build-deb.sh output moved"
+    );
+    for doc in ["README.md", "docs/install.md", "docs/quick-start.md"] {
+        let t = read(doc);
+        assert!(
+            t.contains("scripts/build-deb.sh"),
+            "{doc} does not say how to build the package"
+        );
+        assert!(
+            t.contains("apt install ./target/debian/e2ebackup_*.deb"),
+            "{doc} does not install what build-deb.sh writes"
+        );
+    }
+}
+
 /// Trap 5 of issue 28: `run` before `init` said "opening keyfile ...: No such file or
 /// directory".
 #[test]
