@@ -329,6 +329,84 @@ fn validate_refuses_what_run_would_fail_on() {
     }
 }
 
+/// Trap 8 of issue 28: `keys export-kit` writes everything a new machine needs, private
+/// (0700 directory, 0600 files), and refuses a directory others can read.
+#[test]
+fn keys_export_kit_writes_a_private_complete_kit() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let k = d.path().join("keys");
+    std::fs::create_dir(&k).unwrap();
+    for (f, data) in [
+        ("id", "PRIVATE KEY\n"),
+        ("known_hosts", "h ssh-ed25519 AAAA\n"),
+        ("c.key", "K"),
+        ("c.key.header", "H"),
+    ] {
+        std::fs::write(k.join(f), data).unwrap();
+    }
+    let name = common::unique_name("kit");
+    let text = PROFILE.replace("/nonexistent", &k.display().to_string());
+    let text = text.replace(
+        &format!("{}/key", k.display()),
+        &format!("{}/c.key", k.display()),
+    );
+    let p = write_profile(d.path(), &name, &text);
+    let kit = d.path().join("kit");
+    let out = bin()
+        .args(["keys", "export-kit"])
+        .arg(&p)
+        .arg(&kit)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&kit), 0o700);
+    for (f, want) in [
+        (format!("{name}.yaml"), text.as_str()),
+        ("c.key".into(), "K"),
+        ("c.key.header".into(), "H"),
+        ("id".into(), "PRIVATE KEY\n"),
+        ("known_hosts".into(), "h ssh-ed25519 AAAA\n"),
+    ] {
+        assert_eq!(std::fs::read_to_string(kit.join(&f)).unwrap(), want, "{f}");
+        assert_eq!(mode(&kit.join(&f)), 0o600, "{f}");
+    }
+    let readme = std::fs::read_to_string(kit.join("README.txt")).unwrap();
+    assert!(
+        readme.contains(&format!("e2ebackup restore {name} latest")),
+        "{readme}"
+    );
+    assert!(
+        readme.contains(&format!("{}/c.key", k.display())),
+        "{readme}"
+    );
+    // Not again into the same (now non-empty) directory, nor into one others can read.
+    let out = bin()
+        .args(["keys", "export-kit"])
+        .arg(&p)
+        .arg(&kit)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let open = d.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = bin()
+        .args(["keys", "export-kit"])
+        .arg(&p)
+        .arg(&open)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        stderr(&out).contains("readable by others"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0);
+}
+
 /// Trap 7 of issue 28: the README never said how to get from a clone to the package that
 /// install.md told people to `apt install`. The path it gives must be the one build-deb.sh
 /// writes.
