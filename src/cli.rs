@@ -222,6 +222,14 @@ pub enum KeysAction {
         #[arg(long)]
         json: bool,
     },
+    /// Write the recovery kit (profile, keyfile, pinned header, SSH key, known_hosts, escrow,
+    /// recipients, a README with the restore steps) to an empty directory of mode 0700
+    ExportKit {
+        #[command(flatten)]
+        profile: ProfileArg,
+        /// An empty directory (created 0700 if missing), e.g. on a removable disk
+        dir: std::path::PathBuf,
+    },
 }
 
 impl Command {
@@ -245,7 +253,7 @@ impl Command {
             | Command::Schedule { profile, .. }
             | Command::RecoverKey { profile, .. }
             | Command::Keys {
-                action: KeysAction::Verify { profile, .. },
+                action: KeysAction::Verify { profile, .. } | KeysAction::ExportKit { profile, .. },
             } => profile,
             Command::GenerateAssets { .. } => return None,
         };
@@ -330,6 +338,9 @@ pub fn main() -> ExitCode {
         Command::Keys {
             action: KeysAction::Verify { identity, json, .. },
         } => ops::keys::verify(&profile, identity.as_deref(), *json),
+        Command::Keys {
+            action: KeysAction::ExportKit { dir, .. },
+        } => ops::keys::export_kit(&profile, dir),
         Command::RecoverKey {
             identity, force, ..
         } => ops::maintenance::recover_key(&profile, identity, *force),

@@ -88,6 +88,75 @@ pub fn problems(p: &Profile) -> Vec<String> {
         .collect()
 }
 
+/// `line N: ` for a profile key, read from the profile's file (empty when not found).
+pub fn at_line(p: &Profile, key: &str) -> String {
+    std::fs::read_to_string(&p.source_file)
+        .ok()
+        .and_then(|t| crate::profile::line_of(&t, key))
+        .map(|n| format!("line {n}: "))
+        .unwrap_or_default()
+}
+
+/// Sources that do not exist, each naming its line: rsync would fail the run after the whole
+/// stack is open. `validate` refuses them (borgmatic's `source_directories_must_exist: true`,
+/// always on here: a snapshot without a source is an incomplete backup) unless a `before`
+/// hook could create them (mount a disk), and `run` checks them after its `before` hook,
+/// before it connects.
+pub fn source_problems(p: &Profile) -> Vec<String> {
+    p.backup
+        .sources
+        .iter()
+        .filter(|s| std::fs::symlink_metadata(&s.0).is_err())
+        .map(|s| {
+            format!(
+                "{}backup.sources: backup source {} does not exist (remove it from the \
+                 profile, or create it)",
+                at_line(p, "backup.sources"),
+                s.0.display()
+            )
+        })
+        .collect()
+}
+
+/// The Prometheus textfile's directory must exist: the file is written there after each run,
+/// and a missing directory is a monitoring that never reports.
+pub fn textfile_problem(p: &Profile) -> Option<String> {
+    let t = p.monitoring.prometheus_textfile.as_ref()?;
+    let dir = t.0.parent().unwrap_or(Path::new("/"));
+    (!dir.is_dir()).then(|| {
+        format!(
+            "{}monitoring.prometheus_textfile: the directory {} does not exist \
+             (node-exporter's textfile directory, e.g. /var/lib/prometheus/node-exporter)",
+            at_line(p, "monitoring.prometheus_textfile"),
+            dir.display()
+        )
+    })
+}
+
+/// Why `path` cannot be an SSH identity (private key) file, if so: missing, or a public key
+/// (a `.pub` given by mistake: ssh would only say "authentication failed").
+pub fn identity_problem(path: &Path) -> Option<String> {
+    use std::io::Read as _;
+    let mut head = [0u8; 64];
+    let n = match std::fs::File::open(path) {
+        Ok(mut f) if path.is_file() => f.read(&mut head).unwrap_or(0),
+        _ => return Some(format!("{} does not exist", path.display())),
+    };
+    let head = String::from_utf8_lossy(&head[..n]);
+    let public = ["ssh-", "ecdsa-sha2-", "sk-ssh-", "sk-ecdsa-"]
+        .iter()
+        .any(|p| head.starts_with(p));
+    public.then(|| {
+        let private = path.to_string_lossy();
+        let private = private.strip_suffix(".pub").unwrap_or("the private key");
+        format!(
+            "{} is a public key; give the private key ({private}), whose public half is in \
+             the server's authorized_keys",
+            path.display()
+        )
+    })
+}
+
 /// [`problems`] as a usage error (exit 2), for the start of a command.
 pub fn ensure(p: &Profile) -> anyhow::Result<()> {
     let v = problems(p);
@@ -105,6 +174,52 @@ pub fn ensure(p: &Profile) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 28, trap 4: things `validate` passed and `run` then failed on.
+    #[test]
+    fn missing_source_textfile_dir_and_public_identity_are_problems() {
+        let d = tempfile::tempdir().unwrap();
+        let prof = d.path().join("trap4.yaml");
+        std::fs::write(
+            &prof,
+            format!(
+                "server: {{host: h, user: u, identity_file: /k, known_hosts: /kh, path: /s}}\n\
+                 container: {{file: c.luks, size: 1G, keyfile: /key}}\n\
+                 backup:\n  sources: [/etc, {d}/nope]\n\
+                 monitoring:\n  prometheus_textfile: {d}/missing/x.prom\n",
+                d = d.path().display()
+            ),
+        )
+        .unwrap();
+        let p = Profile::load(&prof).unwrap();
+        let v = source_problems(&p);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(
+            v[0].starts_with("line 4: backup.sources: ") && v[0].contains("nope does not exist"),
+            "{v:?}"
+        );
+        let t = textfile_problem(&p).unwrap();
+        assert!(
+            t.starts_with("line 6: monitoring.prometheus_textfile"),
+            "{t}"
+        );
+        let key = d.path().join("id");
+        let st = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert_eq!(identity_problem(&key), None);
+        let e = identity_problem(&d.path().join("id.pub")).unwrap();
+        assert!(
+            e.contains("is a public key") && e.contains(&key.display().to_string()),
+            "{e}"
+        );
+        assert!(identity_problem(&d.path().join("none"))
+            .unwrap()
+            .contains("does not exist"));
+    }
 
     #[test]
     fn paths_under_a_regular_file_or_of_the_wrong_kind() {

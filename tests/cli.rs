@@ -293,6 +293,162 @@ fn validate_json_lists_every_problem() {
     }
 }
 
+/// Trap 4 of issue 28: `validate` said OK (or only warned) for a source that does not
+/// exist, a `.pub` as identity_file, a textfile directory that does not exist; it names each
+/// with its line, all at once.
+#[test]
+fn validate_refuses_what_run_would_fail_on() {
+    let d = tempfile::tempdir().unwrap();
+    let id = d.path().join("id");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&id)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let text = PROFILE
+        .replace("/nonexistent/id", &format!("{}.pub", id.display()))
+        .replace("[/etc]", &format!("[/etc, {}/gone]", d.path().display()))
+        + &format!(
+            "monitoring:\n  prometheus_textfile: {}/no-dir/e.prom\n",
+            d.path().display()
+        );
+    let p = write_profile(d.path(), &common::unique_name("trap4"), &text);
+    let out = bin().arg("validate").arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = stderr(&out);
+    for want in [
+        "is a public key".to_string(),
+        format!(
+            "line 12: backup.sources: backup source {}/gone does not exist",
+            d.path().display()
+        ),
+        "line 14: monitoring.prometheus_textfile: the directory".to_string(),
+    ] {
+        assert!(err.contains(&want), "{want:?} not in {err}");
+    }
+}
+
+/// Trap 8 of issue 28: `keys export-kit` writes everything a new machine needs, private
+/// (0700 directory, 0600 files), and refuses a directory others can read.
+#[test]
+fn keys_export_kit_writes_a_private_complete_kit() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let k = d.path().join("keys");
+    std::fs::create_dir(&k).unwrap();
+    for (f, data) in [
+        ("id", "PRIVATE KEY\n"),
+        ("known_hosts", "h ssh-ed25519 AAAA\n"),
+        ("c.key", "K"),
+        ("c.key.header", "H"),
+    ] {
+        std::fs::write(k.join(f), data).unwrap();
+    }
+    let name = common::unique_name("kit");
+    let text = PROFILE.replace("/nonexistent", &k.display().to_string());
+    let text = text.replace(
+        &format!("{}/key", k.display()),
+        &format!("{}/c.key", k.display()),
+    );
+    let p = write_profile(d.path(), &name, &text);
+    let kit = d.path().join("kit");
+    let out = bin()
+        .args(["keys", "export-kit"])
+        .arg(&p)
+        .arg(&kit)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&kit), 0o700);
+    for (f, want) in [
+        (format!("{name}.yaml"), text.as_str()),
+        ("c.key".into(), "K"),
+        ("c.key.header".into(), "H"),
+        ("id".into(), "PRIVATE KEY\n"),
+        ("known_hosts".into(), "h ssh-ed25519 AAAA\n"),
+    ] {
+        assert_eq!(std::fs::read_to_string(kit.join(&f)).unwrap(), want, "{f}");
+        assert_eq!(mode(&kit.join(&f)), 0o600, "{f}");
+    }
+    let readme = std::fs::read_to_string(kit.join("README.txt")).unwrap();
+    assert!(
+        readme.contains(&format!("e2ebackup restore {name} latest")),
+        "{readme}"
+    );
+    assert!(
+        readme.contains(&format!("{}/c.key", k.display())),
+        "{readme}"
+    );
+    // Not again into the same (now non-empty) directory, nor into one others can read.
+    let out = bin()
+        .args(["keys", "export-kit"])
+        .arg(&p)
+        .arg(&kit)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let open = d.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = bin()
+        .args(["keys", "export-kit"])
+        .arg(&p)
+        .arg(&open)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        stderr(&out).contains("readable by others"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0);
+}
+
+/// Trap 7 of issue 28: the README never said how to get from a clone to the package that
+/// install.md told people to `apt install`. The path it gives must be the one build-deb.sh
+/// writes.
+#[test]
+fn readme_gives_the_path_from_a_clone_to_an_installed_package() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |f: &str| std::fs::read_to_string(root.join(f)).unwrap();
+    let script = read("scripts/build-deb.sh");
+    assert!(
+        script.contains("DEB=$(ls target/debian/e2ebackup_*.deb)"),
+        "build-deb.sh output moved"
+    );
+    for doc in ["README.md", "docs/install.md", "docs/quick-start.md"] {
+        let t = read(doc);
+        assert!(
+            t.contains("scripts/build-deb.sh"),
+            "{doc} does not say how to build the package"
+        );
+        assert!(
+            t.contains("apt install ./target/debian/e2ebackup_*.deb"),
+            "{doc} does not install what build-deb.sh writes"
+        );
+    }
+}
+
+/// Trap 5 of issue 28: `run` before `init` said "opening keyfile ...: No such file or
+/// directory".
+#[test]
+fn run_before_init_says_to_init_first() {
+    let d = tempfile::tempdir().unwrap();
+    let name = common::unique_name("noinit");
+    let p = write_profile(d.path(), &name, PROFILE);
+    let out = bin().arg("run").arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        stderr(&out).contains(&format!("run `e2ebackup init {name}` first")),
+        "{}",
+        show(&out)
+    );
+    let _ = std::fs::remove_dir_all(Path::new(e2ebackup::layout::STATE_DIR).join(&name));
+}
+
 /// Trap 2 of issue 28: `schedule ./p.yaml` wrote `run ./p.yaml` (systemd and cron run in
 /// `/`), and accepted any `--on-calendar`.
 #[test]

@@ -57,11 +57,8 @@ pub fn validate(p: &Profile, connect: bool, json: bool) -> Exit {
             kf.display()
         );
     }
-    if !p.server.identity_file.0.is_file() {
-        problems.push(format!(
-            "server.identity_file {} does not exist",
-            p.server.identity_file.0.display()
-        ));
+    if let Some(why) = crate::localpaths::identity_problem(&p.server.identity_file.0) {
+        problems.push(format!("server.identity_file {why}"));
     }
     match std::fs::read_to_string(&p.server.known_hosts.0) {
         Ok(t) => {
@@ -75,14 +72,16 @@ pub fn validate(p: &Profile, connect: bool, json: bool) -> Exit {
             p.server.known_hosts.0.display()
         )),
     }
-    for s in &p.backup.sources {
-        if !s.0.exists() {
-            warn!(
-                "backup source {} does not exist (a run would fail)",
-                s.0.display()
-            );
+    // A missing source fails `run` (after its `before` hook, before it connects); a hook
+    // may be what creates it (mounts a disk), so then it is only a warning here.
+    for pr in crate::localpaths::source_problems(p) {
+        if p.hooks.before.0.is_empty() {
+            problems.push(pr);
+        } else {
+            warn!("{pr}; a `before` hook may create it, else the run fails");
         }
     }
+    problems.extend(crate::localpaths::textfile_problem(p));
     for pr in problems.iter() {
         crate::logging::emit(
             -2,

@@ -195,6 +195,28 @@ fn conclude(
 }
 
 fn work(p: &Profile, s: &mut Session<'_>, f: &mut Figures, allow_shrink: bool) -> Result<Exit> {
+    // Before connecting (after the `before` hook, which may mount a source).
+    let missing = crate::localpaths::source_problems(p);
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "{}: {} (nothing was touched)",
+            p.source_file.display(),
+            missing.join("; ")
+        );
+    }
+    let kf = &p.container.keyfile.0;
+    if std::fs::symlink_metadata(kf).is_err() {
+        return Err(crate::error::usage(format!(
+            "container.keyfile {} does not exist: run `e2ebackup init {}` first (it creates \
+             the container and the keyfile; on another machine copy the keyfile, or use \
+             `e2ebackup recover-key`). Nothing was touched.",
+            kf.display(),
+            p.name
+        )));
+    }
+    if let Some(w) = crate::localpaths::textfile_problem(p) {
+        warn!("{w}: this run's figures cannot be written");
+    }
     let root = s.open_all("run", false)?;
     // An interrupted snapshot of this profile is continued; anything else left is removed.
     let resume = snapshots::settle_partials(p, &root)?;

@@ -261,8 +261,9 @@ fn publish(dir: &ServerDir, name: &str, tmp: &str) -> Result<()> {
             }
             Ok(Some(h)) => {
                 return Err(Failure::Locked(format!(
-                    "the container is in use: server lock {} held by {}. If that client is \
-                     gone and the container closed, remove that file on the server.",
+                    "the container is in use: server lock {} held by {}. That may be \
+                     another machine's restore drill or `mount`: wait for it to end. If that \
+                     client is gone and the container closed, remove that file on the server.",
                     dir.shown(name),
                     h.describe()
                 ))

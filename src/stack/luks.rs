@@ -102,9 +102,11 @@ pub fn read_keyfile(path: &Path) -> Result<Key> {
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
         .open(path)
         .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                anyhow::Error::from(e).context(format!("opening keyfile {}", path.display()))
-            }
+            std::io::ErrorKind::NotFound => crate::error::usage(format!(
+                "keyfile {} does not exist: run `e2ebackup init PROFILE` first (on another \
+                 machine: copy the keyfile there, or `e2ebackup recover-key`)",
+                path.display()
+            )),
             _ => refuse(format!("opening it: {e}")),
         })?;
     let md = f

@@ -139,11 +139,8 @@ pub fn local_files(server: &Server) -> Result<String> {
         ))
     })?;
 
-    if !server.identity_file.0.is_file() {
-        return Err(crate::error::usage(format!(
-            "server.identity_file {} does not exist",
-            server.identity_file.0.display()
-        )));
+    if let Some(why) = crate::localpaths::identity_problem(&server.identity_file.0) {
+        return Err(crate::error::usage(format!("server.identity_file {why}")));
     }
     Ok(kh_text)
 }
