@@ -845,7 +845,7 @@ mod tests {
         assert!(format!("{}", read_keyfile(d.path()).unwrap_err()).contains("not a regular file"));
         assert!(
             format!("{:#}", read_keyfile(&d.path().join("none")).unwrap_err())
-                .contains("opening keyfile")
+                .contains("does not exist: run `e2ebackup init PROFILE` first")
         );
     }
 
