@@ -82,12 +82,13 @@ check restore-untrusted-exits-6 test "$RC" = 6
 check restore-untrusted-names-flag grep -q -- --allow-untrusted-target "$E2E_OUT/restore-untrusted.log"
 
 # The attacker swaps NAME (a directory, with SUB in it) for a link to the victim directory
-# and back, again and again, until told to stop, starting two seconds after e2ebackup did:
-# after it opened NAME, during the SSH connect. setpriv itself in the background ($! is the
+# and back, again and again, until told to stop, starting six seconds after e2ebackup did (a process start
+# takes seconds under load): after it opened NAME, during the SSH connect and the mounts
+# (tens of seconds). setpriv itself in the background ($! is the
 # attacker's).
 swapper() {
   setpriv --reuid=attacker --regid=attacker --clear-groups bash -c '
-    cd "$1" || exit 1; n=0; sleep 2
+    cd "$1" || exit 1; n=0; sleep 6
     while [ ! -e stop ]; do
       n=$((n + 1))
       mv -T "$2" "real.$n" 2>/dev/null || rm -f "$2"
