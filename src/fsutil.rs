@@ -376,26 +376,14 @@ impl HeldDir {
     /// Open `path` (absolute). `create`: make missing components. `allow_untrusted`: accept
     /// a directory another user could change (links are never followed through one).
     pub fn open(path: &Path, create: bool, allow_untrusted: bool) -> Result<HeldDir> {
-        let h = HeldDir::walk(path, create)?;
-        if let Some((at, uid, mode)) = &h.untrusted {
-            if !allow_untrusted {
-                return Err(Failure::Security(format!(
-                    "{} is not a safe place for root to write: {} (owner uid {uid}, mode {:04o}) \
-                     can be changed by another user, who could swap what lies below it (for a \
-                     link to /etc) while e2ebackup works; choose a directory whose every \
-                     component is root-owned and not group- or world-writable, or pass \
-                     --allow-untrusted-target if you trust that user",
-                    path.display(),
-                    at.display(),
-                    mode & 0o7777
-                ))
-                .into());
-            }
+        let h = HeldDir::walk(path, create, allow_untrusted)?;
+        match &h.untrusted {
+            Some(u) if !allow_untrusted => Err(untrusted_error(path, u)),
+            _ => Ok(h),
         }
-        Ok(h)
     }
 
-    fn walk(path: &Path, create: bool) -> Result<HeldDir> {
+    fn walk(path: &Path, create: bool, allow_untrusted: bool) -> Result<HeldDir> {
         use std::ffi::OsString;
         use std::path::Component;
         if !path.is_absolute() {
@@ -435,6 +423,10 @@ impl HeldDir {
             let fd = match nix::fcntl::openat(cur, name.as_os_str(), dir_flags, Mode::empty()) {
                 Ok(fd) => fd,
                 Err(nix::errno::Errno::ENOENT) if create => {
+                    // Nothing is created below a directory that is refused.
+                    if let Some(u) = untrusted.as_ref().filter(|_| !allow_untrusted) {
+                        return Err(untrusted_error(path, u));
+                    }
                     match nix::sys::stat::mkdirat(
                         cur,
                         name.as_os_str(),
@@ -597,6 +589,20 @@ impl HeldDir {
         }
         bail!("no free temporary name beside {}", at.display())
     }
+}
+
+/// The refusal of a directory another user could change (see [`HeldDir`]).
+fn untrusted_error(path: &Path, (at, uid, mode): &(PathBuf, u32, u32)) -> anyhow::Error {
+    Failure::Security(format!(
+        "{} is not a safe place for root to write: {} (owner uid {uid}, mode {:04o}) can be \
+         changed by another user, who could swap what lies below it (for a link to /etc) while \
+         e2ebackup works; choose a directory whose every component is root-owned and not \
+         group- or world-writable, or pass --allow-untrusted-target if you trust that user",
+        path.display(),
+        at.display(),
+        mode & 0o7777
+    ))
+    .into()
 }
 
 /// `n` random bytes from the kernel, in hex.
@@ -1209,7 +1215,7 @@ mod tests {
     /// Whether every ancestor of `d` is root-only (a checkout under a user's home is not:
     /// then the trust assertions below do not apply and are skipped).
     fn all_root_only(d: &Path) -> bool {
-        HeldDir::walk(d, false).unwrap().untrusted.is_none()
+        HeldDir::walk(d, false, true).unwrap().untrusted.is_none()
     }
 
     const NOBODY: u32 = 65534;
@@ -1260,6 +1266,9 @@ mod tests {
             );
             assert!(HeldDir::open(&t, false, true).unwrap().untrusted.is_some());
         }
+        // Nothing is created below a refused directory.
+        assert!(HeldDir::open(&user.join("new/er"), true, false).is_err());
+        assert!(!user.join("new").exists());
         // World-writable: refused; sticky helps an ancestor, not the target itself.
         let open = root.join("open");
         std::fs::create_dir(&open).unwrap();

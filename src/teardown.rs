@@ -48,8 +48,16 @@ pub enum Undo {
     },
     /// Ensure a half-made file (an `init` that did not finish) is removed.
     RemoveFile { path: PathBuf },
-    /// Ensure the NBD device is disconnected.
-    DisconnectNbd { device: PathBuf },
+    /// Ensure the NBD device is disconnected, if it is still our connection: `pid` is what
+    /// the kernel recorded for it at connect time (`/sys/block/nbdN/pid`), recorded once
+    /// connected, as the loop device is recorded with its backing file. A device connected
+    /// with another pid is someone else's and is left alone. Journals written before it
+    /// existed, or a crash between the connect and the record, leave it `None`.
+    DisconnectNbd {
+        device: PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+    },
     /// Ensure the mount `id` (`e2ebackup mount`'s bind of the snapshots, first shown at
     /// `target`) is gone: found by its identity, never by the path, which a user may have
     /// swapped since.
@@ -80,7 +88,7 @@ impl std::fmt::Display for Undo {
                 write!(f, "unmount sshfs {}", target.display())
             }
             Undo::RemoveFile { path } => write!(f, "remove unfinished {}", path.display()),
-            Undo::DisconnectNbd { device } => write!(f, "disconnect {}", device.display()),
+            Undo::DisconnectNbd { device, .. } => write!(f, "disconnect {}", device.display()),
             Undo::UnmountHeld { target, id } => {
                 write!(f, "unmount {} (mount id {})", target.display(), id.mnt_id)
             }
@@ -99,7 +107,7 @@ impl Undo {
             Undo::ReleaseServerLock { path, .. } => format!("rm {}", path.display()),
             Undo::UnmountSshfs { target, .. } => format!("fusermount3 -u {}", target.display()),
             Undo::RemoveFile { path } => format!("rm {}", path.display()),
-            Undo::DisconnectNbd { device } => format!("nbd-client -d {}", device.display()),
+            Undo::DisconnectNbd { device, .. } => format!("nbd-client -d {}", device.display()),
             Undo::UnmountHeld { id, .. } => format!(
                 "umount \"$(awk '$1 == {} {{print $5}}' /proc/self/mountinfo)\"",
                 id.mnt_id

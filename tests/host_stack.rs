@@ -326,6 +326,25 @@ fn host_ssh_preflight() {
     assert!(format!("{e:#}").contains("not a directory"), "{e:#}");
 }
 
+/// Issue 27 item 6: a remote command's output is read up to a bound (trim's probes), so a
+/// server that answers with an endless stream is an error, not a client out of memory.
+#[test]
+#[ignore = "needs root (sshd on 127.0.0.1); run as root with --include-ignored, as CI does"]
+fn host_remote_command_output_is_bounded() {
+    let sshd = Sshd::start();
+    let p = sshd.load_profile("bounded", &[Path::new("/etc")]);
+    let r = ssh::Remote::connect(&p.server).unwrap();
+    let (code, out, _) = r.exec("echo hello").unwrap();
+    assert_eq!((code, out.as_str()), (0, "hello\n"));
+    let e = r
+        .exec(&format!("head -c {} /dev/zero", ssh::EXEC_OUTPUT_MAX + 1))
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("wrote more than"), "{e:#}");
+    // A flood on stderr is discarded, and stalls nothing.
+    let (code, out, _) = r.exec("head -c 4000000 /dev/zero 1>&2; echo done").unwrap();
+    assert_eq!((code, out.as_str()), (0, "done\n"));
+}
+
 #[test]
 #[ignore = "needs root (sshd on 127.0.0.1, sshfs, loop devices); run as root with --include-ignored, as CI does"]
 fn host_changed_host_key_refused() {

@@ -175,7 +175,10 @@ pub fn schedule(
     install: bool,
     verify: Option<(u32, &str)>,
 ) -> Exit {
-    let exe = std::env::current_exe().unwrap_or_else(|_| "/usr/bin/e2ebackup".into());
+    let exe = match unit_binary(install) {
+        Ok(exe) => exe,
+        Err(e) => return fail(e),
+    };
     for cal in std::iter::once(on_calendar).chain(verify.map(|v| v.1)) {
         if let Err(e) = check_calendar(cal) {
             return fail(e);
@@ -216,6 +219,75 @@ pub fn schedule(
         }
     }
     worst
+}
+
+/// Where the package installs the program.
+pub const INSTALLED: &str = "/usr/bin/e2ebackup";
+
+/// The program the units run, as root, every night: the installed [`INSTALLED`] when it is
+/// this very program (same file, or the same bytes), else this one. Either must be safe from
+/// other users: the file root-owned and not group- or world-writable, and every directory
+/// above it root-owned and not writable by others (a binary in a build directory that a
+/// user can write would be theirs to replace). With `install`, an unsafe one is refused
+/// (exit 6, naming it); printed units only carry a warning.
+pub fn unit_binary(install: bool) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let exe = std::env::current_exe().context("finding this program (/proc/self/exe)")?;
+    let same = |a: &Path, b: &Path| -> bool {
+        match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(x), Ok(y)) if x.dev() == y.dev() && x.ino() == y.ino() => true,
+            (Ok(x), Ok(y)) if x.len() == y.len() => {
+                matches!((std::fs::read(a), std::fs::read(b)), (Ok(p), Ok(q)) if p == q)
+            }
+            _ => false,
+        }
+    };
+    let chosen = if same(Path::new(INSTALLED), &exe) {
+        std::path::PathBuf::from(INSTALLED)
+    } else {
+        exe
+    };
+    if let Err(why) = binary_is_roots(&chosen) {
+        let msg = format!(
+            "{} would run as root from the timer, but {why}; install the package (which puts it \
+             at {INSTALLED}), or copy it somewhere only root can change \
+             (install -o root -g root -m 0755 {} /usr/local/sbin/e2ebackup) and run \
+             `schedule` from there",
+            chosen.display(),
+            chosen.display()
+        );
+        if install {
+            return Err(crate::error::Failure::Security(msg).into());
+        }
+        crate::warn!("{msg}");
+    }
+    Ok(chosen)
+}
+
+/// Whether only root can change the program at `path`: the file itself and every directory
+/// above it ([`crate::fsutil::HeldDir`]'s walk). Err says who else could.
+fn binary_is_roots(path: &Path) -> std::result::Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(path).map_err(|e| format!("it cannot be examined: {e}"))?;
+    if md.uid() != 0 || md.mode() & 0o022 != 0 {
+        return Err(format!(
+            "it is owned by uid {} with mode {:04o}, so another user could replace it",
+            md.uid(),
+            md.mode() & 0o7777
+        ));
+    }
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    match crate::fsutil::HeldDir::open(dir, false, true) {
+        Ok(h) => match h.untrusted {
+            None => Ok(()),
+            Some((at, uid, mode)) => Err(format!(
+                "{} (owner uid {uid}, mode {:04o}) lets another user replace it",
+                at.display(),
+                mode & 0o7777
+            )),
+        },
+        Err(e) => Err(format!("{e:#}")),
+    }
 }
 
 /// Where `--install` writes the units.
@@ -376,6 +448,54 @@ mod tests {
         let code = install_units(&dir, "e2ebackup-home", "S2\n", "T2\n", false).unwrap();
         assert_eq!(code, Exit::Warnings);
         assert_eq!(read("e2ebackup-home.timer"), "T2\n");
+    }
+
+    /// A program another user could replace is refused for the timer: the file writable by
+    /// others or owned by another user, or a directory above it that another user owns.
+    #[test]
+    fn a_binary_others_can_replace_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (chown)");
+            return;
+        }
+        let base = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("target")
+            .join(format!("e2eb-sched-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(base.join("user")).unwrap();
+        let exe = base.join("e2ebackup");
+        std::fs::write(&exe, b"#!/bin/true\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if crate::fsutil::HeldDir::open(&base, false, true)
+            .unwrap()
+            .untrusted
+            .is_some()
+        {
+            eprintln!(
+                "skipped: {} is below a directory others can change",
+                base.display()
+            );
+            return;
+        }
+        binary_is_roots(&exe).unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o775)).unwrap();
+        assert!(binary_is_roots(&exe).unwrap_err().contains("mode 0775"));
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&exe, Some(65534), None).unwrap();
+        assert!(binary_is_roots(&exe).unwrap_err().contains("uid 65534"));
+        let inner = base.join("user/e2ebackup");
+        std::fs::copy(&exe, &inner).unwrap();
+        std::os::unix::fs::chown(&inner, Some(0), None).unwrap();
+        std::os::unix::fs::chown(base.join("user"), Some(65534), None).unwrap();
+        let e = binary_is_roots(&inner).unwrap_err();
+        assert!(
+            e.contains(&format!("{} (owner uid 65534", base.join("user").display())),
+            "{e}"
+        );
+        // This test program, in a build directory only root can change, is accepted.
+        assert!(unit_binary(true).is_ok());
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     /// The generated units pass `systemd-analyze verify` (where systemd is installed).

@@ -84,7 +84,8 @@ pub fn lock_local(profile: &str) -> Result<LocalLock> {
 pub struct ServerLock {
     /// For messages only (two clients may share a name).
     pub host: String,
-    /// /etc/machine-id of the client: what tells this host's locks from another's.
+    /// The client's machine id, hashed ([`machine_id`]; versions before recorded the raw
+    /// /etc/machine-id, still recognised): what tells this host's locks from another's.
     #[serde(default)]
     pub machine_id: String,
     pub boot_id: String,
@@ -104,10 +105,45 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "unknown-host".into())
 }
 
-pub fn machine_id() -> String {
+/// The raw /etc/machine-id (never sent anywhere: see [`machine_id`]).
+fn raw_machine_id() -> String {
     std::fs::read_to_string("/etc/machine-id")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
+}
+
+/// e2ebackup's application id for [`app_specific_id`] (random, fixed for all versions).
+const APP_ID: [u8; 16] = [
+    0x08, 0x0b, 0x08, 0x82, 0xe2, 0xf9, 0x4b, 0x1c, 0x9f, 0x2c, 0xd9, 0x42, 0x49, 0x78, 0x39, 0x51,
+];
+
+/// What machine-id(5) asks for instead of the raw id whenever it leaves the machine: as
+/// `sd_id128_get_machine_app_specific(3)` computes it, HMAC-SHA256 keyed with the 16-byte
+/// machine id over the application's id, the first 16 bytes made a version-4 UUID, in hex.
+/// Empty when the machine id is missing or malformed.
+pub fn app_specific_id(raw: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let raw = raw.trim();
+    if raw.len() != 32 || !raw.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return String::new();
+    }
+    let key: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&raw[2 * i..2 * i + 2], 16).unwrap_or(0))
+        .collect();
+    let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&key).expect("any key length");
+    m.update(&APP_ID);
+    let h = m.finalize().into_bytes();
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&h[..16]);
+    id[6] = (id[6] & 0x0f) | 0x40;
+    id[8] = (id[8] & 0x3f) | 0x80;
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// This machine's id as the server lock carries it: [`app_specific_id`] of /etc/machine-id,
+/// so the server (which sees the lock) does not learn the machine's own id.
+pub fn machine_id() -> String {
+    app_specific_id(&raw_machine_id())
 }
 
 pub fn boot_id() -> String {
@@ -155,12 +191,14 @@ impl ServerLock {
 
     /// Taken by this machine: same machine-id (locks written before machine-ids were
     /// recorded carry none, and are matched by hostname as they were then).
+    /// Locks written by versions that recorded the raw /etc/machine-id are recognised too.
     fn is_from_here(&self) -> bool {
-        let mine = machine_id();
-        if self.machine_id.is_empty() || mine.is_empty() {
+        let raw = raw_machine_id();
+        let mine = app_specific_id(&raw);
+        if self.machine_id.is_empty() || raw.is_empty() {
             self.host == hostname()
         } else {
-            self.machine_id == mine
+            self.machine_id == mine || self.machine_id == raw
         }
     }
 
@@ -333,6 +371,30 @@ mod tests {
         let mut reboot = ServerLock::mine("run");
         reboot.boot_id = "old-boot".into();
         assert!(reboot.is_stale_here());
+        // A dead lock written by an older version, with the raw machine id: still ours.
+        let raw = raw_machine_id();
+        if !raw.is_empty() {
+            let mut old = ServerLock::mine("run");
+            old.machine_id = raw.clone();
+            old.pid_start += 1;
+            assert!(old.is_stale_here());
+            assert_ne!(ServerLock::mine("run").machine_id, raw, "the raw id leaks");
+        }
+    }
+
+    /// The keyed hash of machine-id(5): 128 bits as a version-4 UUID in hex, stable, keyed
+    /// (another machine id gives another value), and empty for a malformed id.
+    #[test]
+    fn the_lock_carries_an_app_specific_machine_id() {
+        let a = app_specific_id("0123456789abcdef0123456789abcdef");
+        assert_eq!(a.len(), 32);
+        assert_eq!(a, app_specific_id("0123456789abcdef0123456789abcdef\n"));
+        assert_eq!(&a[12..13], "4", "{a}");
+        assert!(matches!(&a[16..17], "8" | "9" | "a" | "b"), "{a}");
+        assert_ne!(a, app_specific_id("0123456789abcdef0123456789abcdee"));
+        assert!(!a.contains("0123456789abcdef"));
+        assert_eq!(app_specific_id("not-an-id"), "");
+        assert_eq!(app_specific_id(""), "");
     }
 
     #[test]

@@ -43,7 +43,7 @@ impl Undoer for Real {
             Undo::UnmountSshfs { target, daemon } => {
                 sshfs::ensure_unmounted(target, daemon.as_ref())
             }
-            Undo::DisconnectNbd { device } => nbd::ensure_disconnected(device),
+            Undo::DisconnectNbd { device, pid } => nbd::ensure_disconnected(device, *pid),
             Undo::UnmountHeld { target, id } => mount::ensure_unmounted_held(target, id),
             Undo::StopProcess { pid, start, .. } => crate::cmd::Proc {
                 pid: *pid,

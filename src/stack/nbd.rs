@@ -169,14 +169,41 @@ fn free_device() -> Result<PathBuf> {
 }
 
 /// Connect a free NBD device to the local end of the tunnel, recorded in `stack`
-/// (`DisconnectNbd` is pushed first); returns the device.
+/// (`DisconnectNbd` is pushed first, then amended with the connection's identity, the pid
+/// the kernel recorded for it); returns the device.
 pub fn connect(stack: &mut Stack, sock: &Path) -> Result<PathBuf> {
     let device = free_device()?;
     stack.push(Undo::DisconnectNbd {
         device: device.clone(),
+        pid: None,
     })?;
     attach_client(&device, sock)?;
+    // The kernel creates the pid attribute as it starts the device, before nbd-client
+    // returns; a moment's grace all the same.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let pid = loop {
+        match connection_pid(&device) {
+            Some(pid) => break pid,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            None => bail!("{} is not connected after nbd-client", device.display()),
+        }
+    };
+    stack.amend_last(Undo::DisconnectNbd {
+        device: device.clone(),
+        pid: Some(pid),
+    })?;
     Ok(device)
+}
+
+/// The pid the kernel recorded for `device`'s connection (the process that connected it),
+/// None when it is not connected.
+pub fn connection_pid(device: &Path) -> Option<u32> {
+    let name = device.file_name()?.to_string_lossy().into_owned();
+    std::fs::read_to_string(Path::new("/sys/block").join(name).join("pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn attach_client(device: &Path, sock: &Path) -> Result<()> {
@@ -197,9 +224,19 @@ pub fn is_connected(device: &Path) -> bool {
     Path::new("/sys/block").join(name).join("pid").exists()
 }
 
-/// Ensure `device` is disconnected.
-pub fn ensure_disconnected(device: &Path) -> Result<()> {
-    if !is_connected(device) {
+/// Ensure `device` is disconnected, if it is still the connection `pid` (see
+/// [`Undo::DisconnectNbd`]): a device connected by another pid is someone else's now (ours
+/// went away and the device was reused) and is left alone. Without a recorded pid (an older
+/// journal, or a crash right after the connect) it is disconnected as before.
+pub fn ensure_disconnected(device: &Path, pid: Option<u32>) -> Result<()> {
+    let Some(now) = connection_pid(device) else {
+        return Ok(());
+    };
+    if let Some(ours) = pid.filter(|p| *p != now) {
+        crate::debug!(
+            "{} is connected by pid {now}, not ours ({ours}): left alone",
+            device.display()
+        );
         return Ok(());
     }
     Cmd::new("nbd-client")?
@@ -265,6 +302,30 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    /// The undo record names the connection by its pid; older journals without it still
+    /// read; a device that is not connected (or does not exist) is done.
+    #[test]
+    fn the_nbd_record_carries_the_connection_pid() {
+        let u = Undo::DisconnectNbd {
+            device: "/dev/nbd3".into(),
+            pid: Some(4242),
+        };
+        let j = serde_json::to_string(&u).unwrap();
+        assert!(j.contains(r#""pid":4242"#), "{j}");
+        assert_eq!(serde_json::from_str::<Undo>(&j).unwrap(), u);
+        let old: Undo =
+            serde_json::from_str(r#"{"undo":"disconnect_nbd","device":"/dev/nbd3"}"#).unwrap();
+        assert_eq!(
+            old,
+            Undo::DisconnectNbd {
+                device: "/dev/nbd3".into(),
+                pid: None
+            }
+        );
+        assert_eq!(connection_pid(Path::new("/dev/nbd-none-here")), None);
+        ensure_disconnected(Path::new("/dev/nbd-none-here"), Some(1)).unwrap();
     }
 
     #[test]

@@ -23,6 +23,10 @@ use ssh2::{CheckResult, KnownHostFileKind, MethodType, Session};
 use crate::error::Failure;
 use crate::profile::Server;
 
+/// The most a remote command (trim's probes: `stat`, `nbdkit --version`) may write to each
+/// of stdout and stderr; their answers are a line.
+pub const EXEC_OUTPUT_MAX: u64 = 64 << 10;
+
 /// A connected, authenticated session.
 pub struct Remote {
     session: Session,
@@ -265,19 +269,33 @@ impl Remote {
         Ok(Remote { session, label })
     }
 
-    /// Run a shell command on the server; returns (exit status, stdout, stderr).
+    /// Run a shell command on the server; returns (exit status, stdout, stderr): stdout at
+    /// most [`EXEC_OUTPUT_MAX`] bytes (more is an error), stderr always empty (discarded).
     /// Only `trim` may: every other command works on an SFTP-only account
     /// (`ForceCommand internal-sftp`), and a test below holds the callers to that.
     pub fn exec(&self, command: &str) -> Result<(i32, String, String)> {
         let mut ch = self.session.channel_session()?;
+        // stderr is discarded as it arrives (no caller uses it): read after stdout, a
+        // server's flood of it would fill the channel's window and stall stdout for ever.
+        ch.handle_extended_data(ssh2::ExtendedData::Ignore)?;
         ch.exec(command)
             .with_context(|| format!("running `{command}` on {}", self.label))?;
-        let mut out = String::new();
-        ch.read_to_string(&mut out)?;
-        let mut err = String::new();
-        ch.stderr().read_to_string(&mut err)?;
+        // The server chooses what it sends: read at most EXEC_OUTPUT_MAX of it.
+        let mut out = Vec::new();
+        (&mut ch).take(EXEC_OUTPUT_MAX + 1).read_to_end(&mut out)?;
+        if out.len() as u64 > EXEC_OUTPUT_MAX {
+            let _ = ch.close();
+            bail!(
+                "`{command}` on {} wrote more than {EXEC_OUTPUT_MAX} bytes; not read further",
+                self.label
+            );
+        }
         ch.wait_close()?;
-        Ok((ch.exit_status()?, out, err))
+        Ok((
+            ch.exit_status()?,
+            String::from_utf8_lossy(&out).into_owned(),
+            String::new(),
+        ))
     }
 
     /// SFTP protocol extensions the server advertises (from its SSH_FXP_VERSION reply).
