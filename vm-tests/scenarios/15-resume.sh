@@ -63,7 +63,7 @@ cut_run() {
     [ -n "$s" ] || { echo "no sshfs of $P"; return 1; }
     kill -9 $s
   fi
-  metric "cut_${how}_files_written" "$(ls /run/e2ebackup/$P/fs/.partial/*/"$SRC/$2" 2>/dev/null | grep -c '^[fm][0-9]*$')"
+  metric "cut_${how}_files_written_at_the_cut" "$3"
   metric "cut_${how}_server_bytes" $(( $(alloc_bytes "$C") - base ))
   wait $pid; local rc=$?; echo "the run exited $rc"; tail -3 "$LOG.cut-$how.log"
   sysctl -qw vm.dirty_ratio="$r0" vm.dirty_background_ratio="$b0"
