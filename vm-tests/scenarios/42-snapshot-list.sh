@@ -1,5 +1,5 @@
 #!/bin/bash
-# timeout: 900
+# timeout: 1200
 # Issue 29 item 2 (clocks) and issue 27 item 2 (hidden snapshots), in one container:
 # (b) keep_last 1 + keep_within 2d: two real runs, two with the guest clock a year ahead, the
 #     clock put back, one more run: the real snapshots survive, `restore latest` gives the last
