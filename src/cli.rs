@@ -120,6 +120,10 @@ pub enum Command {
         /// Accept a TARGET that another user could change (see docs/threat-model.md)
         #[arg(long)]
         allow_untrusted_target: bool,
+        /// Do not check the restored files against the snapshot's manifest (by default every
+        /// restored file is hashed and a difference exits 6)
+        #[arg(long)]
+        no_check: bool,
     },
     /// Enlarge the container (never shrinks): SIZE is the new size (3G) or an increase (+1G)
     Grow {
@@ -310,6 +314,7 @@ pub fn main() -> ExitCode {
             paths,
             force,
             allow_untrusted_target,
+            no_check,
             ..
         } => ops::restore::restore(
             &profile,
@@ -318,6 +323,7 @@ pub fn main() -> ExitCode {
             paths,
             *force,
             *allow_untrusted_target,
+            !*no_check,
         ),
         Command::Grow { size, online, .. } => ops::grow::grow(&profile, size, *online),
         Command::Trim { .. } => ops::trim::trim(&profile),

@@ -9,7 +9,7 @@
 //!     NAME/undo.json                 undo journal
 //!     NAME/server/                   sshfs mount of server.path
 //!     NAME/fs/                       the container's ext4
-//!   /var/lib/e2ebackup/NAME/         STATE_DIR: generation, last-run.json
+//!   /var/lib/e2ebackup/NAME/         STATE_DIR: generation, last-run.json, verify-cursor
 //!   <keyfile>.header, <keyfile>.escrow.age      pinned header, client escrow copy
 //!   server.path/<file>, <file>.lock, <file>.escrow.age, <file>.init-partial
 //!   /dev/mapper/e2ebackup-NAME
@@ -137,6 +137,11 @@ impl Profile {
     /// about to add or remove ([`crate::generation::ClientRecord`]).
     pub fn snapshot_record(&self) -> PathBuf {
         self.state_dir().join("snapshots.json")
+    }
+
+    /// Where `verify --read-data` goes on from: the next bucket of the rolling subset.
+    pub fn verify_cursor_path(&self) -> PathBuf {
+        self.state_dir().join("verify-cursor")
     }
 
     /// The status file of the last command.

@@ -220,21 +220,18 @@ fn host_full_container_then_resume() {
             .count(),
         0
     );
-    let manifest = std::fs::read(e2ebackup::manifest::path_of(&fs, &t.id)).unwrap();
-    let records: Vec<_> = manifest
-        .split(|b| *b == 0)
-        .filter(|r| !r.is_empty())
-        .collect();
-    assert_eq!(records.len(), files_under(&src).len());
-    for rec in records {
-        let s = String::from_utf8_lossy(rec);
-        let mut w = s.splitn(3, ' ');
-        let (h, _, path) = (w.next().unwrap(), w.next().unwrap(), w.next().unwrap());
+    let records = e2ebackup::manifest::open(&fs, &t.id).unwrap().unwrap();
+    let algorithm = records.algorithm;
+    let entries: Vec<_> = records.map(Result::unwrap).collect();
+    assert_eq!(entries.len(), files_under(&src).len());
+    for e in entries {
+        let path = String::from_utf8_lossy(&e.path).into_owned();
         let want = e2ebackup::manifest::hash_file(
-            &snapshots::path_of(&fs, t.id.parse().unwrap()).join(path),
+            &snapshots::path_of(&fs, t.id.parse().unwrap()).join(&path),
+            algorithm,
         )
         .unwrap();
-        assert_eq!(h, want, "{path}");
+        assert_eq!(e.hash.as_deref(), Some(want.as_str()), "{path}");
     }
     drop(l);
     let r = stack.unwind(&mut e2ebackup::stack::Real);

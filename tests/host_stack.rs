@@ -854,7 +854,65 @@ fn host_sshfs_loop_ext4_snapshots() {
     snapshots::copy_out(&snap2, &[], target.path(), Some(&warm))
         .unwrap_or_else(|e| panic!("copy_out: {e:#}"));
     assert_same_tree(&s, &target.path().join(s.strip_prefix("/").unwrap()));
+    // restore's check: every restored file equals the manifest (rsync's checksums of what
+    // it read from the source at backup time, or the previous manifest's for a link).
+    e2ebackup::manifest::check_restore(&fs, &t2.id, target.path(), target.path(), &[])
+        .unwrap_or_else(|e| panic!("check of a clean restore: {e:#}"));
+    // Where big.bin's data lies in the container file (no LUKS here: the device's offset).
+    let victim = in_snap(&t2.id).join("big.bin");
+    let len = std::fs::metadata(&victim).unwrap().len();
+    let extents = ext4::file_extents(&std::fs::File::open(&victim).unwrap(), len).unwrap();
+    let at = extents[0].0 + 4321;
     drop(warm);
+    drop(l);
+    let report = stack.unwind(&mut stack::Real);
+    assert!(report.complete(), "{:?}", report.failed);
+    assert_all_gone(&mnt, &fs, &dev, &journal);
+
+    // The server flips one byte of big.bin's data after its hash was taken.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&server_file)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 1], at).unwrap();
+        f.sync_all().unwrap();
+    }
+    let mut stack = Stack::persistent(journal.clone(), "test").unwrap();
+    mount_server(&mut stack, &p, &mnt);
+    let l = attach(&mut stack, &file, true);
+    let dev = l.device.clone();
+    mount_fs(&mut stack, &dev, &fs, true);
+    let target = tempfile::tempdir().unwrap();
+    snapshots::copy_out(&snap2, &[], target.path(), None)
+        .unwrap_or_else(|e| panic!("copy_out: {e:#}"));
+    let err = e2ebackup::manifest::check_restore(&fs, &t2.id, target.path(), target.path(), &[])
+        .expect_err("a flipped byte must be found");
+    assert_eq!(exit_for(&err), Exit::Security, "{err:#}");
+    assert!(format!("{err:#}").contains("1 file(s)"), "{err:#}");
+    let r = e2ebackup::manifest::check_restored(
+        target.path(),
+        e2ebackup::manifest::open(&fs, &t2.id).unwrap().unwrap(),
+        &[],
+        4,
+    )
+    .unwrap();
+    let rel = s.strip_prefix("/").unwrap().join("big.bin");
+    assert_eq!(
+        r.bad,
+        vec![format!(
+            "{}: content differs from the manifest",
+            rel.display()
+        )]
+    );
+    assert_eq!(r.checked as usize, regular_files(&s));
+    // A subset without it checks clean.
+    e2ebackup::manifest::check_restore(&fs, &t2.id, target.path(), target.path(), &[s.join("a")])
+        .unwrap_or_else(|e| panic!("check of a subset: {e:#}"));
     drop(l);
     let report = stack.unwind(&mut stack::Real);
     assert!(report.complete(), "{:?}", report.failed);

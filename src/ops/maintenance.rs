@@ -4,6 +4,7 @@ use std::path::Path;
 
 use crate::error::Exit;
 use crate::profile::Profile;
+use crate::session::Session;
 use crate::stack::ssh;
 use crate::{info, session, warn};
 
@@ -136,51 +137,54 @@ pub fn validate(p: &Profile, connect: bool, json: bool) -> Exit {
 }
 
 /// `recover-key --identity FILE PROFILE`: decrypt the key escrow (the client's copy, or the
-/// server's if the client has none) with an offline identity and write the keyfile.
+/// server's if the client has none) with an offline identity, test that the recovered key
+/// opens the container (a LUKS test activation through the whole stack, against the pinned
+/// header when the client still has it), and only then write the keyfile. An existing
+/// keyfile (with `--force`) is never lost: it is kept as `KEYFILE.old`, or the first free
+/// `KEYFILE.old.N`.
 pub fn recover_key(p: &Profile, identity: &Path, force: bool) -> Exit {
-    let r = (|| -> anyhow::Result<()> {
-        let kf = &p.container.keyfile.0;
-        if kf.exists() && !force {
-            return Err(crate::error::usage(format!(
-                "keyfile {} exists; pass --force to replace it (the old one is kept as .old)",
-                kf.display()
-            )));
+    let kf = &p.container.keyfile.0;
+    if kf.exists() && !force {
+        return super::fail(crate::error::usage(format!(
+            "keyfile {} exists; pass --force to replace it (the old one is kept as .old, or .old.N)",
+            kf.display()
+        )));
+    }
+    let key = match recover_escrow(p, identity) {
+        Ok(k) => k,
+        Err(e) => return super::fail(e),
+    };
+    // Test the key against the container before anything is replaced.
+    let mut s = match Session::begin(p, "recover-key") {
+        Ok(s) => s,
+        Err(e) => return super::fail(e),
+    };
+    let tested = (|| -> anyhow::Result<Exit> {
+        s.connect()?;
+        s.mount_server("recover-key")?;
+        let dev = s.attach(&p.container.file.0, true)?;
+        let header = s.pinned_header()?;
+        if header.is_none() {
+            warn!(
+                "no pinned header at {}: the key is tested against the server's header",
+                p.header_backup().display()
+            );
         }
-        // The client's own copy first. The server's copy is the fallback for a client that
-        // lost everything; a server that knows the recovery public key could seal a key of
-        // its own making, so using its copy is said out loud.
-        let escrow =
-            match crate::fsutil::read_local_bounded(&p.escrow_client(), crate::escrow::MAX_BYTES) {
-                Ok((b, _)) => {
-                    info!("read the key escrow from {}", p.escrow_client().display());
-                    b
-                }
-                Err(local) => {
-                    warn!(
-                        "no client copy of the key escrow ({local:#}); using the server's copy. \
-                     Check what you restore: the server chose this escrow"
-                    );
-                    ssh::Remote::connect(&p.server)
-                        .and_then(|r| {
-                            let dir = p.server.path.trim_end_matches('/');
-                            r.read_file(
-                                &format!("{dir}/{}", p.escrow_server_name()),
-                                crate::escrow::MAX_BYTES,
-                            )
-                        })
-                        .map_err(|e| {
-                            anyhow::anyhow!(
-                                "no escrow: client {}: {local:#}; server: {e:#}",
-                                p.escrow_client().display()
-                            )
-                        })?
-                }
-            };
-        let key = crate::escrow::open(&escrow, identity)?;
-        if kf.exists() {
-            let mut old = kf.clone().into_os_string();
-            old.push(".old");
-            std::fs::rename(kf, &old)?;
+        let slot = crate::stack::luks::keyslot_for(&dev, header.as_deref(), &key).map_err(|e| {
+            anyhow::Error::from(crate::error::Failure::Security(format!(
+                "the recovered key does not open the container ({e:#}); nothing was replaced"
+            )))
+        })?;
+        info!("the recovered key opens keyslot {slot} of the container");
+        Ok(Exit::Ok)
+    })();
+    let (code, _) = super::finish(s, &tested);
+    if code != Exit::Ok {
+        return code;
+    }
+    let r = (|| -> anyhow::Result<()> {
+        if let Some(old) = keep_old(kf)? {
+            info!("the keyfile it replaces is kept as {}", old.display());
         }
         crate::stack::luks::write_keyfile(kf, &key)?;
         info!(
@@ -193,5 +197,150 @@ pub fn recover_key(p: &Profile, identity: &Path, force: bool) -> Exit {
     match r {
         Ok(()) => Exit::Ok,
         Err(e) => super::fail(e),
+    }
+}
+
+/// Decrypt the escrow: the client's own copy first. The server's copy is the fallback for a
+/// client that lost everything; a server that knows the recovery public key could seal a
+/// key of its own making, so using its copy is said out loud (and the key is tested against
+/// the pinned header when there is one).
+fn recover_escrow(p: &Profile, identity: &Path) -> anyhow::Result<crate::stack::luks::Key> {
+    let escrow =
+        match crate::fsutil::read_local_bounded(&p.escrow_client(), crate::escrow::MAX_BYTES) {
+            Ok((b, _)) => {
+                info!("read the key escrow from {}", p.escrow_client().display());
+                b
+            }
+            Err(local) => {
+                warn!(
+                    "no client copy of the key escrow ({local:#}); using the server's copy. \
+                 Check what you restore: the server chose this escrow"
+                );
+                ssh::Remote::connect(&p.server)
+                    .and_then(|r| {
+                        let dir = p.server.path.trim_end_matches('/');
+                        r.read_file(
+                            &format!("{dir}/{}", p.escrow_server_name()),
+                            crate::escrow::MAX_BYTES,
+                        )
+                    })
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "no escrow: client {}: {local:#}; server: {e:#}",
+                            p.escrow_client().display()
+                        )
+                    })?
+            }
+        };
+    crate::escrow::open(&escrow, identity)
+}
+
+/// Move the keyfile `kf` aside, if there is one, to the first of `KF.old`, `KF.old.1`,
+/// `KF.old.2`, ... that does not exist (a link, never over anything, then the old name
+/// removed): every earlier key stays. Returns where it went.
+pub fn keep_old(kf: &Path) -> anyhow::Result<Option<std::path::PathBuf>> {
+    use anyhow::Context;
+    match std::fs::symlink_metadata(kf) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", kf.display())),
+        Ok(m) if !m.file_type().is_file() => anyhow::bail!(
+            "keyfile {} is a {}, not a regular file: nothing replaced",
+            kf.display(),
+            crate::fsutil::kind_word(std::os::unix::fs::MetadataExt::mode(&m))
+        ),
+        Ok(_) => {}
+    }
+    for n in 0..10_000u32 {
+        let mut old = kf.as_os_str().to_owned();
+        old.push(if n == 0 {
+            ".old".to_string()
+        } else {
+            format!(".old.{n}")
+        });
+        let old = std::path::PathBuf::from(old);
+        match std::fs::hard_link(kf, &old) {
+            Ok(()) => {
+                std::fs::remove_file(kf).with_context(|| {
+                    format!("removing {} (kept as {})", kf.display(), old.display())
+                })?;
+                return Ok(Some(old));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("keeping {} as {}", kf.display(), old.display()))
+            }
+        }
+    }
+    anyhow::bail!(
+        "{}.old through .old.9999 all exist: nothing replaced",
+        kf.display()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The test `recover-key` makes before it replaces anything: a LUKS test activation
+    /// (no mapping, no device-mapper needed) opens with the right key and refuses another.
+    /// Against a pinned-header file, as `keyslot_for` is given it.
+    #[test]
+    fn the_key_test_tells_the_right_key_from_another() {
+        let d = tempfile::tempdir().unwrap();
+        let (img, good, bad) = (
+            d.path().join("c.img"),
+            d.path().join("good.key"),
+            d.path().join("bad.key"),
+        );
+        std::fs::write(&good, [7u8; 64]).unwrap();
+        std::fs::write(&bad, [8u8; 64]).unwrap();
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(20 << 20)
+            .unwrap();
+        let st = std::process::Command::new("cryptsetup")
+            .args(["luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2"])
+            .args(["--pbkdf-force-iterations", "1000", "--key-file"])
+            .arg(&good)
+            .arg(&img)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let key = |p: &Path| crate::stack::luks::key_from_bytes(std::fs::read(p).unwrap());
+        assert_eq!(
+            crate::stack::luks::keyslot_for(&img, None, &key(&good)).unwrap(),
+            0
+        );
+        let e = crate::stack::luks::keyslot_for(&img, None, &key(&bad)).unwrap_err();
+        assert!(format!("{e:#}").contains("does not open"), "{e:#}");
+    }
+
+    #[test]
+    fn every_old_keyfile_is_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let kf = d.path().join("k.key");
+        assert_eq!(keep_old(&kf).unwrap(), None, "nothing to keep");
+        let mut kept = Vec::new();
+        for gen in 0..4 {
+            std::fs::write(&kf, format!("key {gen}")).unwrap();
+            kept.push(keep_old(&kf).unwrap().unwrap());
+            assert!(!kf.exists());
+        }
+        let names: Vec<String> = kept
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            ["k.key.old", "k.key.old.1", "k.key.old.2", "k.key.old.3"]
+        );
+        for (gen, p) in kept.iter().enumerate() {
+            assert_eq!(std::fs::read_to_string(p).unwrap(), format!("key {gen}"));
+        }
+        // A link at the keyfile's name is not followed or moved.
+        std::os::unix::fs::symlink("/etc/hostname", &kf).unwrap();
+        assert!(keep_old(&kf).is_err());
+        assert!(kf.symlink_metadata().is_ok());
     }
 }

@@ -183,6 +183,8 @@ fn resolve(committed: &[SnapshotId], which: &str) -> Result<SnapshotId> {
     Ok(id)
 }
 
+/// `check`: hash every restored file and compare it with the snapshot's manifest
+/// ([`crate::manifest::check_restore`]); a difference is exit 6.
 pub fn restore(
     p: &Profile,
     which: &str,
@@ -190,6 +192,7 @@ pub fn restore(
     paths: &[PathBuf],
     force: bool,
     allow_untrusted: bool,
+    check: bool,
 ) -> Exit {
     if !target.is_absolute() {
         return fail(usage(format!(
@@ -237,6 +240,17 @@ pub fn restore(
             None
         });
         snapshots::copy_out(&snap, paths, &held.proc_path(), warm.as_ref())?;
+        if check {
+            crate::manifest::check_restore(
+                root,
+                &id.to_string(),
+                &held.proc_path(),
+                target,
+                paths,
+            )?;
+        } else {
+            crate::warn!("--no-check: the restored files are not checked against the manifest");
+        }
         info!("restore of {id} complete");
         Ok(())
     });

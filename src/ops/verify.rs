@@ -1,7 +1,9 @@
 //! `e2ebackup verify PROFILE [--read-data PERCENT]`: is what the server holds still what
 //! was written? A read-only `e2fsck -fn` of the unmounted filesystem, then every snapshot's
-//! files against the SHA-256 manifest written at backup time (all of them, or a rolling
-//! PERCENT a day, so that a daily verify reads everything over 100/PERCENT days). Every file
+//! files against the manifest written at backup time, each with the algorithm its manifest
+//! names (all of them, or a rolling PERCENT: each partial verify reads the next PERCENT of
+//! the files, from a cursor kept in the client's state directory, so that 100/PERCENT
+//! verifies read everything whatever the time between them). Every file
 //! that differs is named. Any problem exits 6: on an untrusted server, a changed byte is
 //! tamper evidence until shown otherwise.
 
@@ -11,7 +13,6 @@ use crate::error::{Exit, Failure};
 use crate::ops::{fail_ref, finish, CheckReport};
 use crate::profile::Profile;
 use crate::session::Session;
-use crate::snapid::SnapshotId;
 use crate::stack::ext4;
 use crate::{info, manifest, snapshots, warn};
 
@@ -72,8 +73,14 @@ fn work(p: &Profile, s: &mut Session<'_>, percent: u32, rep: &mut CheckReport) -
         }
         Err(e) => return Err(e),
     };
-    let day = SnapshotId::now().unix().div_euclid(86400);
-    let mut files = 0;
+    // The rolling subset goes on from where the last partial verify stopped.
+    let cursor_path = p.verify_cursor_path();
+    let cursor = if percent < 100 {
+        manifest::read_cursor(&cursor_path)
+    } else {
+        0
+    };
+    let (mut files, mut unhashed) = (0, 0);
     // The authenticated list (the open refused a listed snapshot that is missing); an entry
     // of snapshots/ that it does not name was reported by the open and is not verified.
     for id in s.snapshots().to_vec() {
@@ -82,17 +89,42 @@ fn work(p: &Profile, s: &mut Session<'_>, percent: u32, rep: &mut CheckReport) -
             warn!("snapshot {name} has no manifest (taken by an older version): not verified");
             continue;
         };
-        let (n, bad) = manifest::verify(&snapshots::path_of(&root, id), entries, percent, day)?;
+        let (n, no_hash, bad) =
+            manifest::verify(&snapshots::path_of(&root, id), entries, percent, cursor)?;
         files += n;
+        unhashed += no_hash;
         for b in bad {
             problems.push(format!("snapshot {name}: {b}"));
         }
     }
-    info!(
-        "verified {files} file(s) ({percent}% rolling subset) in the snapshots of `{}`",
-        p.name
-    );
+    if percent < 100 {
+        // Every file of this window was read (a difference found is reported, not re-read):
+        // the next partial verify reads the next window.
+        let next = manifest::next_cursor(cursor, percent);
+        crate::fsutil::private_dir(&p.state_dir())
+            .and_then(|_| crate::fsutil::write_atomic(&cursor_path, format!("{next}\n").as_bytes()))
+            .map_err(|e| {
+                warn!(
+                    "could not keep the verify cursor in {}: {e:#}",
+                    cursor_path.display()
+                )
+            })
+            .ok();
+        info!(
+            "verified {files} file(s) ({percent}% rolling subset from bucket {cursor} of 100; next time from {next}) in the snapshots of `{}`",
+            p.name
+        );
+        rep.detail("read_data_cursor", cursor);
+    } else {
+        info!("verified {files} file(s) in the snapshots of `{}`", p.name);
+    }
+    if unhashed > 0 {
+        warn!(
+            "{unhashed} file(s) have no hash in their manifest (they changed in the source while it was copied): not verified"
+        );
+    }
     rep.detail("files_verified", files);
+    rep.detail("files_without_hash", unhashed);
     rep.detail("read_data_percent", percent);
     let problems = &rep.problems;
     if problems.is_empty() {

@@ -8,13 +8,14 @@
 //! - [`take`]: taking a snapshot, with its helper threads (metadata read-ahead,
 //!   write-behind, hash-behind);
 //! - [`copy_out`]: restore's copy, paced read-ahead and bulk read of the container;
+//! - [`links`]: the names `--link-dest` linked unlike the source, copied again;
 //! - [`walk`]: the parallel walker the read-aheads share.
 //!
 //! Layout (docs/layout.md; plain directories so a person can restore with `cp -a`):
 //! ```text
 //!   FORMAT                          "e2ebackup container format 1"
 //!   snapshots/<id>/<absolute path>  complete snapshots, <id> = UTC time 20261122T123005Z
-//!   manifests/<id>                  SHA-256 of every file of snapshot <id> (for `verify`)
+//!   manifests/<id>                  a hash of every file of snapshot <id> (`verify`, `restore`)
 //!   STATE                           authenticated generation counter (see generation.rs)
 //!   .partial/<id>/...               a snapshot being written (or interrupted: resumed)
 //!   .partial/<id>.resume            what the next run needs to resume it
@@ -28,6 +29,7 @@
 pub mod copy_out;
 pub mod guard;
 pub mod layout;
+pub mod links;
 pub mod resume;
 pub mod rsync;
 pub mod take;

@@ -280,7 +280,7 @@ fn same_as_source(fresh: &mut Fresh, dest: &Path, dm: &std::fs::Metadata, src: &
     }
 }
 
-/// The SHA-256 (hex) of the regular source file `src` that `sm` describes: opened without
+/// The hash (hex, the manifest's algorithm) of the regular source file `src` that `sm` describes: opened without
 /// following a link at its end and without blocking (a local user may swap it).
 fn source_hash(src: &Path, sm: &std::fs::Metadata) -> Option<String> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -425,9 +425,11 @@ mod tests {
         // The kept file's hash is the one the manifest would read.
         let fresh = l.fresh.seal();
         let mut with = Vec::new();
-        crate::manifest::build::<&[u8]>(&copy, None, &fresh, &mut with).unwrap();
+        let b = crate::manifest::build::<&[u8]>(&copy, None, None, &fresh, &mut with).unwrap();
+        assert_eq!(b.unhashed, 0, "the kept file's hash is the source's");
         let mut without = Vec::new();
-        crate::manifest::build::<&[u8]>(&copy, None, &Default::default(), &mut without).unwrap();
+        crate::manifest::build::<&[u8]>(&copy, Some(&src), None, &Default::default(), &mut without)
+            .unwrap();
         assert_eq!(with, without);
         assert_eq!(fresh.len(), 1);
     }

@@ -42,9 +42,11 @@ pub(super) fn rsync_command_for(
             // One overall progress line, rewritten in place: parsed for the progress meter.
             "--info=progress2",
         ])
-        // A line for each item written, after its data (%b): the files are hashed as they
-        // arrive (`hash_behind`).
-        .arg(format!("--out-format={WROTE}%b:%n"))
+        // A line for each item written, after its data (%b), with the whole-file checksum
+        // rsync computed over what it read from the source (%C, sha1): the manifest's hash
+        // of the file (`hash_behind`), never read back from the container.
+        .arg("--checksum-choice=sha1")
+        .arg(format!("--out-format={WROTE}%b:%C:%n"))
         // Holes stay holes: a user's `truncate -s 4T` file costs no space in the container.
         .arg("--sparse")
         // rsync 24 = vanished source files: normal on a live system. 23 = some files or
@@ -73,17 +75,37 @@ pub(super) fn rsync_command_for(
     Ok(c.arg(format!("{}/", dest.display())))
 }
 
+/// The rsync argv that copies the files named in `list` (NUL-separated paths relative to
+/// `/`) again into `dest`, as the snapshot's rsync does but without `--link-dest`: for the
+/// names `--link-dest` linked unlike the source (`links::copy_again`). `-H` links those
+/// that are one inode in the source.
+pub(super) fn copy_again_command(list: &Path, dest: &Path) -> Result<Cmd> {
+    Ok(Cmd::new("rsync")?
+        // A name gone from the source since (deleted meanwhile) is left out, not an error.
+        .args(["-aHAX", "--numeric-ids", "--from0", "--ignore-missing-args"])
+        .arg(format!("--files-from={}", list.display()))
+        .arg("--checksum-choice=sha1")
+        .arg(format!("--out-format={WROTE}%b:%C:%n"))
+        .ok_codes(&[0, 24])
+        .arg("/")
+        .arg(format!("{}/", dest.display())))
+}
+
 /// What rsync's line for each item it writes starts with (`--out-format`); then the bytes it
-/// sent for it, a colon and its name, as rsync prints names: relative to the destination
+/// sent for it, a colon, its whole-file checksum (blanks where rsync has none: a hard link,
+/// a local copy, a directory), a colon and its name, as rsync prints names: relative to the destination
 /// (with a leading slash under --relative), a directory with a trailing slash, and every
 /// byte it does not print as itself (control characters, bytes the locale cannot show,
 /// and the backslash of a literal `\#`) escaped as `\#` and three octal digits.
 pub(super) const WROTE: &str = "e2ebackup-wrote:";
 
-/// The path below the destination of the file one of rsync's `WROTE` lines names; `None`
-/// for any other line, a directory, or a name that would leave the destination.
-pub(super) fn wrote(line: &str) -> Option<PathBuf> {
-    let (_, name) = line.strip_prefix(WROTE)?.split_once(':')?;
+/// The path below the destination of the file one of rsync's `WROTE` lines names, and the
+/// checksum rsync gives it, if any; `None` for any other line, a directory, or a name that
+/// would leave the destination.
+pub(super) fn wrote(line: &str) -> Option<(PathBuf, Option<[u8; crate::manifest::DIGEST_LEN]>)> {
+    let (_, rest) = line.strip_prefix(WROTE)?.split_once(':')?;
+    let (sum, name) = rest.split_once(':')?;
+    let digest = crate::manifest::parse_digest(sum);
     if name.ends_with('/') {
         return None;
     }
@@ -110,7 +132,12 @@ pub(super) fn wrote(line: &str) -> Option<PathBuf> {
     let inside = rel
         .split(|b| *b == b'/')
         .all(|c| !matches!(c, b"" | b"." | b".."));
-    inside.then(|| PathBuf::from(std::ffi::OsString::from_vec(rel.to_vec())))
+    inside.then(|| {
+        (
+            PathBuf::from(std::ffi::OsString::from_vec(rel.to_vec())),
+            digest,
+        )
+    })
 }
 
 /// Directories whose contents are never worth a snapshot: kernel interfaces and runtime
@@ -333,7 +360,18 @@ mod tests {
 
     #[test]
     fn rsync_names_decode_exactly_and_stay_below_the_destination() {
-        let w = |l: &str| wrote(l).map(|p| p.into_os_string().into_vec());
+        // Lines as rsync prints them: bytes, checksum (blanks for none), name.
+        let w = |l: &str| {
+            let (bytes, name) = l
+                .strip_prefix("e2ebackup-wrote:")
+                .unwrap()
+                .split_once(':')?;
+            let line = format!("e2ebackup-wrote:{bytes}:{}:{name}", " ".repeat(40));
+            wrote(&line).map(|(p, d)| {
+                assert_eq!(d, None);
+                p.into_os_string().into_vec()
+            })
+        };
         assert_eq!(w("e2ebackup-wrote:3:/src/a/x"), Some(b"src/a/x".to_vec()));
         assert_eq!(w("e2ebackup-wrote:3:a:b"), Some(b"a:b".to_vec()));
         assert_eq!(
@@ -354,11 +392,24 @@ mod tests {
             "e2ebackup-wrote:0:\\#056\\#056/etc/shadow",
             "e2ebackup-wrote:0:a/\\#056/b",
             "e2ebackup-wrote:0:x\\#777",
-            "e2ebackup-wrote:nocolon",
-            "      1,234  45%   12.34MB/s    0:00:12 (xfr#12, to-chk=100/2000)",
         ] {
             assert_eq!(w(other), None, "{other}");
         }
+        for other in [
+            "e2ebackup-wrote:nocolon",
+            "e2ebackup-wrote:1:nosum",
+            "      1,234  45%   12.34MB/s    0:00:12 (xfr#12, to-chk=100/2000)",
+        ] {
+            assert_eq!(wrote(other), None, "{other}");
+        }
+        // A file rsync transferred: its checksum comes with it.
+        let sum = "f572d396fae9206628714fb2ce00f72e94f2258f";
+        let (p, d) = wrote(&format!("e2ebackup-wrote:6:{sum}:/src/a:b")).unwrap();
+        assert_eq!(p, PathBuf::from("src/a:b"));
+        assert_eq!(
+            d.map(|d| crate::manifest::parse_digest(sum) == Some(d)),
+            Some(true)
+        );
     }
 
     #[test]
@@ -553,7 +604,8 @@ rsync error: some files/attrs were not transferred (see previous errors) (code 2
                 "--relative",
                 "--stats",
                 "--info=progress2",
-                "--out-format=e2ebackup-wrote:%b:%n",
+                "--checksum-choice=sha1",
+                "--out-format=e2ebackup-wrote:%b:%C:%n",
                 "--sparse",
                 "--max-size=1048576",
                 "--info=skip1",

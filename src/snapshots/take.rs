@@ -187,36 +187,37 @@ fn write_behind(
 
 /// A file rsync named is retried this many times (once per later name) while it is not
 /// yet in place, and at most this many such names wait: the rest are hashed by
-/// `manifest::build`, as they were before.
+/// `manifest::build` from the source.
 const HASH_RETRIES: u32 = 256;
 const HASH_WAITING: usize = 1024;
 
-/// The hash-behind thread of [`take`]: hashes each file rsync names (below `dest`) into
-/// `fresh` right after rsync wrote it, while its data is still in memory. rsync names a
-/// file just before it renames it into place, so a name not there yet is tried again after
-/// the next one, and once more when `names` closes.
-fn hash_behind(
-    names: std::sync::mpsc::Receiver<PathBuf>,
+/// The hash-behind thread of [`take`]: files the checksum rsync reports for each file it
+/// wrote (below `dest`), computed over what it read from the source, under the inode it
+/// wrote ([`crate::manifest::Fresh`]); no file is read. rsync names a file just before it
+/// renames it into place, so a name not there yet is tried again after the next one, and
+/// once more when `names` closes.
+pub(super) fn hash_behind(
+    names: std::sync::mpsc::Receiver<(PathBuf, [u8; crate::manifest::DIGEST_LEN])>,
     dest: &Path,
     mut fresh: crate::manifest::Fresh,
 ) -> crate::manifest::Fresh {
     use crate::manifest::Hashed;
     let mut waiting = std::collections::VecDeque::new();
-    while let Ok(p) = names.recv() {
+    while let Ok((p, digest)) = names.recv() {
         for _ in 0..waiting.len() {
-            let Some((w, tries)) = waiting.pop_front() else {
+            let Some((w, d, tries)) = waiting.pop_front() else {
                 break;
             };
-            if fresh.hash(&dest.join(&w)) == Hashed::Missing && tries < HASH_RETRIES {
-                waiting.push_back((w, tries + 1));
+            if fresh.record(&dest.join(&w), d) == Hashed::Missing && tries < HASH_RETRIES {
+                waiting.push_back((w, d, tries + 1));
             }
         }
-        if fresh.hash(&dest.join(&p)) == Hashed::Missing && waiting.len() < HASH_WAITING {
-            waiting.push_back((p, 0));
+        if fresh.record(&dest.join(&p), digest) == Hashed::Missing && waiting.len() < HASH_WAITING {
+            waiting.push_back((p, digest, 0));
         }
     }
-    for (w, _) in waiting {
-        fresh.hash(&dest.join(w));
+    for (w, d, _) in waiting {
+        fresh.record(&dest.join(w), d);
     }
     fresh.seal()
 }
@@ -368,8 +369,8 @@ pub fn take_guarded(
                 return false;
             }
             if line.starts_with(WROTE) {
-                if let Some(p) = wrote(line) {
-                    let _ = wrote_tx.try_send(p);
+                if let Some((p, Some(digest))) = wrote(line) {
+                    let _ = wrote_tx.try_send((p, digest));
                 }
                 return false;
             }
@@ -443,7 +444,7 @@ pub fn take_guarded(
         Default::default()
     });
     crate::debug!(
-        "rsync took {:.2} s; {} files hashed as it wrote them",
+        "rsync took {:.2} s; rsync's checksums of {} files kept",
         t.elapsed().as_secs_f64(),
         fresh.len()
     );
@@ -500,23 +501,55 @@ pub fn take_guarded(
                 .unwrap_or_default()
         );
     }
-    // The manifest (content hashes for `verify`) is written before the snapshot is visible,
-    // so every complete snapshot has one.
-    let prev_manifest = match prev {
-        Some(l) => crate::manifest::open(root, &l.to_string())?,
-        None => None,
-    };
+    // The manifest (content hashes for `verify` and `restore`) is written before the
+    // snapshot is visible, so every complete snapshot has one.
     let prev_id = prev.map(|l| l.to_string());
-    let manifest = crate::manifest::write(
-        root,
-        &id.to_string(),
-        &partial,
-        match (link.as_deref(), prev_id.as_deref(), prev_manifest) {
-            (Some(l), Some(pid), Some(r)) => Some((l, pid, r)),
-            _ => None,
-        },
-        &fresh,
-    )?;
+    let write_manifest = |fresh: &crate::manifest::Fresh| -> Result<crate::manifest::Written> {
+        let prev_manifest = match prev_id.as_deref() {
+            Some(l) => crate::manifest::open(root, l)?,
+            None => None,
+        };
+        crate::manifest::write(
+            root,
+            &id.to_string(),
+            &partial,
+            Some(Path::new("/")),
+            match (link.as_deref(), prev_id.as_deref(), prev_manifest) {
+                (Some(l), Some(pid), Some(r)) => Some((l, pid, r)),
+                _ => None,
+            },
+            fresh,
+        )
+    };
+    let mut manifest = write_manifest(&fresh)?;
+    let mut fresh = fresh;
+    if !manifest.merged.is_empty() {
+        // --link-dest joined names that the source keeps apart (or split a group): those
+        // are copied again, as the source has them, and the manifest is written anew.
+        let merged = std::mem::take(&mut manifest.merged);
+        manifest.discard()?;
+        warn!(
+            "{} file(s) were hard-linked by --link-dest unlike in the source (e.g. {}): copied again",
+            merged.len(),
+            merged[0].display()
+        );
+        let again = super::links::copy_again(profile, &partial, &merged)?;
+        fresh = fresh.merge(again);
+        manifest = write_manifest(&fresh)?;
+        if !manifest.merged.is_empty() {
+            warn!(
+                "{} file(s) still do not follow the source's hard links (the source changed meanwhile?), e.g. {}",
+                manifest.merged.len(),
+                manifest.merged[0].display()
+            );
+        }
+    }
+    if manifest.unhashed > 0 {
+        warn!(
+            "{} file(s) changed in the source after rsync copied them: no hash in the manifest, verify and restore cannot check them",
+            manifest.unhashed
+        );
+    }
     drop(fresh);
     crate::debug!(
         "manifest of {} files {} in {:.2} s",
@@ -666,9 +699,11 @@ mod tests {
             let mut seen = 0;
             rsync
                 .run_streaming(|line| {
-                    if let Some(p) = wrote(line) {
+                    if let Some((p, digest)) = wrote(line) {
                         seen += 1;
-                        tx.send(p).unwrap();
+                        if let Some(d) = digest {
+                            tx.send((p, d)).unwrap();
+                        }
                     }
                     true
                 })
@@ -680,12 +715,22 @@ mod tests {
         assert_eq!(fresh.len(), names.len(), "every regular file, nothing else");
         let copy = dest.join(src.strip_prefix("/").unwrap());
         let mut out = Vec::new();
-        crate::manifest::build::<&[u8]>(&copy, None, &fresh, &mut out).unwrap();
+        let built = crate::manifest::build::<&[u8]>(&copy, None, None, &fresh, &mut out).unwrap();
+        assert_eq!(built.unhashed, 0, "rsync's checksums cover every file");
+        // The same hashes read from the source files themselves.
         let mut none = Vec::new();
-        crate::manifest::build::<&[u8]>(&copy, None, &Default::default(), &mut none).unwrap();
+        let from_source = crate::manifest::build::<&[u8]>(
+            &copy,
+            Some(&src),
+            None,
+            &Default::default(),
+            &mut none,
+        )
+        .unwrap();
+        assert_eq!(from_source.unhashed, 0);
         assert_eq!(
             out, none,
-            "the hashes taken as rsync wrote equal those read afterwards"
+            "rsync's checksums equal the hashes of the source files"
         );
     }
 }
