@@ -832,7 +832,7 @@ fn host_sshfs_loop_ext4_snapshots() {
         snapshots::Warmed::default()
     );
     let target = tempfile::tempdir().unwrap();
-    snapshots::copy_out(&snap2, &[], target.path(), Some(&warm))
+    snapshots::copy_out(&snap2, &[], target.path(), Some(&warm), false)
         .unwrap_or_else(|e| panic!("copy_out: {e:#}"));
     assert_same_tree(&s, &target.path().join(s.strip_prefix("/").unwrap()));
     drop(warm);

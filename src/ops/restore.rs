@@ -75,7 +75,7 @@ fn measure(dir: &Path) -> Result<SnapshotInfo> {
 }
 
 /// Open read-only, run `f` on the session and the mounted root, tear down.
-fn with_readonly<T>(
+pub(crate) fn with_readonly<T>(
     p: &Profile,
     command: &str,
     f: impl FnOnce(&Session, &Path) -> Result<T>,
@@ -125,7 +125,7 @@ pub fn list(p: &Profile, json: bool) -> Exit {
 }
 
 /// Resolve `latest` or an id to an existing snapshot.
-fn resolve(root: &Path, which: &str) -> Result<SnapshotId> {
+pub(crate) fn resolve(root: &Path, which: &str) -> Result<SnapshotId> {
     let all = snapshots::list(root)?;
     if which == "latest" {
         return all
@@ -149,7 +149,13 @@ pub fn restore(
     paths: &[PathBuf],
     force: bool,
     allow_untrusted: bool,
+    delete: bool,
 ) -> Exit {
+    if delete && paths.is_empty() {
+        return fail(usage(
+            "restore --delete needs --path: it deletes only within the restored paths".to_string(),
+        ));
+    }
     if !target.is_absolute() {
         return fail(usage(format!(
             "TARGET {} must be an absolute path",
@@ -195,7 +201,7 @@ pub fn restore(
             crate::debug!("bulk read-ahead not available: {e:#}");
             None
         });
-        snapshots::copy_out(&snap, paths, &held.proc_path(), warm.as_ref())?;
+        snapshots::copy_out(&snap, paths, &held.proc_path(), warm.as_ref(), delete)?;
         info!("restore of {id} complete");
         Ok(())
     });
