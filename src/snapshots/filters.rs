@@ -217,7 +217,11 @@ pub fn exclude_from_problems(profile: &Profile) -> Vec<String> {
         let mut at: Option<&Path> = Some(path.as_path());
         while let Some(p) = at {
             match std::fs::symlink_metadata(p) {
-                Ok(m) if m.uid() != 0 || (m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0) => {
+                // A sticky directory (/tmp) lets no one else replace root's file in it.
+                Ok(m)
+                    if m.uid() != 0
+                        || (m.mode() & 0o022 != 0 && !(m.is_dir() && m.mode() & 0o1000 != 0)) =>
+                {
                     out.push(format!(
                         "backup.exclude_from: {} is owned by uid {} with mode {:o}: it must be owned by \
                          root and writable by no one else (chown root: {p}; chmod go-w {p})",
@@ -371,12 +375,14 @@ mod tests {
         let root = nix::unistd::geteuid().is_root();
         // The temporary directory's ancestors (/tmp is sticky) are root's.
         assert_eq!(exclude_from_problems(&p(&rules)).is_empty(), root);
-        std::fs::set_permissions(&rules, std::fs::Permissions::from_mode(0o666)).unwrap();
-        let e = exclude_from_problems(&p(&rules));
-        assert!(
-            e.len() == 1 && e[0].contains("writable by no one else"),
-            "{e:?}"
-        );
+        for mode in [0o666, 0o664, 0o1666] {
+            std::fs::set_permissions(&rules, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = exclude_from_problems(&p(&rules));
+            assert!(
+                e.len() == 1 && e[0].contains("writable by no one else"),
+                "{mode:o} {e:?}"
+            );
+        }
         let e = exclude_from_problems(&p(&d.path().join("missing")));
         assert!(e.len() == 1 && e[0].contains("No such file"), "{e:?}");
         let e = exclude_from_problems(&p(d.path()));
