@@ -1,5 +1,5 @@
 #!/bin/bash
-# timeout: 900
+# timeout: 1200
 # Issue 28, what users of the peers expect: run --dry-run (lists exactly what changed and
 # writes nothing), backup.exclude_if_present (CACHEDIR.TAG), backup.exclude_from,
 # backup.bwlimit, restore --delete (roll a directory back), diff and find, keys rotate.
