@@ -366,7 +366,6 @@ impl TryFrom<String> for TagName {
     }
 }
 
-
 fn default_resume_max_age() -> Duration {
     Duration(7 * 86400)
 }

@@ -42,7 +42,7 @@ bad_rules() { # a pattern file others can write is refused (validate and run), n
 }
 check exclude-from-refused-when-writable bad_rules
 bare_bwlimit() { # a bare number is refused with its line
-  sed 's/^  bwlimit: 1M/  bwlimit: 500/' "$PROFILE" > /tmp/peersbad.yaml
+  sed 's/^  bwlimit: 1M/  bwlimit: 500/' "$PROFILE" > /tmp/peersbad.yaml; chmod 0600 /tmp/peersbad.yaml
   local out; out=$("$E2E_BIN" validate /tmp/peersbad.yaml 2>&1); local rc=$?; echo "$out"
   [ $rc = 2 ] && echo "$out" | grep -q "line [0-9]*: backup.bwlimit: .500.: give a unit"
 }
