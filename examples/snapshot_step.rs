@@ -89,7 +89,7 @@ fn main() -> anyhow::Result<()> {
         }
         let t = Instant::now();
         let snap = e2ebackup::snapshots::path_of(&root, newest);
-        e2ebackup::snapshots::copy_out(&snap, &[], target, warm.as_ref())?;
+        e2ebackup::snapshots::copy_out(&snap, &[], target, warm.as_ref(), false)?;
         println!(
             "restore of {newest}: {:.2} s, peak RSS {} KiB",
             t.elapsed().as_secs_f64(),

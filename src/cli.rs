@@ -56,6 +56,11 @@ pub enum Command {
         /// backup.max_shrink since the last snapshot (an intended clean-up)
         #[arg(long)]
         allow_shrink: bool,
+        /// Only list what would be sent (`+ /path`, new or changed) and deleted (`- /path`)
+        /// against the newest snapshot, and what retention would prune. The container is
+        /// opened read-only; no hook runs; nothing is recorded
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Check a profile and the local prerequisites without changing anything
     Validate {
@@ -124,6 +129,29 @@ pub enum Command {
         /// restored file is hashed and a difference exits 6)
         #[arg(long)]
         no_check: bool,
+        /// Also delete what is in TARGET but not in the snapshot, within the restored
+        /// --path directories only (a roll-back of a directory; needs --path)
+        #[arg(long, requires = "paths")]
+        delete: bool,
+    },
+    /// List the files added (+), removed (-) and changed (M) between two snapshots, from
+    /// their manifests (regular files only)
+    Diff {
+        #[command(flatten)]
+        profile: ProfileArg,
+        /// The older snapshot (an id, or `latest`)
+        a: String,
+        /// The newer snapshot (an id, or `latest`)
+        b: String,
+    },
+    /// Find files by a glob across every snapshot (from the manifests): prints the snapshot
+    /// id, the size and the path of each match
+    Find {
+        #[command(flatten)]
+        profile: ProfileArg,
+        /// A shell glob: with a `/` it matches the whole absolute path (`/home/*/notes.txt`,
+        /// `*` crosses `/`), without one only the file name (`*.pdf`)
+        pattern: String,
     },
     /// Enlarge the container (never shrinks): SIZE is the new size (3G) or an increase (+1G)
     Grow {
@@ -166,7 +194,8 @@ pub enum Command {
         #[arg(long, value_name = "CALENDAR", default_value = "weekly")]
         verify_on_calendar: String,
     },
-    /// Key checks: `keys verify` tests the keyfile, the pinned header and the escrows
+    /// Key checks and rotation: `keys verify` tests the keyfile, the pinned header and the
+    /// escrows; `keys rotate` replaces the keyfile
     Keys {
         #[command(subcommand)]
         action: KeysAction,
@@ -234,6 +263,12 @@ pub enum KeysAction {
         /// An empty directory (created 0700 if missing), e.g. on a removable disk
         dir: std::path::PathBuf,
     },
+    /// Replace the keyfile: a new keyfile and keyslot, the old keyslot removed, the pinned
+    /// header, the key escrows and the container's STATE renewed (the volume key stays)
+    Rotate {
+        #[command(flatten)]
+        profile: ProfileArg,
+    },
 }
 
 impl Command {
@@ -257,8 +292,13 @@ impl Command {
             | Command::Schedule { profile, .. }
             | Command::RecoverKey { profile, .. }
             | Command::Keys {
-                action: KeysAction::Verify { profile, .. } | KeysAction::ExportKit { profile, .. },
-            } => profile,
+                action:
+                    KeysAction::Verify { profile, .. }
+                    | KeysAction::ExportKit { profile, .. }
+                    | KeysAction::Rotate { profile },
+            }
+            | Command::Diff { profile, .. }
+            | Command::Find { profile, .. } => profile,
             Command::GenerateAssets { .. } => return None,
         };
         Some(&t.name)
@@ -295,6 +335,7 @@ pub fn main() -> ExitCode {
     };
     let code = match &cli.command {
         Command::Init { .. } => ops::init::init(&profile),
+        Command::Run { dry_run: true, .. } => ops::run::dry_run::dry_run(&profile),
         Command::Run { allow_shrink, .. } => ops::run::run(&profile, *allow_shrink),
         Command::Validate { connect, json, .. } => {
             ops::maintenance::validate(&profile, *connect, *json)
@@ -315,16 +356,22 @@ pub fn main() -> ExitCode {
             force,
             allow_untrusted_target,
             no_check,
+            delete,
             ..
         } => ops::restore::restore(
             &profile,
             snapshot,
             target,
             paths,
-            *force,
-            *allow_untrusted_target,
-            !*no_check,
+            ops::restore::RestoreOptions {
+                force: *force,
+                allow_untrusted: *allow_untrusted_target,
+                check: !*no_check,
+                delete: *delete,
+            },
         ),
+        Command::Diff { a, b, .. } => ops::history::diff(&profile, a, b),
+        Command::Find { pattern, .. } => ops::history::find(&profile, pattern),
         Command::Grow { size, online, .. } => ops::grow::grow(&profile, size, *online),
         Command::Trim { .. } => ops::trim::trim(&profile),
         Command::Schedule {
@@ -347,6 +394,9 @@ pub fn main() -> ExitCode {
         Command::Keys {
             action: KeysAction::ExportKit { dir, .. },
         } => ops::keys::export_kit(&profile, dir),
+        Command::Keys {
+            action: KeysAction::Rotate { .. },
+        } => ops::rotate::rotate(&profile),
         Command::RecoverKey {
             identity, force, ..
         } => ops::maintenance::recover_key(&profile, identity, *force),

@@ -322,7 +322,13 @@ fn joined(v: &[SnapshotId]) -> String {
 /// and the snapshot list (see [`reconcile`]). With `accept_any`, only the MAC is checked and
 /// missing snapshots are returned instead of refused (`accept-rollback`).
 pub fn check(p: &Profile, root: &Path, key: &Key, accept_any: bool) -> Result<Checked> {
-    let st = read_verified(root, key)?;
+    let st = match read_verified(root, key) {
+        Ok(st) => st,
+        Err(e) => match read_with_replaced_key(p, root) {
+            Some(st) => Some(st),
+            None => return Err(e),
+        },
+    };
     let client = if accept_any {
         None
     } else {
@@ -352,6 +358,22 @@ pub fn check(p: &Profile, root: &Path, key: &Key, accept_any: bool) -> Result<Ch
         );
     }
     Ok(c)
+}
+
+/// A STATE signed with the keyfile that an interrupted `keys rotate` replaced (the keyfile
+/// was swapped, the STATE not yet re-signed): the old keyfile is this client's own secret,
+/// kept as `<keyfile>.old` until the rotation is done, so the record is still authentic. The
+/// next commit signs it with the new keyfile.
+fn read_with_replaced_key(p: &Profile, root: &Path) -> Option<State> {
+    let old = p.keyfile_old();
+    let key = crate::stack::luks::read_keyfile(&old).ok()?;
+    let st = read_verified(root, &key).ok()??;
+    warn!(
+        "the container's STATE is signed with the replaced keyfile {} (an interrupted `keys rotate`): \
+         accepted; the next commit signs it with the new keyfile",
+        old.display()
+    );
+    Some(st)
 }
 
 /// Write generation `generation` with `snapshots` (commit order), then the client's records.

@@ -153,6 +153,23 @@ impl Profile {
     pub fn server_lock_name(&self) -> String {
         format!("{}.lock", self.container.file.0)
     }
+
+    /// `keys rotate`: the new keyfile until it replaces the keyfile.
+    pub fn keyfile_new(&self) -> PathBuf {
+        with_suffix(&self.container.keyfile.0, ".new")
+    }
+
+    /// `keys rotate`: the replaced keyfile, until the new one has opened the container.
+    pub fn keyfile_old(&self) -> PathBuf {
+        with_suffix(&self.container.keyfile.0, ".old")
+    }
+}
+
+/// `path` with `suffix` appended to its file name.
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_os_string();
+    s.push(suffix);
+    PathBuf::from(s)
 }
 
 #[cfg(test)]

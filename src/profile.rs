@@ -296,6 +296,74 @@ pub struct Backup {
     /// Files larger than this are skipped (rsync --max-size), each named in a warning.
     #[serde(default)]
     pub max_file_size: Option<Size>,
+    /// rsync --bwlimit: the most the snapshot's rsync reads per second (`2M`, `500K`).
+    #[serde(default)]
+    pub bwlimit: Option<Bwlimit>,
+    /// Leave out every directory that holds a file of one of these names (CACHEDIR.TAG
+    /// only with its signature): see [`crate::snapshots::filters`].
+    #[serde(default)]
+    pub exclude_if_present: Vec<TagName>,
+    /// Files of rsync patterns (rsync --exclude-from), root-owned and not writable by others.
+    #[serde(default)]
+    pub exclude_from: Vec<AbsPath>,
+}
+
+/// A bandwidth limit for rsync, in bytes per second, written with a unit: `2M`, `500K`,
+/// `1.5M`, optionally `/s` (`2MiB/s`). A bare number is refused: rsync reads it as KiB,
+/// most people as bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "serde_yaml::Value")]
+pub struct Bwlimit(pub u64);
+
+impl Bwlimit {
+    pub fn parse(s: &str) -> Result<Bwlimit, String> {
+        let t = s.trim();
+        let t = t.strip_suffix("/s").unwrap_or(t).trim();
+        if t.is_empty() || t.ends_with(|c: char| c.is_ascii_digit() || c == '.') {
+            return Err(format!(
+                "`{s}`: give a unit, per second: 500K, 2M (a bare number is ambiguous: rsync reads KiB)"
+            ));
+        }
+        let bytes = Size::parse(t)?.0;
+        if bytes < 1024 {
+            return Err(format!(
+                "`{s}` is below rsync's smallest limit, 1K per second"
+            ));
+        }
+        Ok(Bwlimit(bytes))
+    }
+
+    /// What rsync's --bwlimit takes: KiB per second.
+    pub fn kib(self) -> u64 {
+        self.0 / 1024
+    }
+}
+
+impl TryFrom<serde_yaml::Value> for Bwlimit {
+    type Error = String;
+    fn try_from(v: serde_yaml::Value) -> Result<Self, String> {
+        match v {
+            serde_yaml::Value::String(s) => Bwlimit::parse(&s),
+            other => Bwlimit::parse(serde_yaml::to_string(&other).unwrap_or_default().trim()),
+        }
+    }
+}
+
+/// A file name whose presence leaves its directory out of the snapshot: one plain path
+/// component (`CACHEDIR.TAG`, `.nobackup`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct TagName(pub String);
+
+impl TryFrom<String> for TagName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.is_empty() || s.contains('/') || s == "." || s == ".." || s.contains(char::is_control)
+        {
+            return Err(format!("`{s}` must be a plain file name (no `/`)"));
+        }
+        Ok(TagName(s))
+    }
 }
 
 fn default_resume_max_age() -> Duration {
@@ -1147,5 +1215,46 @@ backup:
             }
         }
         assert!(n >= 1, "no example profiles in {}", dir.display());
+    }
+    #[test]
+    fn bwlimit_exclude_if_present_and_exclude_from() {
+        let p = parse(&format!(
+            "{GOOD}  bwlimit: 2M\n  exclude_if_present: [CACHEDIR.TAG, .nobackup]\n  exclude_from: [/etc/e2ebackup/x.rules]\n"
+        ))
+        .unwrap();
+        assert_eq!(p.backup.bwlimit, Some(Bwlimit(2 << 20)));
+        assert_eq!(p.backup.bwlimit.unwrap().kib(), 2048);
+        assert_eq!(p.backup.exclude_if_present[1].0, ".nobackup");
+        assert_eq!(
+            p.backup.exclude_from[0].0,
+            Path::new("/etc/e2ebackup/x.rules")
+        );
+        let none = parse(GOOD).unwrap();
+        assert!(none.backup.bwlimit.is_none() && none.backup.exclude_if_present.is_empty());
+        for (v, kib) in [
+            ("500K", 500),
+            ("500k/s", 500),
+            ("1.5M", 1536),
+            ("2MiB/s", 2048),
+            ("1G", 1 << 20),
+        ] {
+            assert_eq!(Bwlimit::parse(v).unwrap().kib(), kib, "{v}");
+        }
+        for bad in ["500", "2", "", "fast", "0K", "512B", "2X"] {
+            assert!(Bwlimit::parse(bad).is_err(), "{bad}");
+        }
+        // A bare number names its line and says why.
+        let e = err(&format!("{GOOD}  bwlimit: 500\n"));
+        assert!(
+            e.contains("line 14") && e.contains("bwlimit") && e.contains("give a unit"),
+            "{e}"
+        );
+        let e = err(&format!("{GOOD}  exclude_if_present: [a/b]\n"));
+        assert!(
+            e.contains("line 14") && e.contains("plain file name"),
+            "{e}"
+        );
+        let e = err(&format!("{GOOD}  exclude_from: [rules.txt]\n"));
+        assert!(e.contains("line 14") && e.contains("absolute"), "{e}");
     }
 }

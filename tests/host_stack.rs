@@ -851,7 +851,7 @@ fn host_sshfs_loop_ext4_snapshots() {
         snapshots::Warmed::default()
     );
     let target = tempfile::tempdir().unwrap();
-    snapshots::copy_out(&snap2, &[], target.path(), Some(&warm))
+    snapshots::copy_out(&snap2, &[], target.path(), Some(&warm), false)
         .unwrap_or_else(|e| panic!("copy_out: {e:#}"));
     assert_same_tree(&s, &target.path().join(s.strip_prefix("/").unwrap()));
     // restore's check: every restored file equals the manifest (rsync's checksums of what
@@ -888,7 +888,7 @@ fn host_sshfs_loop_ext4_snapshots() {
     let dev = l.device.clone();
     mount_fs(&mut stack, &dev, &fs, true);
     let target = tempfile::tempdir().unwrap();
-    snapshots::copy_out(&snap2, &[], target.path(), None)
+    snapshots::copy_out(&snap2, &[], target.path(), None, false)
         .unwrap_or_else(|e| panic!("copy_out: {e:#}"));
     let err = e2ebackup::manifest::check_restore(&fs, &t2.id, target.path(), target.path(), &[])
         .expect_err("a flipped byte must be found");

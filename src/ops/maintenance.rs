@@ -46,6 +46,7 @@ pub fn validate(p: &Profile, connect: bool, json: bool) -> Exit {
             .push("e2ebackup must run as root (it attaches loop devices and opens LUKS)".into());
     }
     problems.extend(crate::localpaths::problems(p));
+    problems.extend(crate::snapshots::filters::exclude_from_problems(p));
     let kf = &p.container.keyfile.0;
     if kf.is_file() {
         if let Err(e) = crate::stack::luks::read_keyfile(kf) {

@@ -3,11 +3,13 @@
 //! messages follow it).
 
 pub mod grow;
+pub mod history;
 pub mod init;
 pub mod keys;
 pub mod maintenance;
 pub mod prune;
 pub mod restore;
+pub mod rotate;
 pub mod run;
 pub mod schedule;
 pub mod status;
@@ -120,6 +122,28 @@ impl CheckReport {
         }
         code
     }
+}
+
+/// A path's bytes for a line of output: as rsync prints names, every control character,
+/// backslash and byte that is not UTF-8 as `\#` and three octal digits.
+pub fn show_path(b: &[u8]) -> String {
+    let mut out = String::with_capacity(b.len());
+    for chunk in b.utf8_chunks() {
+        for ch in chunk.valid().chars() {
+            if ch.is_control() || ch == '\\' {
+                let mut buf = [0u8; 4];
+                for byte in ch.encode_utf8(&mut buf).bytes() {
+                    out.push_str(&format!("\\#{byte:03o}"));
+                }
+            } else {
+                out.push(ch);
+            }
+        }
+        for byte in chunk.invalid() {
+            out.push_str(&format!("\\#{byte:03o}"));
+        }
+    }
+    out
 }
 
 pub fn now() -> String {

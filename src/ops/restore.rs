@@ -83,7 +83,7 @@ fn measure(dir: &Path) -> Result<SnapshotInfo> {
 }
 
 /// Open read-only, run `f` on the session and the mounted root, tear down.
-fn with_readonly<T>(
+pub(crate) fn with_readonly<T>(
     p: &Profile,
     command: &str,
     f: impl FnOnce(&Session, &Path) -> Result<T>,
@@ -167,7 +167,7 @@ pub fn list(p: &Profile, json: bool) -> Exit {
 
 /// Resolve `latest` (the last committed snapshot, whatever its date) or an id to a snapshot
 /// of `committed` (the authenticated list, in commit order).
-fn resolve(committed: &[SnapshotId], which: &str) -> Result<SnapshotId> {
+pub(crate) fn resolve(committed: &[SnapshotId], which: &str) -> Result<SnapshotId> {
     if which == "latest" {
         return committed
             .last()
@@ -183,17 +183,38 @@ fn resolve(committed: &[SnapshotId], which: &str) -> Result<SnapshotId> {
     Ok(id)
 }
 
-/// `check`: hash every restored file and compare it with the snapshot's manifest
-/// ([`crate::manifest::check_restore`]); a difference is exit 6.
+/// How `restore` goes about it (its flags).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestoreOptions {
+    /// Restore into a non-empty target.
+    pub force: bool,
+    /// Accept a target another user could change.
+    pub allow_untrusted: bool,
+    /// Hash every restored file and compare it with the snapshot's manifest
+    /// ([`crate::manifest::check_restore`]); a difference is exit 6.
+    pub check: bool,
+    /// Delete what the target holds and the snapshot does not, within `paths` only.
+    pub delete: bool,
+}
+
 pub fn restore(
     p: &Profile,
     which: &str,
     target: &Path,
     paths: &[PathBuf],
-    force: bool,
-    allow_untrusted: bool,
-    check: bool,
+    opts: RestoreOptions,
 ) -> Exit {
+    let RestoreOptions {
+        force,
+        allow_untrusted,
+        check,
+        delete,
+    } = opts;
+    if delete && paths.is_empty() {
+        return fail(usage(
+            "restore --delete needs --path: it deletes only within the restored paths".to_string(),
+        ));
+    }
     if !target.is_absolute() {
         return fail(usage(format!(
             "TARGET {} must be an absolute path",
@@ -239,7 +260,7 @@ pub fn restore(
             crate::debug!("bulk read-ahead not available: {e:#}");
             None
         });
-        snapshots::copy_out(&snap, paths, &held.proc_path(), warm.as_ref())?;
+        snapshots::copy_out(&snap, paths, &held.proc_path(), warm.as_ref(), delete)?;
         if check {
             crate::manifest::check_restore(
                 root,

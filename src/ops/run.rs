@@ -10,6 +10,7 @@ use crate::snapshots::{self, Taken};
 use crate::state::{self, LastRun};
 use crate::{hooks, info, monitor, warn};
 
+pub mod dry_run;
 mod no_space;
 
 /// `allow_shrink`: `run --allow-shrink`, commit a source that emptied or shrank

@@ -100,8 +100,17 @@ impl Pace {
 /// what `restore` does once the snapshot is mounted and chosen. While rsync copies, the
 /// files are read ahead of it by several threads ([`read_ahead`]), and with `warm` their
 /// data is first read from the server in bulk ([`warm_snapshot`]), both within a window of
-/// rsync's progress ([`Pace`]). rsync's progress is shown as a backup's is.
-pub fn copy_out(snap: &Path, paths: &[PathBuf], target: &Path, warm: Option<&Warm>) -> Result<()> {
+/// rsync's progress ([`Pace`]). rsync's progress is shown as a backup's is. With `delete`
+/// (`restore --delete`), what `target` holds beside the snapshot's files is deleted too, but
+/// only inside the `paths` copied (rsync deletes only in directories it copies whole, never
+/// in the implied directories above them).
+pub fn copy_out(
+    snap: &Path,
+    paths: &[PathBuf],
+    target: &Path,
+    warm: Option<&Warm>,
+    delete: bool,
+) -> Result<()> {
     let mut c = Cmd::new("rsync")?.args([
         "-aHAX",
         "--sparse",
@@ -109,6 +118,13 @@ pub fn copy_out(snap: &Path, paths: &[PathBuf], target: &Path, warm: Option<&War
         "--stats",
         "--info=progress2",
     ]);
+    if delete {
+        anyhow::ensure!(
+            !paths.is_empty(),
+            "restore --delete needs --path: it deletes only within the restored paths"
+        );
+        c = c.arg("--delete");
+    }
     if paths.is_empty() {
         c = c.arg(format!("{}/", snap.display()));
     } else {

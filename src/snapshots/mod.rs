@@ -9,6 +9,7 @@
 //!   write-behind, hash-behind);
 //! - [`copy_out`]: restore's copy, paced read-ahead and bulk read of the container;
 //! - [`links`]: the names `--link-dest` linked unlike the source, copied again;
+//! - [`filters`]: the profile's bandwidth limit and pattern files, and its exclude-if-present walk;
 //! - [`walk`]: the parallel walker the read-aheads share.
 //!
 //! Layout (docs/layout.md; plain directories so a person can restore with `cp -a`):
@@ -27,6 +28,7 @@
 //! snapshot is a full tree while only changed files take space.
 
 pub mod copy_out;
+pub mod filters;
 pub mod guard;
 pub mod layout;
 pub mod links;
@@ -42,6 +44,6 @@ pub use layout::{
     FORMAT_LINE, PARTIAL, SNAPSHOTS,
 };
 pub use resume::{settle as settle_partials, Resumable};
-pub use rsync::{always_excluded, rsync_command, PSEUDO_DIRS};
+pub use rsync::{always_excluded, dry_run_command, rsync_command, PSEUDO_DIRS};
 pub use take::{take, take_guarded, ContainerFull, Resumed, Taken};
 pub use walk::prefetch_metadata;

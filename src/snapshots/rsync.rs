@@ -69,6 +69,7 @@ pub(super) fn rsync_command_for(
     for e in &profile.backup.excludes {
         c = c.arg(format!("--exclude={e}"));
     }
+    c = c.args(super::filters::argv(profile, mounts)?);
     for s in &profile.backup.sources {
         c = c.arg(&s.0);
     }
@@ -109,6 +110,12 @@ pub(super) fn wrote(line: &str) -> Option<(PathBuf, Option<[u8; crate::manifest:
     if name.ends_with('/') {
         return None;
     }
+    decode_name(name).map(|p| (p, digest))
+}
+
+/// A name as rsync prints it (see [`WROTE`]), decoded; `None` for one that would leave the
+/// destination.
+fn decode_name(name: &str) -> Option<PathBuf> {
     let b = name.as_bytes();
     let mut raw = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -132,12 +139,7 @@ pub(super) fn wrote(line: &str) -> Option<(PathBuf, Option<[u8; crate::manifest:
     let inside = rel
         .split(|b| *b == b'/')
         .all(|c| !matches!(c, b"" | b"." | b".."));
-    inside.then(|| {
-        (
-            PathBuf::from(std::ffi::OsString::from_vec(rel.to_vec())),
-            digest,
-        )
-    })
+    inside.then(|| PathBuf::from(std::ffi::OsString::from_vec(rel.to_vec())))
 }
 
 /// Directories whose contents are never worth a snapshot: kernel interfaces and runtime
@@ -172,7 +174,7 @@ const PSEUDO_FS: [&str; 20] = [
 
 /// An rsync pattern that matches `dir`'s contents literally. The pattern has a wildcard (the
 /// final `*`), so rsync reads a backslash as an escape: escape the wildcard characters.
-fn contents_pattern(dir: &Path) -> String {
+pub(super) fn contents_pattern(dir: &Path) -> String {
     let mut p = String::new();
     for ch in dir.to_string_lossy().chars() {
         if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
@@ -345,6 +347,61 @@ pub fn complaints(stderr: &str) -> Complaints {
         }
     }
     c
+}
+
+/// What `run --dry-run` prints for each item ([`dry_run_command`]): rsync's itemized
+/// change, the file's size and its name.
+const ITEM: &str = "e2ebackup-item:";
+
+/// `run --dry-run`'s rsync: the very argv of a run ([`rsync_command`]), with the newest
+/// snapshot `compare` (or an empty directory) as the destination instead of a new one
+/// hard-linked to it, and `--dry-run`: rsync compares and lists, and writes nothing. What it
+/// would send to `compare` is what a run would write instead of linking, and what it would
+/// delete there is what is gone from the sources since.
+pub fn dry_run_command(profile: &Profile, compare: &Path) -> Result<Cmd> {
+    Ok(rsync_command(profile, compare, None)?
+        .arg("--dry-run")
+        .arg(format!("--out-format={ITEM}%i:%l:%n")))
+}
+
+/// One item of a dry run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// New or changed (a run would write it): its path below the destination and its size
+    /// (0 for a directory).
+    Write(PathBuf, u64),
+    /// Gone from the sources: a run's snapshot no longer has it.
+    Delete(PathBuf),
+}
+
+/// The item one of [`dry_run_command`]'s lines names, if any: written when rsync would
+/// transfer or create it (`>`, `c`, `h`) or change a file's attributes (a new inode in the
+/// snapshot); a directory only when it is new (a directory whose time changes because its
+/// content did says nothing more).
+pub fn item(line: &str) -> Option<Item> {
+    let rest = line.strip_prefix(ITEM)?;
+    let (flags, rest) = rest.split_once(':')?;
+    let (len, name) = rest.split_once(':')?;
+    let path = decode_name(name.trim_end_matches('/'))?;
+    if flags.starts_with("*deleting") {
+        return Some(Item::Delete(path));
+    }
+    let f = flags.as_bytes();
+    let (kind, ty) = (*f.first()?, *f.get(1)?);
+    let new = flags.get(2..).is_some_and(|r| r.starts_with("+++"));
+    let written = match (kind, ty) {
+        (_, b'd') => new,
+        (b'>' | b'c' | b'h', _) => true,
+        (b'.', _) => flags[2..].bytes().any(|b| b != b'.' && b != b' '),
+        _ => false,
+    };
+    // A directory's size is its own blocks, not file data to send.
+    let len = if ty == b'd' {
+        0
+    } else {
+        len.trim().replace(',', "").parse().unwrap_or(0)
+    };
+    written.then_some(Item::Write(path, len))
 }
 
 pub(super) fn stat_number(stats: &str, label: &str) -> Option<u64> {

@@ -785,6 +785,45 @@ fn dm_remove(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// `keys rotate`: on `device`'s own header (the server's: the caller re-pins it after), add a
+/// keyslot for `new`, authorised by `old`, with the same PBKDF as [`format`]'s, then destroy
+/// the keyslot `old` opens. The volume key stays. Returns (old slot, new slot).
+pub fn change_key(device: &Path, old: &Key, new: &Key) -> Result<(u32, u32)> {
+    let mut dev = load(device, None)?;
+    let old_slot = dev
+        .activate_handle()
+        .activate_by_passphrase(None, None, old.bytes(), CryptActivate::empty())
+        .map_err(lerr(format!(
+            "the current keyfile does not open {}",
+            device.display()
+        )))?;
+    dev.settings_handle()
+        .set_pbkdf_type(&CryptPbkdfType {
+            type_: CryptKdf::Pbkdf2,
+            hash: Some("sha256".into()),
+            time_ms: 0,
+            iterations: 1000,
+            max_memory_kb: 0,
+            parallel_threads: 0,
+            flags: CryptPbkdf::NO_BENCHMARK,
+        })
+        .map_err(lerr("setting the keyslot's PBKDF".into()))?;
+    let new_slot = dev
+        .keyslot_handle()
+        .add_by_passphrase(None, old.bytes(), new.bytes())
+        .map_err(lerr(format!(
+            "adding the new keyfile's keyslot on {}",
+            device.display()
+        )))?;
+    dev.keyslot_handle()
+        .destroy(old_slot)
+        .map_err(lerr(format!(
+            "removing keyslot {old_slot} (the old keyfile's) on {}",
+            device.display()
+        )))?;
+    Ok((old_slot, new_slot))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
