@@ -16,7 +16,7 @@
 # - Both snapshots equal the source (rsync -naHAXci prints nothing), the deleted file is
 #   absent, `verify` is clean, nothing is left behind.
 # - A 64M container with auto_grow gets the same source: the run fills it (ENOSPC inside the
-#   container, exit 1, said so; the 48 MiB do not fit in it); the next run grows it because of that failure (by what it
+#   container, exit 1, said so; the 95 MiB of both source directories do not fit in it); the next run grows it because of that failure (by what it
 #   needed), resumes, and commits.
 source "$(dirname "$0")/../lib/common.sh"
 
@@ -117,7 +117,7 @@ check no-leftovers assert_no_leftovers
 
 # A container too small for the source: ENOSPC inside it, then auto_grow by what it needed.
 full_profile() {
-  scenario_profile $PF 64M "$SRC/first"
+  scenario_profile $PF 64M "$SRC"
   sed -i "s#^  keyfile: .*#&\n  auto_grow: {when_free_below: 1%, step: 16M, max_size: 512M}#" /etc/e2ebackup/profiles/$PF.yaml
 }
 fills() {

@@ -57,15 +57,34 @@ check run-while-mounted-exits-4 bash -c "$E2E_BIN run $P; [ \$? = 4 ]"
 check umount E2E umount $P
 check no-leftovers-after-umount assert_no_leftovers
 
-# Retention with controlled times: plant empty snapshots with chosen ids by hand.
+# Retention with controlled times: plant empty snapshots with chosen ids by hand. A snapshot
+# counts only when the container's authenticated list (STATE) names it, so the planted ids
+# are also written into STATE, before the real one (commit order), and STATE is signed again
+# with this client's MAC key (derived from the keyfile, src/generation.rs), as a client that
+# had committed them would have; the generation stays, so the client's record agrees.
+sign_state() {
+  python3 - "$1" "$DEMO_DIR/restore.key" "$2" <<'PY'
+import hashlib, hmac, json, sys
+root, keyfile, planted = sys.argv[1], sys.argv[2], sys.argv[3].split()
+st = json.load(open(root + "/STATE"))
+st["snapshots"] = planted + [s for s in st["snapshots"] if s not in planted]
+key = hashlib.sha256(b"e2ebackup generation MAC v1\0" + open(keyfile, "rb").read()).digest()
+msg = "generation %d\nwritten %s\n" % (st["generation"], st["written"])
+msg += "".join("snapshot %s\n" % s for s in st["snapshots"])
+st["mac"] = hmac.new(key, msg.encode(), hashlib.sha256).hexdigest()
+with open(root + "/STATE", "w") as f:
+    json.dump(st, f, indent=2)
+PY
+}
 plant() {
   local L; L=$(losetup -f --show --direct-io=on "$SERVER_DIR/restore.luks")
   cryptsetup open --key-file "$DEMO_DIR/restore.key" "$L" plant && mkdir -p /mnt/plant && mount /dev/mapper/plant /mnt/plant &&
   for id in 20250101T100000Z 20250101T200000Z 20250102T100000Z 20250103T090000Z 20250103T230000Z; do
     cp -a "/mnt/plant/snapshots/$(ls /mnt/plant/snapshots | tail -1)" "/mnt/plant/snapshots/$id.tmp" 2>/dev/null || mkdir "/mnt/plant/snapshots/$id.tmp"
     mv "/mnt/plant/snapshots/$id.tmp" "/mnt/plant/snapshots/$id"
-  done
-  umount /mnt/plant; cryptsetup close plant; losetup -d "$L"
+  done &&
+  sign_state /mnt/plant "20250101T100000Z 20250101T200000Z 20250102T100000Z 20250103T090000Z 20250103T230000Z"
+  sync; umount /mnt/plant; cryptsetup close plant; losetup -d "$L"
 }
 check plant-snapshots plant
 REAL=$("$E2E_BIN" snapshots $P --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
