@@ -87,7 +87,9 @@ check run-r4 E2E run $P
 R4=$(latest_id); echo "hidden snapshot: $R4"
 check replay-old-dir-block replay_dir_blocks
 check restore-latest-exits-6 expect6 restore "$R4" "$E2E_BIN" restore $P latest /srv/snl-restore-replayed
-check restore-target-untouched test ! -e /srv/snl-restore-replayed
+# Nothing restored: restore opens (and, if missing, creates) its target before it connects
+# (the target is held by descriptor, issue 27 item 8), so an empty directory may be there.
+check restore-target-untouched bash -c '[ ! -e /srv/snl-restore-replayed ] || [ -z "$(ls -A /srv/snl-restore-replayed)" ]'
 check snapshots-exits-6 expect6 snapshots "$R4" "$E2E_BIN" snapshots $P
 check run-exits-6 expect6 run "$R4" "$E2E_BIN" run $P
 check no-leftovers-after-refusals assert_no_leftovers
