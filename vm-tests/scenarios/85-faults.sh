@@ -15,7 +15,7 @@ P=faults
 C=$SERVER_DIR/$P.luks
 SRC=/srv/faults-src
 E2E() { "$E2E_BIN" "$@"; }
-ids() { "$E2E_BIN" snapshots "$1" 2>/dev/null | grep -oE '[0-9]{8}T[0-9]{6}Z' | sort -u; }
+ids() { "$E2E_BIN" snapshots "$1" 2>/dev/null | grep -oE '^[0-9]{8}T[0-9]{6}Z' | sort -u; }
 count_ids() { ids "$1" | wc -l; }
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 LOG=$E2E_OUT/85-faults.log
@@ -47,7 +47,7 @@ T0=$(date +%s)
 check clock-ahead date -s "@$((T0 + 3652 * 86400))"
 check run-clock-ahead E2E run $P
 check clock-back date -s "@$(( $(date +%s) - 3652 * 86400 ))"
-check history-kept-through-the-jump bash -c "[ \$('$E2E_BIN' snapshots $P 2>/dev/null | grep -oE '[0-9]{8}T[0-9]{6}Z' | sort -u | wc -l) = 2 ]"
+check history-kept-through-the-jump bash -c "[ \$('$E2E_BIN' snapshots $P 2>/dev/null | grep -oE '^[0-9]{8}T[0-9]{6}Z' | sort -u | wc -l) = 2 ]"
 run_back() { E2E run $P 2>&1 | tee "$LOG.back"; [ "${PIPESTATUS[0]}" = 0 ] && grep -q 'dated in the future' "$LOG.back"; }
 check run-after-clock-back-refuses-prune run_back
 new_id_follows_clock() {
@@ -131,7 +131,7 @@ full_run() {
 check disk-full-run-exits-1-says-no-space full_run
 check no-leftovers-after-disk-full assert_no_leftovers
 rm -f /srv/filler "$SRC/big.bin"
-check older-snapshots-intact bash -c "[ \"\$($E2E_BIN snapshots $P 2>/dev/null | grep -oE '[0-9]{8}T[0-9]{6}Z' | sort -u)\" = \"$BEFORE\" ]"
+check older-snapshots-intact bash -c "[ \"\$($E2E_BIN snapshots $P 2>/dev/null | grep -oE '^[0-9]{8}T[0-9]{6}Z' | sort -u)\" = \"$BEFORE\" ]"
 check verify-after-disk-full E2E verify $P
 check run-after-space-freed E2E run $P
 check final-verify-e2fsck-clean E2E verify $P
