@@ -530,17 +530,24 @@ impl<'p> Session<'p> {
     /// recovery even for a read-only mount, so after a crash the replay comes before the check.
     pub fn mount_checked(&mut self, read_only: bool) -> Result<PathBuf> {
         let root = self.mount_fs_with(true, read_only)?;
-        crate::snapshots::check_layout(&root)?;
-        let key = self.key()?;
-        let c = crate::generation::check(self.profile, &root, key, self.accept_any_generation)?;
-        self.generation = Some(c.generation);
-        self.snapshots = c.snapshots.clone();
-        self.checked = Some(c);
+        self.check_mounted(&root)?;
         if !read_only {
             signals::check()?;
             mount::remount_ext4(&root, false)?;
         }
         Ok(root)
+    }
+
+    /// What every open checks on the mounted filesystem at `root`: our layout, then the
+    /// authenticated generation and snapshot list, which the session keeps.
+    fn check_mounted(&mut self, root: &Path) -> Result<()> {
+        crate::snapshots::check_layout(root)?;
+        let key = self.key()?;
+        let c = crate::generation::check(self.profile, root, key, self.accept_any_generation)?;
+        self.generation = Some(c.generation);
+        self.snapshots = c.snapshots.clone();
+        self.checked = Some(c);
+        Ok(())
     }
 
     /// On an open mapping that is about to be written by something other than a mounted
@@ -552,12 +559,7 @@ impl<'p> Session<'p> {
     pub fn check_open_container(&mut self) -> Result<()> {
         let mark = self.mark();
         let root = self.mount_fs_with(true, true)?;
-        crate::snapshots::check_layout(&root)?;
-        let key = self.key()?;
-        let c = crate::generation::check(self.profile, &root, key, self.accept_any_generation)?;
-        self.generation = Some(c.generation);
-        self.snapshots = c.snapshots.clone();
-        self.checked = Some(c);
+        self.check_mounted(&root)?;
         // Read-only: nothing to sync before the unmount.
         self.fs_root = None;
         let r = self.stack.unwind_to(mark, &mut stack::Real);

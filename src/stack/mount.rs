@@ -145,31 +145,6 @@ pub fn mount_ext4_with(
     Ok(())
 }
 
-/// Bind `source` at `target` read-only (`nodev,nosuid,noexec`), recorded in `stack`: how
-/// `e2ebackup mount` shows the snapshots.
-pub fn bind_readonly(stack: &mut Stack, source: &Path, target: &Path) -> Result<()> {
-    stack.push(Undo::Unmount {
-        target: target.to_path_buf(),
-    })?;
-    Mount::builder()
-        .flags(MountFlags::BIND)
-        .mount(source, target)
-        .with_context(|| format!("bind-mounting {} at {}", source.display(), target.display()))?;
-    // A bind mount takes its flags only from a second, remounting call.
-    Mount::builder()
-        .flags(
-            MountFlags::BIND
-                | MountFlags::REMOUNT
-                | MountFlags::RDONLY
-                | MountFlags::NODEV
-                | MountFlags::NOSUID
-                | MountFlags::NOEXEC,
-        )
-        .mount("none", target)
-        .with_context(|| format!("making {} read-only", target.display()))?;
-    Ok(())
-}
-
 /// What tells one mount from another, whatever path it is reached by: the kernel's mount
 /// id (reused once the mount is gone) with the device and inode of the mount's root.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
