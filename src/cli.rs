@@ -264,10 +264,16 @@ pub enum KeysAction {
         dir: std::path::PathBuf,
     },
     /// Replace the keyfile: a new keyfile and keyslot, the old keyslot removed, the pinned
-    /// header, the key escrows and the container's STATE renewed (the volume key stays)
+    /// header, the key escrows and the container's STATE renewed (the volume key stays,
+    /// unless --reencrypt)
     Rotate {
         #[command(flatten)]
         profile: ProfileArg,
+        /// First give the container a new volume key (LUKS2 re-encryption, offline: every
+        /// byte of the container is read from and written back to the server once). It can
+        /// be stopped; run it again to go on. Other commands wait until it has finished
+        #[arg(long)]
+        reencrypt: bool,
     },
 }
 
@@ -295,7 +301,7 @@ impl Command {
                 action:
                     KeysAction::Verify { profile, .. }
                     | KeysAction::ExportKit { profile, .. }
-                    | KeysAction::Rotate { profile },
+                    | KeysAction::Rotate { profile, .. },
             }
             | Command::Diff { profile, .. }
             | Command::Find { profile, .. } => profile,
@@ -395,8 +401,8 @@ pub fn main() -> ExitCode {
             action: KeysAction::ExportKit { dir, .. },
         } => ops::keys::export_kit(&profile, dir),
         Command::Keys {
-            action: KeysAction::Rotate { .. },
-        } => ops::rotate::rotate(&profile),
+            action: KeysAction::Rotate { reencrypt, .. },
+        } => ops::rotate::rotate(&profile, *reencrypt),
         Command::RecoverKey {
             identity, force, ..
         } => ops::maintenance::recover_key(&profile, identity, *force),

@@ -163,6 +163,19 @@ impl Profile {
     pub fn keyfile_old(&self) -> PathBuf {
         with_suffix(&self.container.keyfile.0, ".old")
     }
+
+    /// `keys rotate --reencrypt`: the copy of the pinned header on which the re-encryption
+    /// is recorded, until it replaces the pinned header.
+    pub fn header_reencrypt_work(&self) -> PathBuf {
+        with_suffix(&self.header_backup(), ".reencrypt")
+    }
+
+    /// `keys rotate --reencrypt`: there while the volume key has been changed but the
+    /// keyfile rotation that follows has not finished, so that running the command again
+    /// rotates the keyfile without re-encrypting everything once more.
+    pub fn reencrypted_marker(&self) -> PathBuf {
+        self.state_dir().join("reencrypted")
+    }
 }
 
 /// `path` with `suffix` appended to its file name.

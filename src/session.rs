@@ -459,6 +459,15 @@ impl<'p> Session<'p> {
                 h.display()
             );
         }
+        if luks::reencrypt_unfinished(&h)? {
+            bail!(
+                "the pinned LUKS header {} records an unfinished `keys rotate --reencrypt`: run \
+                 `e2ebackup keys rotate {} --reencrypt` again to finish it (it goes on where it \
+                 stopped); nothing else opens the container until then",
+                h.display(),
+                self.profile.name
+            );
+        }
         luks::verify_pinned_header(device, &h)?;
         luks::check_params(&h)?;
         Ok(Some(h))
@@ -504,6 +513,14 @@ impl<'p> Session<'p> {
 
     /// Up to the unlocked LUKS mapping (not mounted): what `verify` fscks.
     pub fn unlock_container(&mut self, command: &str, read_only: bool) -> Result<PathBuf> {
+        self.attach_container(command, read_only)?;
+        info!("unlocking {}", self.profile.remote_container());
+        self.unlock(read_only, false)
+    }
+
+    /// Up to the container attached as a block device, still locked: connected, the
+    /// server directory mounted and its lock taken. Returns the device.
+    pub fn attach_container(&mut self, command: &str, read_only: bool) -> Result<PathBuf> {
         let p = self.profile;
         self.read_key()?;
         let facts = self.connect_and_mount_sshfs()?;
@@ -516,9 +533,7 @@ impl<'p> Session<'p> {
             )));
         }
         self.take_server(command)?;
-        self.attach(&p.container.file.0, read_only)?;
-        info!("unlocking {}", p.remote_container());
-        self.unlock(read_only, false)
+        self.attach(&p.container.file.0, read_only)
     }
 
     /// Mount the unlocked container, check its layout and its authenticated generation.
@@ -681,6 +696,16 @@ impl<'p> Session<'p> {
             bail!("could not release the container between two steps");
         }
         Ok(())
+    }
+
+    /// Like [`Session::close_to`] for a `mark` taken after [`Session::attach_container`]:
+    /// unmount and close the mapping, keep the device attached (offline work on the
+    /// container: `keys rotate --reencrypt`).
+    pub fn relock_to(&mut self, mark: usize) -> Result<()> {
+        let backing = self.backing.take();
+        let r = self.close_to(mark);
+        self.backing = backing;
+        r
     }
 
     /// Tear everything down (always). The loop device's descriptor is closed first so that

@@ -21,18 +21,6 @@ use e2ebackup::snapshots;
 use e2ebackup::stack::{ext4, loopdev, mount};
 use e2ebackup::teardown::{Stack, Undo};
 
-fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        v.extend_from_slice(&seed.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
 fn profile(src: &Path) -> Profile {
     Profile::parse(
         Path::new("resume-test.yaml"),
@@ -107,7 +95,7 @@ fn host_writeback_error_fails_the_snapshot() {
     let src = run.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     for i in 0..16u64 {
-        std::fs::write(src.join(format!("f{i:02}")), noise(4 << 20, i + 1)).unwrap();
+        std::fs::write(src.join(format!("f{i:02}")), common::noise(4 << 20, i + 1)).unwrap();
     }
     let p = profile(&src);
     let e = snapshots::take(&p, &fs, Some(&l.device), None, &[])
@@ -141,11 +129,15 @@ fn host_full_container_then_resume() {
     // takes the rest; removing it stands for a grow, which this host's kernel refuses
     // online: resize2fs gets EPERM here, while the guest of vm-tests grows for real.)
     let l = container(&mut stack, &file, 96 << 20, &fs);
-    std::fs::write(fs.join("filler"), noise(44 << 20, 99)).unwrap();
+    std::fs::write(fs.join("filler"), common::noise(44 << 20, 99)).unwrap();
     let src = run.path().join("src");
     std::fs::create_dir_all(src.join("d")).unwrap();
     for i in 0..16u64 {
-        std::fs::write(src.join(format!("d/f{i:02}")), noise(4 << 20, i + 7)).unwrap();
+        std::fs::write(
+            src.join(format!("d/f{i:02}")),
+            common::noise(4 << 20, i + 7),
+        )
+        .unwrap();
     }
     std::fs::write(src.join("small"), b"small\n").unwrap();
     let p = profile(&src);

@@ -43,19 +43,6 @@ fn sparse(p: &Path, size: u64) {
     std::fs::File::create(p).unwrap().set_len(size).unwrap();
 }
 
-/// Deterministic incompressible bytes.
-fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        v.extend_from_slice(&seed.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
 fn cpath(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
 }
@@ -591,7 +578,10 @@ fn build_source(s: &Path) {
     write(&s.join("owned"), b"owned by 1234:5678\n");
     nix::unistd::chown(&s.join("owned"), Some(1234.into()), Some(5678.into())).unwrap();
     // Several MiB that do not compress and cross many blocks of the loop device.
-    write(&s.join("big.bin"), &noise(3 << 20, 0x9e37_79b9_7f4a_7c15));
+    write(
+        &s.join("big.bin"),
+        &common::noise(3 << 20, 0x9e37_79b9_7f4a_7c15),
+    );
     write(&s.join("xattr.txt"), b"with an extended attribute\n");
     set_xattr(
         &s.join("xattr.txt"),

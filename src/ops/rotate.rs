@@ -14,17 +14,36 @@
 //! 7. once the new keyfile opens the container (a test activation), `<keyfile>.old` is
 //!    removed.
 //!
-//! The volume key is not changed (no LUKS2 reencryption): whoever holds the old keyfile and
-//! a copy of the old header (the server could have kept one) can still decrypt. Rotation
-//! protects against an old keyfile only together with a server that never kept the old
-//! header; against a leaked keyfile on a server you do not trust, make a new container.
+//! Without `--reencrypt` the volume key is not changed: whoever holds the old keyfile and a
+//! copy of the old header (the server could have kept one) can still decrypt.
+//!
+//! `--reencrypt` first changes the volume key, in a session of its own, then rotates the
+//! keyfile as above. LUKS2 re-encryption, offline (no mapping open) and in place:
+//! 1. header, layout and generation are checked on a read-only mount, which is closed again;
+//! 2. on a copy of the pinned header, a keyslot with a new random volume key is added for
+//!    the keyfile and the re-encryption recorded (libcryptsetup's checksum resilience); the
+//!    copy is renamed over the pinned header and written to the server's;
+//! 3. libcryptsetup re-encrypts the data in hot zones of at most 8 MiB, keeping its
+//!    progress in the pinned header (a detached header: the server never sees the progress
+//!    before it is made, nor can it change it); after every hot zone the pinned header is
+//!    written over the server's ([`luks::HeaderMirror`]), so the server's copy with the
+//!    escrowed keyfile opens the container if this client is lost, short of at most the
+//!    one hot zone being rewritten;
+//! 4. at the end the old volume key's keyslots are gone; the final header is written to the
+//!    server and checked there.
+//!
+//! Interrupted (a signal, `server.run_timeout`, a lost link, a crash), the pinned header
+//! records how far it got; `keys rotate --reencrypt` again goes on from there, and no other
+//! command opens the container until it has finished (their error says so).
 //!
 //! An interruption between steps 4 and 5 is carried by the generation check, which also
 //! accepts a STATE signed by `<keyfile>.old`. One between steps 2 and 3 leaves the server's
 //! header differing from the pin (every command then exits 6); docs/operations.md says how
 //! to finish by hand. A leftover `<keyfile>.new` makes a new rotation refuse to start.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -33,9 +52,9 @@ use crate::ops::{fail, finish};
 use crate::profile::Profile;
 use crate::session::Session;
 use crate::stack::luks;
-use crate::{info, signals};
+use crate::{info, signals, warn};
 
-pub fn rotate(p: &Profile) -> Exit {
+pub fn rotate(p: &Profile, reencrypt: bool) -> Exit {
     let new = p.keyfile_new();
     if std::fs::symlink_metadata(&new).is_ok() {
         return fail(usage(format!(
@@ -44,12 +63,216 @@ pub fn rotate(p: &Profile) -> Exit {
             new.display()
         )));
     }
+    let marker = p.reencrypted_marker();
+    let pending = match reencrypted_with_this_keyfile(p) {
+        Ok(b) => b,
+        Err(e) => return fail(e),
+    };
+    if reencrypt && pending {
+        info!(
+            "the volume key was changed by an earlier `keys rotate --reencrypt` ({}): only the \
+             keyfile rotation is left",
+            marker.display()
+        );
+    } else if reencrypt {
+        let mut s = match Session::begin(p, "keys-rotate") {
+            Ok(s) => s,
+            Err(e) => return fail(e),
+        };
+        let r = reencrypt_work(p, &mut s).and_then(|c| {
+            let mark = keyfile_mark(s.key()?);
+            crate::fsutil::write_atomic(&marker, mark.as_bytes())?;
+            Ok(c)
+        });
+        let code = finish(s, &r).0;
+        if code != Exit::Ok {
+            return code;
+        }
+    }
     let mut s = match Session::begin(p, "keys-rotate") {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    let r = work(p, &mut s);
-    finish(s, &r).0
+    let r = work(p, &mut s, reencrypt);
+    let code = finish(s, &r).0;
+    if code == Exit::Ok {
+        if let Err(e) = std::fs::remove_file(&marker) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return fail(
+                    anyhow::Error::new(e).context(format!("removing {}", marker.display())),
+                );
+            }
+        }
+    }
+    code
+}
+
+/// What [`Profile::reencrypted_marker`] holds: the SHA-256 of the keyfile that the
+/// re-encryption used (of 4096 random bytes: it tells nothing about them).
+fn keyfile_mark(key: &luks::Key) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(key.bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+        + "\n"
+}
+
+/// Whether an earlier `--reencrypt` changed the volume key and the keyfile rotation that
+/// follows it has not finished: the marker is there and names the current keyfile (once
+/// the rotation has replaced the keyfile, a marker left by a crash no longer matches, and
+/// a new `--reencrypt` re-encrypts again).
+fn reencrypted_with_this_keyfile(p: &Profile) -> Result<bool> {
+    let marker = p.reencrypted_marker();
+    let Ok(mark) = std::fs::read_to_string(&marker) else {
+        return Ok(false);
+    };
+    let key = luks::read_keyfile(&p.container.keyfile.0)?;
+    if mark == keyfile_mark(&key) {
+        return Ok(true);
+    }
+    std::fs::remove_file(&marker).with_context(|| format!("removing {}", marker.display()))?;
+    Ok(false)
+}
+
+/// `--reencrypt`: a new volume key for the container (module documentation, steps 1-4).
+fn reencrypt_work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
+    use crate::progress::human_bytes;
+    let pin = p.header_backup();
+    if !pin.is_file() {
+        return Err(usage(format!(
+            "no pinned header at {}: the re-encryption keeps its progress in the client's \
+             header copy (restore it from the recovery kit first)",
+            pin.display()
+        )));
+    }
+    let resuming = luks::reencrypt_unfinished(&pin)?;
+    let dev = s.attach_container("keys-rotate", false)?;
+    let size = s.facts()?.container_size.unwrap_or(0);
+    if resuming {
+        info!(
+            "the pinned header {} records an unfinished re-encryption: going on with it",
+            pin.display()
+        );
+    } else {
+        // What is about to be rewritten is checked first, as for any writing command: the
+        // header against the pin, the layout and the authenticated generation (a read-only
+        // mount of a read-write mapping, which replays a journal left by a crash).
+        let mark = s.mark();
+        s.unlock(false, false)?;
+        s.mount_checked(true)?;
+        s.relock_to(mark)?;
+        if let Some(free) = s.facts()?.free_bytes.filter(|f| *f < size) {
+            warn!(
+                "the server has {} free: the re-encryption writes every block of the {} \
+                 container, so the server ends up holding all of it (`e2ebackup trim {}` gives \
+                 the unused part back afterwards). If the server's disk fills, the \
+                 re-encryption stops and goes on when run again",
+                human_bytes(free),
+                human_bytes(size),
+                p.name
+            );
+        }
+        info!(
+            "re-encrypting the container with a new volume key: all {} of it is read from and \
+             written back to the server once (it can be stopped; running it again goes on)",
+            human_bytes(size)
+        );
+        let work = p.header_reencrypt_work();
+        let _ = std::fs::remove_file(&work);
+        std::fs::copy(&pin, &work)
+            .with_context(|| format!("copying {} to {}", pin.display(), work.display()))?;
+        std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o600))?;
+        let started = luks::reencrypt_start(&dev, &work, s.key()?).and_then(|()| {
+            std::fs::File::open(&work)?.sync_all()?;
+            std::fs::rename(&work, &pin)
+                .with_context(|| format!("renaming {} to {}", work.display(), pin.display()))?;
+            sync_dir(&pin)
+        });
+        if let Err(e) = started {
+            let _ = std::fs::remove_file(&work);
+            return Err(e);
+        }
+    }
+    signals::check()?;
+    let mut mirror = luks::HeaderMirror::new(&dev)?;
+    mirror.write(&pin)?;
+    let mut mirror_err = None;
+    let mut last_said = (Instant::now(), 0u64);
+    let mut first = true;
+    let mut at = 0u64;
+    let finished = {
+        let mut step = |done: u64, total: u64| -> bool {
+            at = done;
+            if let Err(e) = mirror.write(&pin) {
+                mirror_err = Some(e);
+                return false;
+            }
+            // libcryptsetup calls back once before the first hot zone, with where it starts,
+            // then after each one with where that one began.
+            let pct = |n: u64| n.saturating_mul(100) / total.max(1);
+            if first {
+                if done > 0 {
+                    info!(
+                        "going on from {} of {} ({}%), where the last attempt stopped",
+                        human_bytes(done),
+                        human_bytes(total),
+                        pct(done)
+                    );
+                }
+                last_said.1 = done;
+            } else if pct(done) >= pct(last_said.1) + 10
+                || last_said.0.elapsed() >= Duration::from_secs(300)
+            {
+                info!(
+                    "re-encrypted {} of {} ({}%)",
+                    human_bytes(done),
+                    human_bytes(total),
+                    pct(done)
+                );
+                last_said = (Instant::now(), done);
+            }
+            first = false;
+            signals::check().is_ok()
+        };
+        luks::reencrypt_run(&dev, &pin, s.key()?, &mut step)
+    };
+    let again = |why: &str| {
+        format!(
+            "{why}; the re-encryption stopped after {} of {}: `e2ebackup keys rotate {} \
+             --reencrypt` goes on from there. Until it has finished, no other command opens \
+             the container",
+            human_bytes(at),
+            human_bytes(size),
+            p.name
+        )
+    };
+    let finished = finished.map_err(|e| {
+        let why = format!("{e:#}");
+        e.context(again(&why))
+    })?;
+    if let Some(e) = mirror_err {
+        let why = format!("{e:#}");
+        return Err(e.context(again(&format!(
+            "writing the header to the server failed ({why})"
+        ))));
+    }
+    if !finished {
+        signals::check().map_err(|e| {
+            let why = format!("{e:#}");
+            e.context(again(&why))
+        })?;
+        bail!(again("libcryptsetup stopped early"));
+    }
+    mirror.write(&pin)?;
+    luks::check_params(&pin)?;
+    luks::verify_pinned_header(&dev, &pin)?;
+    let slot = luks::keyslot_for(&dev, Some(&pin), s.key()?)?;
+    info!(
+        "re-encrypted: the container has a new volume key (keyslot {slot}); the old keyslots \
+         are gone, and the server's header is the new one"
+    );
+    Ok(Exit::Ok)
 }
 
 fn sync_dir(of: &Path) -> Result<()> {
@@ -59,7 +282,7 @@ fn sync_dir(of: &Path) -> Result<()> {
         .with_context(|| format!("syncing directory {}", dir.display()))
 }
 
-fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
+fn work(p: &Profile, s: &mut Session<'_>, reencrypted: bool) -> Result<Exit> {
     let root = s.open_all("keys-rotate", false)?;
     let dev = s.device()?;
     let pin = p.header_backup();
@@ -113,8 +336,14 @@ fn work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     std::fs::remove_file(&key_old)
         .with_context(|| format!("removing the old keyfile {}", key_old.display()))?;
     info!(
-        "keys rotated: {} opens keyslot {slot}; the old keyfile is removed (the volume key is unchanged)",
-        keyfile.display()
+        "keys rotated: {} opens keyslot {slot}; the old keyfile is removed ({})",
+        keyfile.display(),
+        if reencrypted {
+            "and the volume key is new: the old keyfile and an old header read nothing now. \
+             Write a new recovery kit (`keys export-kit`)"
+        } else {
+            "the volume key is unchanged"
+        }
     );
     Ok(Exit::Ok)
 }

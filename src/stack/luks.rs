@@ -208,24 +208,7 @@ pub fn format(device: &Path, key: &Key, label: &str) -> Result<()> {
             KeyslotsSize::try_from(KEYSLOTS_BYTES).map_err(lerr("keyslots size".into()))?,
         )
         .map_err(lerr("setting the LUKS2 metadata size".into()))?;
-    let params = CryptParamsLuks2 {
-        pbkdf: Some(CryptPbkdfType {
-            type_: CryptKdf::Pbkdf2,
-            hash: Some("sha256".into()),
-            time_ms: 0,
-            iterations: 1000,
-            max_memory_kb: 0,
-            parallel_threads: 0,
-            flags: CryptPbkdf::NO_BENCHMARK,
-        }),
-        integrity: None,
-        integrity_params: None,
-        data_alignment: 0,
-        data_device: None,
-        sector_size: 4096,
-        label: Some(label.to_string()),
-        subsystem: None,
-    };
+    let params = luks2_params(Some(label));
     let mut pref: CryptParamsLuks2Ref<'_> = (&params)
         .try_into()
         .map_err(lerr("LUKS2 parameters".into()))?;
@@ -303,6 +286,12 @@ pub fn pinned_bytes(pinned: &Path) -> Result<Vec<u8>> {
 /// libcryptsetup is given the header: a header forged with `cipher_null-ecb` and pinned on
 /// trust (a rebuilt client) would otherwise hand the data to the server in the clear.
 pub fn check_params(pinned: &Path) -> Result<()> {
+    check_pinned(pinned, false)
+}
+
+/// [`check_params`], or with `reencrypt` the same check of a header that records an
+/// unfinished `keys rotate --reencrypt` ([`check_params_json`]).
+fn check_pinned(pinned: &Path, reencrypt: bool) -> Result<()> {
     let refuse = |why: String| -> anyhow::Error {
         crate::error::Failure::Security(format!(
             "the pinned LUKS header {}'s {why}; refusing to open it",
@@ -312,8 +301,17 @@ pub fn check_params(pinned: &Path) -> Result<()> {
     };
     let (b, _) = crate::fsutil::read_local_bounded(pinned, 64 << 20)
         .with_context(|| format!("reading the pinned header {}", pinned.display()))?;
-    for (copy, json) in header_jsons(&b).map_err(&refuse)? {
-        check_params_json(json).map_err(|e| {
+    let jsons = header_jsons(&b).map_err(&refuse)?;
+    if !reencrypt && jsons.iter().any(|(_, j)| reencrypt_required(j)) {
+        bail!(
+            "the pinned LUKS header {} records an unfinished `keys rotate --reencrypt`: run \
+             `e2ebackup keys rotate PROFILE --reencrypt` again to finish it (it goes on where it \
+             stopped); nothing else opens the container until then",
+            pinned.display()
+        );
+    }
+    for (copy, json) in jsons {
+        check_params_json(json, reencrypt).map_err(|e| {
             refuse(if copy == 0 {
                 e
             } else {
@@ -359,9 +357,30 @@ fn header_jsons(b: &[u8]) -> std::result::Result<Vec<(usize, &str)>, String> {
     Ok(out)
 }
 
+/// Whether one copy's JSON has LUKS2 re-encryption among its mandatory requirements.
+fn reencrypt_required(json: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(json)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/config/requirements/mandatory")
+                .and_then(serde_json::Value::as_array)
+                .map(|m| {
+                    m.iter().any(|r| {
+                        r.as_str()
+                            .is_some_and(|r| r.starts_with("online-reencrypt"))
+                    })
+                })
+        })
+        .unwrap_or(false)
+}
+
 /// The parameter check of [`check_params`] on one copy's JSON; the error names what was
-/// found.
-fn check_params_json(json: &str) -> std::result::Result<(), String> {
+/// found. With `reencrypt`, the header of an unfinished `keys rotate --reencrypt` (which
+/// `check_params` refuses): up to four crypt segments (the new volume key's and the old one's,
+/// and the backups of both), each meeting the same rules, one keyslot of type
+/// `reencrypt` (its area a checksum, journal or nothing) beside the luks2 keyslots, and the
+/// requirement `online-reencrypt-v2`.
+fn check_params_json(json: &str, reencrypt: bool) -> std::result::Result<(), String> {
     use serde_json::Value;
     const CIPHER: &str = "aes-xts-plain64";
     let v: Value = serde_json::from_str(json).map_err(|e| format!("JSON does not parse ({e})"))?;
@@ -375,7 +394,14 @@ fn check_params_json(json: &str) -> std::result::Result<(), String> {
     let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
     let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64);
     let segments = obj(&v, "segments")?;
-    if segments.len() != 1 {
+    if reencrypt {
+        if !(1..=4).contains(&segments.len()) {
+            return Err(format!(
+                "JSON has {} segments during a re-encryption, e2ebackup's makes at most four",
+                segments.len()
+            ));
+        }
+    } else if segments.len() != 1 {
         return Err(format!(
             "JSON has {} segments, e2ebackup makes exactly one",
             segments.len()
@@ -408,7 +434,18 @@ fn check_params_json(json: &str) -> std::result::Result<(), String> {
     if keyslots.is_empty() {
         return Err("JSON has no keyslot".into());
     }
+    let mut reencrypt_slots = 0;
     for (id, k) in &keyslots {
+        if reencrypt && text(k, "type") == "reencrypt" {
+            let area = text(k.get("area").unwrap_or(&Value::Null), "type");
+            if !matches!(area.as_str(), "checksum" | "journal" | "none") {
+                return Err(format!(
+                    "re-encryption keyslot {id}'s area is of type {area:?}"
+                ));
+            }
+            reencrypt_slots += 1;
+            continue;
+        }
         if text(k, "type") != "luks2" {
             return Err(format!(
                 "keyslot {id} is of type {:?}, not luks2",
@@ -445,13 +482,28 @@ fn check_params_json(json: &str) -> std::result::Result<(), String> {
             }
         }
     }
-    if let Some(m) = v
+    let mandatory = v
         .get("config")
         .and_then(|c| c.get("requirements"))
         .and_then(|r| r.get("mandatory"))
         .and_then(Value::as_array)
-        .filter(|m| !m.is_empty())
-    {
+        .filter(|m| !m.is_empty());
+    if reencrypt {
+        let only_reencrypt = mandatory.is_some_and(|m| {
+            m.iter().all(|r| {
+                r.as_str()
+                    .is_some_and(|r| r.starts_with("online-reencrypt"))
+            })
+        });
+        if reencrypt_slots != 1 || !only_reencrypt {
+            return Err(format!(
+                "header does not record one re-encryption ({reencrypt_slots} re-encryption \
+                 keyslots, requirements {mandatory:?})"
+            ));
+        }
+        return Ok(());
+    }
+    if let Some(m) = mandatory {
         return Err(format!(
             "header has mandatory requirements {m:?} (an unfinished re-encryption?), e2ebackup opens none"
         ));
@@ -571,9 +623,18 @@ pub fn open(
 /// A libcryptsetup context for `device` with its LUKS2 header loaded (from the pinned
 /// `header` file when given: then only the data is read from `device`).
 fn load(device: &Path, header: Option<&Path>) -> Result<libcryptsetup_rs::CryptDevice> {
+    load_checked(device, header, false)
+}
+
+/// [`load`]; with `reencrypt`, of a header that records an unfinished re-encryption.
+fn load_checked(
+    device: &Path,
+    header: Option<&Path>,
+    reencrypt: bool,
+) -> Result<libcryptsetup_rs::CryptDevice> {
     install_logging();
     if let Some(h) = header {
-        check_params(h)?;
+        check_pinned(h, reencrypt)?;
     }
     let mut dev = match header {
         Some(h) => CryptInit::init_with_data_device(Either::Right((h, device))),
@@ -789,25 +850,7 @@ fn dm_remove(name: &str) -> Result<()> {
 /// keyslot for `new`, authorised by `old`, with the same PBKDF as [`format`]'s, then destroy
 /// the keyslot `old` opens. The volume key stays. Returns (old slot, new slot).
 pub fn change_key(device: &Path, old: &Key, new: &Key) -> Result<(u32, u32)> {
-    let mut dev = load(device, None)?;
-    let old_slot = dev
-        .activate_handle()
-        .activate_by_passphrase(None, None, old.bytes(), CryptActivate::empty())
-        .map_err(lerr(format!(
-            "the current keyfile does not open {}",
-            device.display()
-        )))?;
-    dev.settings_handle()
-        .set_pbkdf_type(&CryptPbkdfType {
-            type_: CryptKdf::Pbkdf2,
-            hash: Some("sha256".into()),
-            time_ms: 0,
-            iterations: 1000,
-            max_memory_kb: 0,
-            parallel_threads: 0,
-            flags: CryptPbkdf::NO_BENCHMARK,
-        })
-        .map_err(lerr("setting the keyslot's PBKDF".into()))?;
+    let (mut dev, old_slot) = for_new_keyslot(device, None, old)?;
     let new_slot = dev
         .keyslot_handle()
         .add_by_passphrase(None, old.bytes(), new.bytes())
@@ -822,6 +865,229 @@ pub fn change_key(device: &Path, old: &Key, new: &Key) -> Result<(u32, u32)> {
             device.display()
         )))?;
     Ok((old_slot, new_slot))
+}
+
+/// The largest hot zone of `keys rotate --reencrypt`: the data libcryptsetup rewrites in one
+/// step, between two header writes. The client's header copy is written to the server
+/// after every step ([`HeaderMirror`]), so the server's copy lags by at most one hot zone.
+pub const REENCRYPT_HOTZONE_BYTES: u64 = 8 << 20;
+
+/// Whether the pinned header records an unfinished `keys rotate --reencrypt`.
+pub fn reencrypt_unfinished(pinned: &Path) -> Result<bool> {
+    let (b, _) = crate::fsutil::read_local_bounded(pinned, 64 << 20)
+        .with_context(|| format!("reading the pinned header {}", pinned.display()))?;
+    let jsons =
+        header_jsons(&b).map_err(|e| anyhow!("the pinned header {}: {e}", pinned.display()))?;
+    Ok(jsons.iter().any(|(_, j)| reencrypt_required(j)))
+}
+
+/// `keys rotate --reencrypt`, first half: on the pinned header (the client's copy, used as
+/// a detached header: libcryptsetup keeps the re-encryption's progress there, never on the
+/// server), add a keyslot for `key` holding a new random volume key, and record a
+/// re-encryption from the current volume key to it (aes-xts-plain64, 4096-byte sectors,
+/// checksum resilience). Nothing of the data is touched yet; [`reencrypt_run`] does that.
+/// `device` must not be open (an offline re-encryption).
+pub fn reencrypt_start(device: &Path, pinned: &Path, key: &Key) -> Result<()> {
+    use libcryptsetup_rs::consts::flags::CryptReencrypt;
+    let (mut dev, old_slot) = for_new_keyslot(device, Some(pinned), key)?;
+    let new_slot = dev
+        .keyslot_handle()
+        .add_by_key(
+            None,
+            Some(Either::Right(64)),
+            key.bytes(),
+            CryptVolumeKey::NO_SEGMENT,
+        )
+        .map_err(lerr(format!(
+            "adding a keyslot with a new volume key to {}",
+            pinned.display()
+        )))?;
+    dev.reencrypt_handle()
+        .reencrypt_init_by_passphrase(
+            None,
+            key.bytes(),
+            Some(old_slot),
+            Some(new_slot),
+            Some(("aes", "xts-plain64")),
+            reencrypt_params(CryptReencrypt::INITIALIZE_ONLY),
+        )
+        .map_err(lerr(format!(
+            "recording the re-encryption in {}",
+            pinned.display()
+        )))?;
+    debug!("re-encryption recorded: keyslot {old_slot} -> {new_slot} (a new volume key)");
+    Ok(())
+}
+
+/// The LUKS2 parameters of [`format`] and of a re-encryption's new segment: 4096-byte
+/// sectors, no integrity, [`keyfile_pbkdf`].
+fn luks2_params(label: Option<&str>) -> CryptParamsLuks2 {
+    CryptParamsLuks2 {
+        pbkdf: Some(keyfile_pbkdf()),
+        integrity: None,
+        integrity_params: None,
+        data_alignment: 0,
+        data_device: None,
+        sector_size: 4096,
+        label: label.map(str::to_string),
+        subsystem: None,
+    }
+}
+
+/// `device` (with `header`) loaded to add a keyslot: the keyslot that `key` opens (a test
+/// activation), and [`keyfile_pbkdf`] set for the new one.
+fn for_new_keyslot(
+    device: &Path,
+    header: Option<&Path>,
+    key: &Key,
+) -> Result<(libcryptsetup_rs::CryptDevice, u32)> {
+    let mut dev = load(device, header)?;
+    let slot = dev
+        .activate_handle()
+        .activate_by_passphrase(None, None, key.bytes(), CryptActivate::empty())
+        .map_err(lerr(format!(
+            "the current keyfile does not open {}{}",
+            device.display(),
+            header.map_or(String::new(), |h| format!(
+                " with the header {}",
+                h.display()
+            ))
+        )))?;
+    dev.settings_handle()
+        .set_pbkdf_type(&keyfile_pbkdf())
+        .map_err(lerr("setting the keyslot's PBKDF".into()))?;
+    Ok((dev, slot))
+}
+
+/// The PBKDF of the keyfile's keyslots ([`format`]'s): PBKDF2-SHA256, 1000 iterations.
+fn keyfile_pbkdf() -> CryptPbkdfType {
+    CryptPbkdfType {
+        type_: CryptKdf::Pbkdf2,
+        hash: Some("sha256".into()),
+        time_ms: 0,
+        iterations: 1000,
+        max_memory_kb: 0,
+        parallel_threads: 0,
+        flags: CryptPbkdf::NO_BENCHMARK,
+    }
+}
+
+fn reencrypt_params(
+    flags: libcryptsetup_rs::consts::flags::CryptReencrypt,
+) -> libcryptsetup_rs::CryptParamsReencrypt {
+    use libcryptsetup_rs::consts::vals::{CryptReencryptDirectionInfo, CryptReencryptModeInfo};
+    libcryptsetup_rs::CryptParamsReencrypt {
+        mode: CryptReencryptModeInfo::Reencrypt,
+        direction: CryptReencryptDirectionInfo::Forward,
+        resilience: "checksum".into(),
+        hash: "sha256".into(),
+        data_shift: 0,
+        max_hotzone_size: REENCRYPT_HOTZONE_BYTES / 512,
+        device_size: 0,
+        luks2: Some(luks2_params(None)),
+        flags,
+    }
+}
+
+/// `keys rotate --reencrypt`, second half: re-encrypt the data of `device` as the pinned
+/// header records it ([`reencrypt_start`]), from where an earlier run stopped (after a
+/// crash, libcryptsetup first repairs the hot zone from its checksums). `step(done, total)`
+/// is called after every hot zone, in bytes; when it returns false the re-encryption
+/// stops there, its progress recorded in the pinned header. Returns whether it finished:
+/// then the pinned header holds the new volume key only (the old key's keyslots are
+/// destroyed) and no longer records a re-encryption.
+pub fn reencrypt_run(
+    device: &Path,
+    pinned: &Path,
+    key: &Key,
+    step: &mut dyn FnMut(u64, u64) -> bool,
+) -> Result<bool> {
+    use libcryptsetup_rs::consts::flags::CryptReencrypt;
+    let mut dev = load_checked(device, Some(pinned), true)?;
+    dev.reencrypt_handle()
+        .reencrypt_init_by_passphrase(
+            None,
+            key.bytes(),
+            None,
+            None,
+            None,
+            reencrypt_params(CryptReencrypt::RESUME_ONLY),
+        )
+        .map_err(lerr(format!(
+            "resuming the re-encryption recorded in {}",
+            pinned.display()
+        )))?;
+    /// libcryptsetup's progress callback: the caller's `step`, never unwinding into C.
+    unsafe extern "C" fn progress(size: u64, offset: u64, usr: *mut c_void) -> c_int {
+        // SAFETY: `usr` is the `&mut &mut dyn FnMut` passed to reencrypt2 below, alive
+        // for the whole call, and libcryptsetup calls back on this thread only.
+        let step = unsafe { &mut *(usr as *mut &mut dyn FnMut(u64, u64) -> bool) };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| step(offset, size))) {
+            Ok(true) => 0,
+            _ => 1,
+        }
+    }
+    let mut step = step;
+    dev.reencrypt_handle()
+        .reencrypt2(Some(progress), Some(&mut step))
+        .map_err(lerr(format!("re-encrypting {}", device.display())))?;
+    drop(dev);
+    Ok(!reencrypt_unfinished(pinned)?)
+}
+
+/// The client's header copy, written over the header area of the server's container
+/// (before the data, which starts at [`HEADER_BYTES`]), so that the server holds a header
+/// that opens the container with the escrowed keyfile while the client's changes it (`keys
+/// rotate --reencrypt`). Only the 4 KiB blocks that changed since the last write are sent.
+pub struct HeaderMirror {
+    device: std::fs::File,
+    shown: PathBuf,
+    last: Option<Vec<u8>>,
+}
+
+impl HeaderMirror {
+    pub fn new(device: &Path) -> Result<HeaderMirror> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(device)
+            .with_context(|| format!("opening {} to write its header", device.display()))?;
+        Ok(HeaderMirror {
+            device: f,
+            shown: device.to_path_buf(),
+            last: None,
+        })
+    }
+
+    /// Write `pinned`'s bytes where they differ from the last write (all of them the first
+    /// time); returns the bytes written.
+    pub fn write(&mut self, pinned: &Path) -> Result<u64> {
+        use std::os::unix::fs::FileExt;
+        let b = pinned_bytes(pinned)?;
+        anyhow::ensure!(
+            b.len() as u64 <= HEADER_BYTES,
+            "{} is larger than the header area",
+            pinned.display()
+        );
+        let mut written = 0;
+        for (i, chunk) in b.chunks(4096).enumerate() {
+            let at = i * 4096;
+            let same = self
+                .last
+                .as_ref()
+                .is_some_and(|l| l.get(at..at + chunk.len()) == Some(chunk));
+            if !same {
+                self.device
+                    .write_all_at(chunk, at as u64)
+                    .with_context(|| format!("writing the header to {}", self.shown.display()))?;
+                written += chunk.len() as u64;
+            }
+        }
+        self.device
+            .sync_data()
+            .with_context(|| format!("flushing the header to {}", self.shown.display()))?;
+        self.last = Some(b);
+        Ok(written)
+    }
 }
 
 #[cfg(test)]
@@ -909,13 +1175,83 @@ mod tests {
 
     #[test]
     fn params_of_an_init_header_pass() {
-        check_params_json(INIT_JSON).unwrap();
+        check_params_json(INIT_JSON, false).unwrap();
         // A passphrase slot added by hand (argon2id) is accepted too.
         let j = INIT_JSON.replace(
             r#""kdf":{"type":"pbkdf2","hash":"sha256","iterations":1000,"#,
             r#""kdf":{"type":"argon2id","time":4,"memory":1048576,"cpus":2,"#,
         );
-        check_params_json(&j).unwrap();
+        check_params_json(&j, false).unwrap();
+    }
+
+    /// A header during `keys rotate --reencrypt` (cryptsetup 2.6, after the first hot zone):
+    /// the new volume key's keyslot 1, the re-encryption keyslot 2, four segments.
+    fn reencrypt_json() -> String {
+        let slot1 = r#""1":{"type":"luks2","key_size":64,"af":{"type":"luks1","stripes":4000,"hash":"sha256"},"area":{"type":"raw","offset":"290816","size":"258048","encryption":"aes-xts-plain64","key_size":64},"kdf":{"type":"pbkdf2","hash":"sha256","iterations":1000,"salt":"c2FsdA=="}},"2":{"area":{"offset":"548864","size":"499712","type":"checksum","hash":"sha256","sector_size":4096},"type":"reencrypt","key_size":1,"mode":"reencrypt","direction":"forward","priority":0}},"tokens""#;
+        let seg = |id: u32, offset: &str, size: &str, flag: &str| {
+            format!(
+                r#""{id}":{{"type":"crypt","offset":"{offset}","size":"{size}","iv_tweak":"0","encryption":"aes-xts-plain64","sector_size":4096{flag}}}"#
+            )
+        };
+        let segments = [
+            seg(0, "2097152", "8388608", ""),
+            seg(1, "10485760", "dynamic", ""),
+            seg(2, "2097152", "dynamic", r#","flags":["backup-previous"]"#),
+            seg(3, "2097152", "dynamic", r#","flags":["backup-final"]"#),
+        ]
+        .join(",");
+        let j = INIT_JSON
+            .replacen(r#"}}},"tokens""#, &format!("}}}},{slot1}"), 1)
+            .replacen(
+                r#""segments":{"0":{"type":"crypt","offset":"2097152","size":"dynamic","iv_tweak":"0","encryption":"aes-xts-plain64","sector_size":4096}}"#,
+                &format!(r#""segments":{{{segments}}}"#),
+                1,
+            )
+            .replacen(
+                r#""keyslots_size":"1015808"}"#,
+                r#""keyslots_size":"1015808","requirements":{"mandatory":["online-reencrypt-v2"]}}"#,
+                1,
+            );
+        assert!(
+            j.contains("backup-final")
+                && j.contains(r#""type":"reencrypt""#)
+                && j.contains("requirements"),
+            "{j}"
+        );
+        j
+    }
+
+    #[test]
+    fn params_of_an_unfinished_reencryption() {
+        let j = reencrypt_json();
+        assert!(reencrypt_required(&j) && !reencrypt_required(INIT_JSON));
+        check_params_json(&j, true).unwrap();
+        // Every other command refuses it (check_params names `keys rotate --reencrypt`).
+        assert!(check_params_json(&j, false)
+            .unwrap_err()
+            .contains("JSON has 4 segments"));
+        // The same rules hold for every segment during the re-encryption...
+        let forged = j.replacen(
+            r#""10485760","size":"dynamic","iv_tweak":"0","encryption":"aes-xts-plain64""#,
+            r#""10485760","size":"dynamic","iv_tweak":"0","encryption":"cipher_null-ecb""#,
+            1,
+        );
+        assert_ne!(forged, j);
+        let e = check_params_json(&forged, true).unwrap_err();
+        assert!(e.contains("segment cipher is cipher_null-ecb"), "{e}");
+        // ...and a header that records no re-encryption is not taken for one.
+        let e = check_params_json(INIT_JSON, true).unwrap_err();
+        assert!(e.contains("does not record one re-encryption"), "{e}");
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("h");
+        std::fs::write(&f, built_header(16384, [&j, &j])).unwrap();
+        assert!(reencrypt_unfinished(&f).unwrap());
+        let e = format!("{:#}", check_params(&f).unwrap_err());
+        assert!(
+            e.contains("records an unfinished `keys rotate --reencrypt`"),
+            "{e}"
+        );
+        check_pinned(&f, true).unwrap();
     }
 
     #[test]
@@ -961,10 +1297,10 @@ mod tests {
         for (from, to, want) in cases {
             let j = INIT_JSON.replacen(&from, &to, 1);
             assert_ne!(j, INIT_JSON, "the case {want:?} changed nothing");
-            let e = check_params_json(&j).unwrap_err();
+            let e = check_params_json(&j, false).unwrap_err();
             assert!(e.contains(want), "{want:?} not in {e:?}");
         }
-        assert!(check_params_json("{")
+        assert!(check_params_json("{", false)
             .unwrap_err()
             .contains("does not parse"));
     }

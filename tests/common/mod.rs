@@ -16,6 +16,19 @@ use std::time::{Duration, Instant};
 use e2ebackup::profile::Profile;
 use e2ebackup::teardown::{Journal, Stack};
 
+/// Deterministic incompressible bytes.
+pub fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        v.extend_from_slice(&seed.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }

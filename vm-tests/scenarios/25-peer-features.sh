@@ -2,7 +2,8 @@
 # timeout: 1200
 # Issue 28, what users of the peers expect: run --dry-run (lists exactly what changed and
 # writes nothing), backup.exclude_if_present (CACHEDIR.TAG), backup.exclude_from,
-# backup.bwlimit, restore --delete (roll a directory back), diff and find, keys rotate.
+# backup.bwlimit, restore --delete (roll a directory back), diff and find, keys rotate, and
+# keys rotate --reencrypt (cut by kill -9, resumed; the old header no longer reads the data).
 # One init; every check looks at the result, not only the exit code.
 source "$(dirname "$0")/../lib/common.sh"
 
@@ -139,9 +140,64 @@ check keys-rotate rotate
 check keys-verify-after-rotate E2E keys verify $P --identity "$OFFLINE/id_ed25519"
 echo "after rotation" > "$SRC/docs/after.txt"
 check run-after-rotate E2E run $P
-after_restore() {
-  E2E restore $P latest /srv/peers-r3 --path "$SRC/docs" || return 1
-  diff -r "$SRC/docs" "/srv/peers-r3$SRC/docs"
+restore_docs() { # restore_docs TARGET: the latest snapshot's docs/ equals the source's
+  E2E restore $P latest "$1" --path "$SRC/docs" || return 1
+  diff -r "$SRC/docs" "$1$SRC/docs"
 }
-check restore-after-rotate after_restore
+check restore-after-rotate restore_docs /srv/peers-r3
+
+# ---- keys rotate --reencrypt: a new volume key. The server kept the header and keyfile of
+# before (the case rotation alone does not cover); cut by kill -9 at 10% or more, resumed.
+cp "$PIN" /root/peers-pre.header; cp "$KEY" /root/peers-pre.key
+reencrypt_cut() {
+  local log=/root/reencrypt-1.log pid i
+  du -k "$CONT" | awk '{print "server allocation before: " $1 " KiB"}'
+  "$E2E_BIN" keys rotate $P --reencrypt >"$log" 2>&1 & pid=$!
+  for i in $(seq 1 600); do
+    grep -q 're-encrypted .* of ' "$log" && break
+    kill -0 $pid 2>/dev/null || break
+    sleep 0.2
+  done
+  kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
+  cat "$log"
+  grep -q 're-encrypted .* of ' "$log" || { echo "no progress line before the cut"; return 1; }
+  grep -q 'online-reencrypt' <(cryptsetup luksDump "$PIN") \
+    || { echo "the pinned header does not record the unfinished re-encryption"; return 1; }
+}
+check reencrypt-cut reencrypt_cut
+refused_meanwhile() {
+  local out rc; out=$("$E2E_BIN" run $P 2>&1); rc=$?; echo "$out" | tail -3
+  [ $rc != 0 ] && echo "$out" | grep -q 'unfinished `keys rotate --reencrypt`: run' \
+    && echo "$out" | grep -q "e2ebackup keys rotate $P --reencrypt\` again"
+}
+check run-refused-while-unfinished refused_meanwhile
+reencrypt_resume() {
+  local out rc; out=$("$E2E_BIN" keys rotate $P --reencrypt 2>&1); rc=$?; echo "$out" | tail -12
+  [ $rc = 0 ] || return 1
+  echo "$out" | grep -q 'going on from .* where the last attempt stopped' || { echo "did not resume"; return 1; }
+  du -k "$CONT" | awk '{print "server allocation after: " $1 " KiB"}'
+  ! cmp -s "$KEY" /root/peers-pre.key || { echo "the keyfile did not change"; return 1; }
+  cmp -n "$(stat -c %s "$PIN")" "$PIN" "$CONT" || { echo "pinned header differs from the server's"; return 1; }
+  if cryptsetup luksDump "$PIN" | grep -q 'online-reencrypt'; then echo "still recorded as unfinished"; return 1; fi
+  # The attack: the old header and the old keyfile still unlock a keyslot, but the volume
+  # key they give no longer reads the data.
+  cryptsetup open --readonly --header /root/peers-pre.header --key-file /root/peers-pre.key "$CONT" peers-old \
+    || { echo "the old header no longer opens at all (expected: it opens, and reads noise)"; return 1; }
+  local fs; fs=$(blkid -p -o value -s TYPE /dev/mapper/peers-old); cryptsetup close peers-old
+  [ -z "$fs" ] || { echo "the old volume key still reads a $fs filesystem"; return 1; }
+}
+check reencrypt-resume reencrypt_resume
+check keys-verify-after-reencrypt E2E keys verify $P --identity "$OFFLINE/id_ed25519"
+check verify-after-reencrypt E2E verify $P
+echo "after re-encryption" > "$SRC/docs/after2.txt"
+check run-after-reencrypt E2E run $P
+check restore-after-reencrypt restore_docs /srv/peers-r4
+trim_after_reencrypt() { # the re-encryption allocated the whole container; trim gives it back
+  local before after; sync; before=$(du -k "$CONT" | cut -f1)
+  E2E trim $P || return 1
+  sync; after=$(du -k "$CONT" | cut -f1)
+  metric reencrypt_alloc_kib "$before"; metric reencrypt_then_trim_alloc_kib "$after"
+  [ "$after" -lt $((before / 2)) ] || { echo "trim gave back too little: $before -> $after KiB"; return 1; }
+}
+check trim-after-reencrypt trim_after_reencrypt
 check final-no-leftovers assert_no_leftovers
