@@ -426,6 +426,39 @@ impl<'p> Session<'p> {
     /// The client's pinned header, after checking the attached device's header against it.
     pub fn pinned_header(&self) -> Result<Option<PathBuf>> {
         let device = self.device()?;
+        let h = self.pin_or_trust()?;
+        if luks::reencrypt_unfinished(&h)? {
+            bail!(
+                "the pinned LUKS header {} records an unfinished `keys rotate --reencrypt`: run \
+                 `e2ebackup keys rotate {} --reencrypt` again to finish it (it goes on where it \
+                 stopped); nothing else opens the container until then",
+                h.display(),
+                self.profile.name
+            );
+        }
+        luks::verify_pinned_header(&device, &h)?;
+        luks::check_params(&h)?;
+        Ok(Some(h))
+    }
+
+    /// The pinned header for a test of the key only (`recover-key`): as
+    /// [`Session::pinned_header`], but one that records an unfinished `keys rotate
+    /// --reencrypt` is taken as it is (its parameters checked; the server's copy may lag
+    /// behind it by a hot zone), so that a client rebuilt in the middle of one can recover
+    /// its key and then finish it.
+    pub fn pinned_header_for_key_test(&self) -> Result<PathBuf> {
+        let h = self.pin_or_trust()?;
+        if !luks::reencrypt_unfinished(&h)? {
+            luks::verify_pinned_header(&self.device()?, &h)?;
+        }
+        Ok(h)
+    }
+
+    /// The pinned header's path; when there is none and this client has no record of the
+    /// container (a rebuilt client), the attached device's header is pinned there first, on
+    /// trust, said out loud. The header is not checked here.
+    pub fn pin_or_trust(&self) -> Result<PathBuf> {
+        let device = self.device()?;
         let device = device.as_path();
         let h = self
             .header_override
@@ -459,18 +492,7 @@ impl<'p> Session<'p> {
                 h.display()
             );
         }
-        if luks::reencrypt_unfinished(&h)? {
-            bail!(
-                "the pinned LUKS header {} records an unfinished `keys rotate --reencrypt`: run \
-                 `e2ebackup keys rotate {} --reencrypt` again to finish it (it goes on where it \
-                 stopped); nothing else opens the container until then",
-                h.display(),
-                self.profile.name
-            );
-        }
-        luks::verify_pinned_header(device, &h)?;
-        luks::check_params(&h)?;
-        Ok(Some(h))
+        Ok(h)
     }
 
     /// Mount the ext4 inside.

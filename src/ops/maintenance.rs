@@ -164,14 +164,8 @@ pub fn recover_key(p: &Profile, identity: &Path, force: bool) -> Exit {
         s.connect()?;
         s.mount_server("recover-key")?;
         let dev = s.attach(&p.container.file.0, true)?;
-        let header = s.pinned_header()?;
-        if header.is_none() {
-            warn!(
-                "no pinned header at {}: the key is tested against the server's header",
-                p.header_backup().display()
-            );
-        }
-        let slot = crate::stack::luks::keyslot_for(&dev, header.as_deref(), &key).map_err(|e| {
+        let header = s.pinned_header_for_key_test()?;
+        let slot = crate::stack::luks::keyslot_for(&dev, Some(&header), &key).map_err(|e| {
             anyhow::Error::from(crate::error::Failure::Security(format!(
                 "the recovered key does not open the container ({e:#}); nothing was replaced"
             )))

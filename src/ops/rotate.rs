@@ -138,16 +138,11 @@ fn reencrypted_with_this_keyfile(p: &Profile) -> Result<bool> {
 /// `--reencrypt`: a new volume key for the container (module documentation, steps 1-4).
 fn reencrypt_work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     use crate::progress::human_bytes;
-    let pin = p.header_backup();
-    if !pin.is_file() {
-        return Err(usage(format!(
-            "no pinned header at {}: the re-encryption keeps its progress in the client's \
-             header copy (restore it from the recovery kit first)",
-            pin.display()
-        )));
-    }
-    let resuming = luks::reencrypt_unfinished(&pin)?;
     let dev = s.attach_container("keys-rotate", false)?;
+    // A client rebuilt in the middle of a re-encryption pins the server's header (which
+    // follows the client's after every hot zone) as any rebuilt client does, and goes on.
+    let pin = s.pin_or_trust()?;
+    let resuming = luks::reencrypt_unfinished(&pin)?;
     let size = s.facts()?.container_size.unwrap_or(0);
     if resuming {
         info!(
@@ -200,10 +195,10 @@ fn reencrypt_work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
     let mut mirror_err = None;
     let mut last_said = (Instant::now(), 0u64);
     let mut first = true;
-    let mut at = 0u64;
+    let mut at = (0u64, size);
     let finished = {
         let mut step = |done: u64, total: u64| -> bool {
-            at = done;
+            at = (done, total);
             if let Err(e) = mirror.write(&pin) {
                 mirror_err = Some(e);
                 return false;
@@ -237,34 +232,26 @@ fn reencrypt_work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
         };
         luks::reencrypt_run(&dev, &pin, s.key()?, &mut step)
     };
-    let again = |why: &str| {
-        format!(
-            "{why}; the re-encryption stopped after {} of {}: `e2ebackup keys rotate {} \
-             --reencrypt` goes on from there. Until it has finished, no other command opens \
-             the container",
-            human_bytes(at),
-            human_bytes(size),
-            p.name
-        )
-    };
-    let finished = finished.map_err(|e| {
-        let why = format!("{e:#}");
-        e.context(again(&why))
-    })?;
-    if let Some(e) = mirror_err {
-        let why = format!("{e:#}");
-        return Err(e.context(again(&format!(
-            "writing the header to the server failed ({why})"
-        ))));
+    // Once more whatever the outcome: libcryptsetup may write the header as it stops.
+    let last_mirror = mirror.write(&pin);
+    let again = format!(
+        "the re-encryption stopped after about {} of {}: `e2ebackup keys rotate {} \
+         --reencrypt` goes on from there. Until it has finished, no other command opens the \
+         container",
+        human_bytes(at.0),
+        human_bytes(at.1),
+        p.name
+    );
+    let finished = finished.map_err(|e| e.context(again.clone()))?;
+    if let Some(e) = mirror_err.or(last_mirror.err()) {
+        return Err(e
+            .context("writing the client's header to the server")
+            .context(again));
     }
     if !finished {
-        signals::check().map_err(|e| {
-            let why = format!("{e:#}");
-            e.context(again(&why))
-        })?;
-        bail!(again("libcryptsetup stopped early"));
+        signals::check().map_err(|e| e.context(again.clone()))?;
+        bail!("libcryptsetup stopped early: {again}");
     }
-    mirror.write(&pin)?;
     luks::check_params(&pin)?;
     luks::verify_pinned_header(&dev, &pin)?;
     let slot = luks::keyslot_for(&dev, Some(&pin), s.key()?)?;

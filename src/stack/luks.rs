@@ -653,7 +653,13 @@ fn load_checked(
 /// Which keyslot `key` opens on `device` (with the pinned `header`): a test activation,
 /// no mapping is created. What `keys verify` checks.
 pub fn keyslot_for(device: &Path, header: Option<&Path>, key: &Key) -> Result<u32> {
-    load(device, header)?
+    // A test activation of a header that records an unfinished re-encryption is allowed
+    // (`recover-key` on a client rebuilt in the middle of one): nothing is mapped.
+    let reencrypt = match header {
+        Some(h) => reencrypt_unfinished(h)?,
+        None => false,
+    };
+    load_checked(device, header, reencrypt)?
         .activate_handle()
         .activate_by_passphrase(None, None, key.bytes(), CryptActivate::empty())
         .map_err(lerr("the keyfile does not open the container".to_string()))

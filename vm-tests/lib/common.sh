@@ -62,6 +62,19 @@ assert_no_leftovers() {
   return $bad
 }
 
+# bg_until PATTERN LOG CMD...: start CMD in the background, its output in LOG; return 0 once
+# PATTERN (grep) is in LOG, 1 if CMD ended first or 180 s passed. Its pid is in $BG_PID.
+bg_until() {
+  local pat=$1 log=$2 i; shift 2
+  "$@" >"$log" 2>&1 & BG_PID=$!
+  for i in $(seq 1 900); do
+    grep -q -- "$pat" "$log" && return 0
+    kill -0 "$BG_PID" 2>/dev/null || return 1
+    sleep 0.2
+  done
+  return 1
+}
+
 # scenario_profile NAME SIZE SOURCE [RETENTION-LINES]: a profile NAME.yaml for the guest's
 # server, container NAME.luks, keyfile $DEMO_DIR/NAME.key, one source directory.
 scenario_profile() {

@@ -150,15 +150,10 @@ check restore-after-rotate restore_docs /srv/peers-r3
 # before (the case rotation alone does not cover); cut by kill -9 at 10% or more, resumed.
 cp "$PIN" /root/peers-pre.header; cp "$KEY" /root/peers-pre.key
 reencrypt_cut() {
-  local log=/root/reencrypt-1.log pid i
+  local log=/root/reencrypt-1.log
   du -k "$CONT" | awk '{print "server allocation before: " $1 " KiB"}'
-  "$E2E_BIN" keys rotate $P --reencrypt >"$log" 2>&1 & pid=$!
-  for i in $(seq 1 600); do
-    grep -q 're-encrypted .* of ' "$log" && break
-    kill -0 $pid 2>/dev/null || break
-    sleep 0.2
-  done
-  kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
+  bg_until 're-encrypted .* of ' "$log" "$E2E_BIN" keys rotate $P --reencrypt
+  kill -9 $BG_PID 2>/dev/null; wait $BG_PID 2>/dev/null
   cat "$log"
   grep -q 're-encrypted .* of ' "$log" || { echo "no progress line before the cut"; return 1; }
   grep -q 'online-reencrypt' <(cryptsetup luksDump "$PIN") \
