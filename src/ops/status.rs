@@ -29,6 +29,10 @@ pub struct Status {
     /// Committed snapshots dated after this clock (a clock was ahead when they were taken).
     #[serde(default)]
     pub future_snapshots: Vec<String>,
+    /// The pinned header records an unfinished `keys rotate --reencrypt`: no command opens
+    /// the container, so no backup is taken, until it is run again.
+    #[serde(default)]
+    pub reencrypt_unfinished: bool,
 }
 
 pub fn gather(p: &Profile) -> Status {
@@ -55,6 +59,7 @@ pub fn gather(p: &Profile) -> Status {
             .map(|s| s.to_string())
             .collect(),
         profile: p.name.clone(),
+        reencrypt_unfinished: luks::reencrypt_unfinished(&p.header_backup()).unwrap_or(false),
         lock_holder_pid: holder,
         sshfs_mounted: mount::mounted_at(&p.sshfs_dir()).ok().flatten().is_some(),
         luks_open: luks::is_active(&p.mapping_name()),
@@ -90,8 +95,9 @@ fn holder_has_lock(p: &Profile) -> bool {
 
 pub fn status(p: &Profile, json: bool) -> Exit {
     let st = gather(p);
-    // A stale backup is worth a non-zero status: monitoring scripts can test for 3.
-    let code = if st.stale.is_some() || st.skipped_too_often.is_some() {
+    // A stale backup is worth a non-zero status: monitoring scripts can test for 3. So is a
+    // re-encryption left unfinished: it stops every backup.
+    let code = if st.stale.is_some() || st.skipped_too_often.is_some() || st.reencrypt_unfinished {
         Exit::Warnings
     } else {
         Exit::Ok
@@ -129,6 +135,13 @@ pub fn status(p: &Profile, json: bool) -> Exit {
             ""
         }
     );
+    if st.reencrypt_unfinished {
+        println!(
+            "key rotation:   an unfinished `keys rotate --reencrypt`: no backup is taken until \
+             `e2ebackup keys rotate {} --reencrypt` has finished it",
+            p.name
+        );
+    }
     if !st.pending_teardown.is_empty() && st.lock_holder_pid.is_none() {
         println!("pending teardown (run `e2ebackup cleanup {}`):", p.name);
         for r in &st.pending_teardown {

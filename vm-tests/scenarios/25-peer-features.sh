@@ -166,6 +166,12 @@ refused_meanwhile() {
     && echo "$out" | grep -q "e2ebackup keys rotate $P --reencrypt\` again"
 }
 check run-refused-while-unfinished refused_meanwhile
+status_says() { # status (what monitoring reads) says so, exit 3
+  local out rc; out=$("$E2E_BIN" status $P 2>&1); rc=$?
+  echo "$out" | grep 'key rotation'
+  [ $rc = 3 ] && echo "$out" | grep -q "unfinished .keys rotate --reencrypt.: no backup is taken until .e2ebackup keys rotate $P --reencrypt"
+}
+check status-says-unfinished status_says
 reencrypt_resume() {
   local out rc; out=$("$E2E_BIN" keys rotate $P --reencrypt 2>&1); rc=$?; echo "$out" | tail -12
   [ $rc = 0 ] || return 1
