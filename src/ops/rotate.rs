@@ -173,6 +173,9 @@ fn reencrypt_work(p: &Profile, s: &mut Session<'_>) -> Result<Exit> {
              written back to the server once (it can be stopped; running it again goes on)",
             human_bytes(size)
         );
+        // The header must fit the area the mirror writes (every container `init` makes
+        // does): found now, not after the re-encryption is recorded.
+        luks::pinned_bytes(&pin)?;
         let work = p.header_reencrypt_work();
         let _ = std::fs::remove_file(&work);
         std::fs::copy(&pin, &work)

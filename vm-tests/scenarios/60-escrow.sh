@@ -14,7 +14,7 @@ E2E() { "$E2E_BIN" "$@"; }
 setup() {
   mkdir -p "$OFFLINE" "$SRC/docs"
   ssh-keygen -q -t ed25519 -N '' -C offline-recovery -f "$OFFLINE/id_ed25519"
-  scenario_profile $P 128M "$SRC"
+  scenario_profile $P 64M "$SRC"
   sed -i "s#^  keyfile: .*#&\n  recovery_recipients: [\"$(cat "$OFFLINE/id_ed25519.pub")\"]#" /etc/e2ebackup/profiles/$P.yaml
   for i in 1 2 3; do head -c 50000 /dev/urandom > "$SRC/docs/f$i"; done
   echo "the only copy" > "$SRC/docs/important.txt"
