@@ -134,12 +134,17 @@ impl Cmd {
         self.argv().join(" ")
     }
 
-    fn expr(&self) -> duct::Expression {
-        self.expr_with_stdout(None)
+    /// `stderr`: the write end of [`stderr_reader`]'s pipe.
+    fn expr(&self, stderr: std::io::PipeWriter) -> duct::Expression {
+        self.expr_with_stdout(None, stderr)
     }
 
     /// `stdout`: a pipe to stream the child's output through, instead of capturing it.
-    fn expr_with_stdout(&self, stdout: Option<std::io::PipeWriter>) -> duct::Expression {
+    fn expr_with_stdout(
+        &self,
+        stdout: Option<std::io::PipeWriter>,
+        stderr: std::io::PipeWriter,
+    ) -> duct::Expression {
         let mut e = duct::cmd(&self.program, &self.args).stdin_null();
         for (k, v) in &self.env {
             e = e.env(k, v);
@@ -151,7 +156,7 @@ impl Cmd {
             Some(w) => e.stdout_file(w),
             None => e.stdout_capture(),
         };
-        e.stderr_capture()
+        e.stderr_file(stderr)
             .unchecked()
             .env("LC_ALL", "C")
             .before_spawn(|c| {
@@ -174,10 +179,12 @@ impl Cmd {
     /// Run to completion without interruption (used by teardown, which must not be cut short).
     pub fn run_uninterruptible(&self) -> Result<Done> {
         debug!("$ {}", self.describe());
-        let out = self
-            .expr()
+        let (w, stderr) = stderr_reader()?;
+        let mut out = self
+            .expr(w)
             .run()
             .with_context(|| format!("cannot start `{}`", self.describe()))?;
+        out.stderr = stderr.join().unwrap_or_default();
         self.finish(out)
     }
 
@@ -185,17 +192,22 @@ impl Cmd {
     pub fn run(&self) -> Result<Done> {
         signals::check()?;
         debug!("$ {}", self.describe());
+        let (w, stderr) = stderr_reader()?;
         let handle = self
-            .expr()
+            .expr(w)
             .start()
             .with_context(|| format!("cannot start `{}`", self.describe()))?;
         let started = Instant::now();
+        let mut stderr = Some(stderr);
         loop {
             if let Some(out) = handle.wait_timeout(Duration::from_millis(100))? {
                 let out = Output {
                     status: out.status,
                     stdout: out.stdout.clone(),
-                    stderr: out.stderr.clone(),
+                    stderr: stderr
+                        .take()
+                        .and_then(|t| t.join().ok())
+                        .unwrap_or_default(),
                 };
                 return self.finish(out);
             }
@@ -226,12 +238,14 @@ impl Cmd {
         let fl = nix::fcntl::fcntl(reader.as_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
         let fl = nix::fcntl::OFlag::from_bits_truncate(fl) | nix::fcntl::OFlag::O_NONBLOCK;
         nix::fcntl::fcntl(reader.as_fd(), nix::fcntl::FcntlArg::F_SETFL(fl))?;
-        let expr = self.expr_with_stdout(Some(writer));
+        let (w, stderr) = stderr_reader()?;
+        let expr = self.expr_with_stdout(Some(writer), w);
         let handle = expr
             .start()
             .with_context(|| format!("cannot start `{}`", self.describe()))?;
-        // Our copy of the write end must go, or the pipe never reports end of file.
+        // Our copies of the write ends must go, or the pipes never report end of file.
         drop(expr);
+        let mut stderr = Some(stderr);
         let mut kept = String::new();
         let mut pending = Vec::new();
         let mut buf = [0u8; 16384];
@@ -270,7 +284,10 @@ impl Cmd {
                 let out = Output {
                     status: out.status,
                     stdout: kept.into_bytes(),
-                    stderr: out.stderr.clone(),
+                    stderr: stderr
+                        .take()
+                        .and_then(|t| t.join().ok())
+                        .unwrap_or_default(),
                 };
                 return self.finish(out);
             }
@@ -479,6 +496,47 @@ impl Cmd {
     }
 }
 
+/// The most of a child's error output that is kept; the rest is counted, not stored. rsync
+/// prints a line for every file it cannot read, and a local user can make such files
+/// without limit: root's backup must not run out of memory on them.
+pub const STDERR_KEEP: usize = 4 << 20;
+
+/// A pipe for a child's stderr, and the thread that reads it to its end, keeping the first
+/// [`STDERR_KEEP`] bytes and then one line that says how many more there were (a line no
+/// caller takes for anything but an error: [`crate::snapshots::complaints`] counts it among
+/// the errors that fail a run). Join the thread once the child has exited.
+fn stderr_reader() -> Result<(std::io::PipeWriter, std::thread::JoinHandle<Vec<u8>>)> {
+    use std::io::Read;
+    let (mut r, w) = std::io::pipe().context("creating a pipe")?;
+    let t = std::thread::Builder::new()
+        .name("stderr".into())
+        .spawn(move || {
+            let (mut kept, mut more) = (Vec::new(), 0u64);
+            let mut buf = [0u8; 16384];
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let room = STDERR_KEEP.saturating_sub(kept.len()).min(n);
+                        kept.extend_from_slice(&buf[..room]);
+                        more += (n - room) as u64;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
+            }
+            if more > 0 {
+                kept.extend_from_slice(
+                    format!("\n[e2ebackup: {more} more bytes of error output were not kept]\n")
+                        .as_bytes(),
+                );
+            }
+            kept
+        })
+        .context("starting the thread that reads a command's error output")?;
+    Ok((w, t))
+}
+
 /// Stop a child gently (SIGTERM, so rsync can clean up its temp files), then for good.
 fn stop(handle: &duct::Handle) {
     for pid in handle.pids() {
@@ -513,6 +571,51 @@ pub fn tail(s: &str, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_output_is_kept_up_to_a_bound() {
+        // 10 MB on stderr: the first STDERR_KEEP bytes are kept, the rest counted.
+        let d = Cmd::new("sh")
+            .unwrap()
+            .args([
+                "-c",
+                "head -c 10000000 /dev/zero | tr '\\0' x >&2; echo out",
+            ])
+            .run()
+            .unwrap();
+        assert_eq!(d.stdout.trim(), "out");
+        assert!(d.stderr.len() < STDERR_KEEP + 200, "{}", d.stderr.len());
+        assert!(d.stderr.starts_with("xxxx"));
+        let more = 10_000_000 - STDERR_KEEP;
+        assert!(
+            d.stderr.ends_with(&format!(
+                "\n[e2ebackup: {more} more bytes of error output were not kept]\n"
+            )),
+            "{}",
+            &d.stderr[d.stderr.len() - 100..]
+        );
+        // The same through the streaming and the uninterruptible runs.
+        let sh = || {
+            Cmd::new("sh")
+                .unwrap()
+                .args(["-c", "head -c 5000000 /dev/zero >&2"])
+        };
+        let d = sh().run_streaming(|_| true).unwrap();
+        assert!(d
+            .stderr
+            .contains("more bytes of error output were not kept"));
+        let d = sh().run_uninterruptible().unwrap();
+        assert!(d
+            .stderr
+            .contains("more bytes of error output were not kept"));
+        // A few lines are kept whole, with no note.
+        let d = Cmd::new("sh")
+            .unwrap()
+            .args(["-c", "echo one >&2; echo two >&2"])
+            .run()
+            .unwrap();
+        assert_eq!(d.stderr, "one\ntwo\n");
+    }
 
     #[test]
     fn failure_names_the_command_and_stderr() {

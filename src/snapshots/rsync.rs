@@ -610,6 +610,19 @@ rsync error: some files/attrs were not transferred (see previous errors) (code 2
             Some("/home/u/big")
         );
         assert_eq!(over_max_size("e2ebackup-wrote:0:/home/u/x"), None);
+        // Error output past crate::cmd::STDERR_KEEP is not kept: whatever it said, the run
+        // fails (the note, and a line cut in the middle, are errors of their own).
+        let cut = "\
+file has vanished: \"/src/gone\"
+rsync: [sender] opendir \"/src/d
+[e2ebackup: 123 more bytes of error output were not kept]
+";
+        let c = complaints(cut);
+        assert_eq!(
+            (c.vanished, c.unread.len(), c.other.len()),
+            (1, 0, 2),
+            "{c:?}"
+        );
     }
 
     #[test]
