@@ -58,10 +58,6 @@ pub struct State {
     pub mac: String,
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// A key for this purpose only, so the MAC reveals nothing about the LUKS keyslot key.
 /// Zeroed when dropped (`Zeroizing`), like the key it is derived from.
 fn mac_key(key: &Key) -> zeroize::Zeroizing<[u8; 32]> {
@@ -78,7 +74,7 @@ fn compute_mac(key: &Key, generation: u64, snapshots: &[String], written: &str) 
     for s in snapshots {
         m.update(format!("snapshot {s}\n").as_bytes());
     }
-    hex(&m.finalize().into_bytes())
+    crate::manifest::hex(&m.finalize().into_bytes())
 }
 
 /// Read and authenticate the container's STATE (None for a container without one yet).

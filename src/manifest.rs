@@ -143,7 +143,9 @@ fn digest_of<D: Digest>(r: &mut impl Read) -> Result<Vec<u8>> {
     Ok(h.finalize().to_vec())
 }
 
-fn hex(digest: &[u8]) -> String {
+/// Lower-case hex of `digest` (manifest hashes, the generation record's MAC, `keys
+/// rotate`'s marker).
+pub fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -428,13 +428,7 @@ impl<'p> Session<'p> {
         let device = self.device()?;
         let h = self.pin_or_trust()?;
         if luks::reencrypt_unfinished(&h)? {
-            bail!(
-                "the pinned LUKS header {} records an unfinished `keys rotate --reencrypt`: run \
-                 `e2ebackup keys rotate {} --reencrypt` again to finish it (it goes on where it \
-                 stopped); nothing else opens the container until then",
-                h.display(),
-                self.profile.name
-            );
+            return Err(luks::reencrypt_unfinished_error(&h, &self.profile.name));
         }
         luks::verify_pinned_header(&device, &h)?;
         luks::check_params(&h)?;

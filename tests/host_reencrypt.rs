@@ -16,13 +16,15 @@ use std::process::Command;
 
 use e2ebackup::stack::luks;
 
-fn cryptsetup(args: &[&str]) {
+/// Run cryptsetup, which must succeed; its stdout.
+fn cryptsetup<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Vec<u8> {
     let out = Command::new("cryptsetup").args(args).output().unwrap();
     assert!(
         out.status.success(),
         "cryptsetup {args:?}: {}",
         common::show(&out)
     );
+    out.stdout
 }
 
 /// A loop device over `file`, detached when dropped.
@@ -168,15 +170,13 @@ fn host_reencrypt_gives_a_new_volume_key_and_resumes() {
     luks::check_params(&pin).expect("a finished re-encryption leaves init's parameters");
     luks::verify_pinned_header(devp, &pin).unwrap();
     luks::keyslot_for(devp, Some(&pin), &key).expect("the keyfile opens the new header");
-    let json = |h: &Path| {
-        let out = Command::new("cryptsetup")
-            .args(["luksDump", "--dump-json-metadata"])
-            .arg(h)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", common::show(&out));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v
+    let json = |h: &Path| -> serde_json::Value {
+        let dump = cryptsetup(&[
+            "luksDump".as_ref(),
+            "--dump-json-metadata".as_ref(),
+            h.as_os_str(),
+        ]);
+        serde_json::from_slice(&dump).unwrap()
     };
     let (new_j, old_j) = (json(&pin), json(&old_pin));
     assert_eq!(new_j["keyslots"].as_object().unwrap().len(), 1, "{new_j}");
@@ -219,14 +219,15 @@ fn host_reencrypt_gives_a_new_volume_key_and_resumes() {
 
 /// The volume key that `keyfile` unlocks from `header` (cryptsetup luksDump).
 fn volume_key(header: &Path, keyfile: &Path) -> Vec<u8> {
-    let out = Command::new("cryptsetup")
-        .args(["luksDump", "-q", "--dump-volume-key", "--key-file"])
-        .arg(keyfile)
-        .arg(header)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", common::show(&out));
-    let text = String::from_utf8(out.stdout).unwrap();
+    let dump = cryptsetup(&[
+        "luksDump".as_ref(),
+        "-q".as_ref(),
+        "--dump-volume-key".as_ref(),
+        "--key-file".as_ref(),
+        keyfile.as_os_str(),
+        header.as_os_str(),
+    ]);
+    let text = String::from_utf8(dump).unwrap();
     let at = text
         .find("MK dump:")
         .or_else(|| text.find("Volume key:"))

@@ -111,11 +111,7 @@ pub fn rotate(p: &Profile, reencrypt: bool) -> Exit {
 /// re-encryption used (of 4096 random bytes: it tells nothing about them).
 fn keyfile_mark(key: &luks::Key) -> String {
     use sha2::Digest as _;
-    sha2::Sha256::digest(key.bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>()
-        + "\n"
+    crate::manifest::hex(&sha2::Sha256::digest(key.bytes())) + "\n"
 }
 
 /// Whether an earlier `--reencrypt` changed the volume key and the keyfile rotation that

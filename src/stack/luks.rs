@@ -303,12 +303,7 @@ fn check_pinned(pinned: &Path, reencrypt: bool) -> Result<()> {
         .with_context(|| format!("reading the pinned header {}", pinned.display()))?;
     let jsons = header_jsons(&b).map_err(&refuse)?;
     if !reencrypt && jsons.iter().any(|(_, j)| reencrypt_required(j)) {
-        bail!(
-            "the pinned LUKS header {} records an unfinished `keys rotate --reencrypt`: run \
-             `e2ebackup keys rotate PROFILE --reencrypt` again to finish it (it goes on where it \
-             stopped); nothing else opens the container until then",
-            pinned.display()
-        );
+        return Err(reencrypt_unfinished_error(pinned, "PROFILE"));
     }
     for (copy, json) in jsons {
         check_params_json(json, reencrypt).map_err(|e| {
@@ -364,14 +359,26 @@ fn reencrypt_required(json: &str) -> bool {
         .and_then(|v| {
             v.pointer("/config/requirements/mandatory")
                 .and_then(serde_json::Value::as_array)
-                .map(|m| {
-                    m.iter().any(|r| {
-                        r.as_str()
-                            .is_some_and(|r| r.starts_with("online-reencrypt"))
-                    })
-                })
+                .map(|m| m.iter().any(is_reencrypt_requirement))
         })
         .unwrap_or(false)
+}
+
+/// Whether one of a header's mandatory requirements is LUKS2 re-encryption's.
+fn is_reencrypt_requirement(r: &serde_json::Value) -> bool {
+    r.as_str()
+        .is_some_and(|r| r.starts_with("online-reencrypt"))
+}
+
+/// What every command but `keys rotate --reencrypt` says of a pinned header that records an
+/// unfinished one; `profile` names the profile in the command to run.
+pub fn reencrypt_unfinished_error(pinned: &Path, profile: &str) -> anyhow::Error {
+    anyhow!(
+        "the pinned LUKS header {} records an unfinished `keys rotate --reencrypt`: run \
+         `e2ebackup keys rotate {profile} --reencrypt` again to finish it (it goes on where it \
+         stopped); nothing else opens the container until then",
+        pinned.display()
+    )
 }
 
 /// The parameter check of [`check_params`] on one copy's JSON; the error names what was
@@ -489,12 +496,7 @@ fn check_params_json(json: &str, reencrypt: bool) -> std::result::Result<(), Str
         .and_then(Value::as_array)
         .filter(|m| !m.is_empty());
     if reencrypt {
-        let only_reencrypt = mandatory.is_some_and(|m| {
-            m.iter().all(|r| {
-                r.as_str()
-                    .is_some_and(|r| r.starts_with("online-reencrypt"))
-            })
-        });
+        let only_reencrypt = mandatory.is_some_and(|m| m.iter().all(is_reencrypt_requirement));
         if reencrypt_slots != 1 || !only_reencrypt {
             return Err(format!(
                 "header does not record one re-encryption ({reencrypt_slots} re-encryption \
@@ -1068,12 +1070,8 @@ impl HeaderMirror {
     /// time); returns the bytes written.
     pub fn write(&mut self, pinned: &Path) -> Result<u64> {
         use std::os::unix::fs::FileExt;
+        // At most HEADER_BYTES: pinned_bytes refuses a larger file.
         let b = pinned_bytes(pinned)?;
-        anyhow::ensure!(
-            b.len() as u64 <= HEADER_BYTES,
-            "{} is larger than the header area",
-            pinned.display()
-        );
         let mut written = 0;
         for (i, chunk) in b.chunks(4096).enumerate() {
             let at = i * 4096;
