@@ -271,7 +271,8 @@ pub enum KeysAction {
         profile: ProfileArg,
         /// First give the container a new volume key (LUKS2 re-encryption, offline: every
         /// byte of the container is read from and written back to the server once). It can
-        /// be stopped; run it again to go on. Other commands wait until it has finished
+        /// be stopped; run it again to go on. Until it has finished, every other command
+        /// refuses to open the container (and `status` exits 3)
         #[arg(long)]
         reencrypt: bool,
     },
